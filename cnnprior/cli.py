@@ -1,0 +1,69 @@
+"""Command-line entry points (the top-level scripts only call these)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from cnnprior.config import describe_keys, load_config, save_config
+from cnnprior.errors import UserError, cli_main
+
+STAGES = ("classifier", "priors", "gan")
+
+TRAIN_EPILOG = """stages (run in this order; each reads what the previous one wrote):
+  classifier  train the target CNN            -> cnn.checkpoint (default models/<name>-cnn.pt)
+  priors      all-layer Grad-CAM, cumulative  -> priors.out-{train,test}.npy + .json (default npys/<name>)
+              averages, target maps
+  gan         train the LSFT/GSFT generator   -> gan.out-{best,last}.pt (default models/<name>-<variant>)
+  all         the three above (default)
+
+examples:
+  python train.py --config configs/shapes_resnet18.yaml --stage classifier
+  python train.py --config configs/fashion_resnet18.yaml --stage priors --set priors.train_limit=2000
+  python train.py --config configs/fashion_lsft_cpu.yaml --stage gan --resume
+  torchrun --nproc_per_node=2 train.py --config configs/fashion_lsft_paper.yaml --stage gan
+
+config keys (override any with --set section.key=value):
+"""
+
+
+def build_train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="train.py", description=__doc__ or "Run the cnnprior pipeline.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=TRAIN_EPILOG + describe_keys())
+    p.add_argument("--config", required=True, help="YAML config (see configs/)")
+    p.add_argument("--stage", default="all", choices=STAGES + ("all",), help="which stage to run (default: all)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable)")
+    p.add_argument("--resume", action="store_true", help="gan: continue from the `last` checkpoint; "
+                                                         "priors: continue a partially written prior file")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs of the stage")
+    return p
+
+
+@cli_main
+def train_main(argv: list[str] | None = None) -> int:
+    """`train.py`: run one stage or all of them."""
+    args = build_train_parser().parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    stages = STAGES if args.stage == "all" else (args.stage,)
+    for stage in stages:
+        if stage == "classifier":
+            from cnnprior.cnn import train_cnn
+
+            out = Path(cfg.cnn_checkpoint)
+            if out.exists() and not args.overwrite and args.stage == "all":
+                print(f"classifier: {out} exists, skipping (use --overwrite to retrain)")
+                continue
+            save_config(cfg, out.with_suffix(".yaml"))
+            train_cnn(cfg)
+        elif stage == "priors":
+            from cnnprior.priors import run_priors_stage
+
+            run_priors_stage(cfg, resume=args.resume, overwrite=args.overwrite)
+        elif stage == "gan":
+            from cnnprior.gan import run_gan_stage
+
+            run_gan_stage(cfg, resume=args.resume, overwrite=args.overwrite)
+    return 0

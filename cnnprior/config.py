@@ -1,0 +1,310 @@
+"""YAML run configs -> validated, typed dataclasses; `--set section.key=value` overrides; clear one-line errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cnnprior.errors import UserError
+
+
+def _opt(default: Any, *, choices: tuple | None = None, lo: float | None = None, hi: float | None = None,
+         help: str = "") -> Any:
+    """A dataclass field with validation metadata (choices or an inclusive numeric range)."""
+    meta = {"choices": choices, "lo": lo, "hi": hi, "help": help}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+SOURCES = ("shapes", "fashion_mnist", "cifar10", "imagefolder")
+ARCHS = ("resnet18", "resnet34", "resnet50", "vgg11", "vgg11_bn", "vgg16", "vgg16_bn", "densenet121",
+         "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "inception_v3")
+CAM_METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam")
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are split."""
+
+    source: str = _opt("shapes", choices=SOURCES, help="image source")
+    root: str = _opt("", help="dataset folder (imagefolder/cifar10/fashion_mnist); empty = the source's default")
+    homepage: str = _opt("", help="where to get the dataset (shown when it is missing)")
+    download: bool = _opt(False, help="cifar10 only: allow torchvision to download the dataset")
+    image_size: int = _opt(128, lo=16, hi=1024, help="CNN input size in pixels (square)")
+    limit: int = _opt(0, lo=0, help="cap on the number of images used (0 = all)")
+    val_fraction: float = _opt(0.1, lo=0.0, hi=0.5, help="fraction held out for validation")
+    test_fraction: float = _opt(0.1, lo=0.0, hi=0.5, help="fraction held out for test")
+    seed: int = _opt(0, lo=0, help="seed of the split (and of the synthetic shapes)")
+    shapes_count: int = _opt(6000, lo=8, hi=10_000_000, help="shapes: number of images generated")
+    num_workers: int = _opt(0, lo=0, hi=64, help="DataLoader worker processes")
+
+
+@dataclass
+class CNNConfig:
+    """The target CNN to be explained, and how it is trained."""
+
+    arch: str = _opt("resnet18", choices=ARCHS, help="torchvision classification model")
+    pretrained: bool = _opt(False, help="start from torchvision weights (must already be in the torch cache)")
+    checkpoint: str = _opt("", help="checkpoint path; empty = models/<name>-cnn.pt")
+    epochs: int = _opt(3, lo=0, hi=10_000)
+    batch_size: int = _opt(64, lo=1, hi=65_536)
+    lr: float = _opt(1e-3, lo=0.0, hi=10.0)
+    weight_decay: float = _opt(1e-4, lo=0.0, hi=1.0)
+    optimizer: str = _opt("adamw", choices=("adamw", "sgd"))
+    augment: bool = _opt(True, help="random flips/crops while training")
+    device: str = _opt("auto", choices=("auto", "cpu", "cuda"))
+
+
+@dataclass
+class PriorsConfig:
+    """How the conditional priors are computed and stored."""
+
+    size: int = _opt(64, lo=8, hi=1024, help="prior/map size S in pixels")
+    n: int = _opt(8, lo=1, hi=64, help="number of cumulative priors kept")
+    method: str = _opt("gradcam", choices=CAM_METHODS, help="CAM method for the per-layer maps")
+    order: str = _opt("output_to_input", choices=("output_to_input", "input_to_output"),
+                      help="order in which per-layer maps are cumulatively averaged")
+    target: str = _opt("last", choices=("last", "first"), help="which conv layer's map the GAN learns")
+    include_target_layer: bool = _opt(False, help="keep the target layer's map inside the priors "
+                                                   "(reproduces the released code; makes the task a copy)")
+    explain: str = _opt("predicted", choices=("predicted", "label"), help="class explained")
+    batch_size: int = _opt(32, lo=1, hi=65_536)
+    splits: list = _opt(["train", "test"], help="splits to write, of train/val/test")
+    train_limit: int = _opt(0, lo=0, help="cap on train-split samples (0 = all)")
+    test_limit: int = _opt(0, lo=0, help="cap on val/test-split samples (0 = all)")
+    out: str = _opt("", help="prior file prefix; empty = npys/<name>")
+    device: str = _opt("auto", choices=("auto", "cpu", "cuda"))
+
+
+@dataclass
+class GANConfig:
+    """The conditional GAN: generator variant, sizes and training."""
+
+    variant: str = _opt("lsft", choices=("lsft", "gsft"))
+    width: int = _opt(64, lo=4, hi=1024, help="trunk channels")
+    depth: int = _opt(7, lo=0, hi=256, help="lsft: plain residual blocks; gsft: SFT residual blocks")
+    cond_channels: int = _opt(32, lo=1, hi=1024)
+    cond_hidden: int = _opt(128, lo=1, hi=4096)
+    disc_width: int = _opt(64, lo=4, hi=1024)
+    disc_layers: int = _opt(3, lo=1, hi=8)
+    loss: str = _opt("bce", choices=("bce", "lsgan"))
+    adv_weight: float = _opt(1.0, lo=0.0, hi=1e6)
+    l1_weight: float = _opt(100.0, lo=0.0, hi=1e6)
+    lr: float = _opt(2e-4, lo=0.0, hi=1.0)
+    beta1: float = _opt(0.5, lo=0.0, hi=1.0)
+    beta2: float = _opt(0.999, lo=0.0, hi=1.0)
+    epochs: int = _opt(10, lo=0, hi=100_000)
+    batch_size: int = _opt(16, lo=1, hi=65_536)
+    train: list = _opt([], help="training prior files; empty = <priors.out>-train.npy")
+    val: str = _opt("", help="validation prior file; empty = <priors.out>-test.npy")
+    val_limit: int = _opt(256, lo=0, help="cap on validation samples per epoch (0 = all)")
+    out: str = _opt("", help="checkpoint prefix; empty = models/<name>-<variant>")
+    seed: int = _opt(0, lo=0)
+    device: str = _opt("auto", choices=("auto", "cpu", "cuda"))
+    amp: str = _opt("none", choices=("none", "bf16"), help="autocast dtype on CUDA")
+    checkpoint_every: int = _opt(0, lo=0, help="also save `last` every N steps (0 = end of epoch only)")
+
+
+@dataclass
+class Config:
+    """A whole run: data -> cnn -> priors -> gan."""
+
+    name: str = _opt("run", help="run name, used in default file names")
+    data: DataConfig = field(default_factory=DataConfig)
+    cnn: CNNConfig = field(default_factory=CNNConfig)
+    priors: PriorsConfig = field(default_factory=PriorsConfig)
+    gan: GANConfig = field(default_factory=GANConfig)
+    source_file: str = field(default="", metadata={"internal": True})
+
+    # Derived default paths
+    @property
+    def cnn_checkpoint(self) -> str:
+        return self.cnn.checkpoint or f"models/{self.name}-cnn.pt"
+
+    @property
+    def priors_prefix(self) -> str:
+        return self.priors.out or f"npys/{self.name}"
+
+    @property
+    def gan_prefix(self) -> str:
+        return self.gan.out or f"models/{self.name}-{self.gan.variant}"
+
+    def gan_train_files(self) -> list[str]:
+        return list(self.gan.train) or [f"{self.priors_prefix}-train.npy"]
+
+    def gan_val_file(self) -> str:
+        return self.gan.val or f"{self.priors_prefix}-test.npy"
+
+
+_SECTIONS = {"data": DataConfig, "cnn": CNNConfig, "priors": PriorsConfig, "gan": GANConfig}
+
+
+def _suggest(key: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(key, options, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(sorted(options))})"
+
+
+def _coerce(value: Any, ftype: Any, where: str) -> Any:
+    """Check `value` against the field type; ints are accepted for floats."""
+    origin = typing.get_origin(ftype) or ftype
+    if ftype in ("bool", bool):
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{where}: expected true/false, got {value!r}")
+    if ftype in ("int", int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise UserError(f"{where}: expected an integer, got {value!r}")
+    if ftype in ("float", float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise UserError(f"{where}: expected a number, got {value!r}")
+    if ftype in ("str", str):
+        if isinstance(value, str):
+            return value
+        raise UserError(f"{where}: expected a string, got {value!r}")
+    if ftype in ("list", list) or origin is list:
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise UserError(f"{where}: expected a list of strings, got {value!r}")
+    raise UserError(f"{where}: unsupported type {ftype!r}")  # pragma: no cover
+
+
+def _check_range(value: Any, meta: dict, where: str) -> None:
+    choices, lo, hi = meta.get("choices"), meta.get("lo"), meta.get("hi")
+    if choices is not None and value not in choices:
+        raise UserError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}"
+                        + (_suggest(str(value), list(choices)) if isinstance(value, str) else ""))
+    if lo is not None and value < lo:
+        raise UserError(f"{where}: {value!r} is below the minimum {lo}")
+    if hi is not None and value > hi:
+        raise UserError(f"{where}: {value!r} is above the maximum {hi}")
+
+
+def _fill(obj: Any, values: dict, where: str, prefix: str = "") -> None:
+    fields = {f.name: f for f in dataclasses.fields(obj) if not f.metadata.get("internal")}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            raise UserError(f"{where}: unknown key '{dotted}'{_suggest(str(key), list(fields))}")
+        f = fields[key]
+        if not prefix and key in _SECTIONS:
+            if not isinstance(value, dict):
+                raise UserError(f"{where}: key '{dotted}': expected a mapping of keys, got {value!r}")
+            _fill(getattr(obj, key), value, where, f"{key}.")
+            continue
+        loc = f"{where}: key '{dotted}'"
+        value = _coerce(value, f.type, loc)
+        _check_range(value, f.metadata, loc)
+        setattr(obj, key, value)
+
+
+def _validate(cfg: Config, where: str) -> None:
+    """Cross-field checks that a single key's range cannot express."""
+    if cfg.data.val_fraction + cfg.data.test_fraction >= 0.9:
+        raise UserError(f"{where}: key 'data.val_fraction' + 'data.test_fraction' must leave >= 10% for training")
+    for s in cfg.priors.splits:
+        if s not in ("train", "val", "test"):
+            raise UserError(f"{where}: key 'priors.splits': {s!r} is not one of train, val, test")
+    if not cfg.name or any(c in cfg.name for c in "/\\ "):
+        raise UserError(f"{where}: key 'name': {cfg.name!r} must be non-empty without spaces or slashes")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse `section.key=value` (value in YAML syntax) into a key path and a value."""
+    if "=" not in text:
+        raise UserError(f"--set {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise UserError(f"--set {text!r}: empty key")
+    return path, value
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (or the defaults when path is None), apply `--set` overrides and validate."""
+    raw: dict = {}
+    where = "defaults"
+    if path is not None:
+        p = Path(path)
+        where = str(p)
+        if not p.is_file():
+            raise UserError(f"{p}: config file not found (see configs/ for examples)")
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            at = f" at line {mark.line + 1}" if mark else ""
+            raise UserError(f"{p}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+        except UnicodeDecodeError:
+            raise UserError(f"{p}: not a UTF-8 text file") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"{p}: the top level must be a mapping of sections (data, cnn, priors, gan)")
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--set {text!r}: '{k}' is not a section")
+        node[keys[-1]] = value
+    cfg = Config()
+    _fill(cfg, raw, where)
+    _validate(cfg, where)
+    cfg.source_file = "" if path is None else str(path)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    """The resolved config as plain data (what `save_config` writes)."""
+    d = dataclasses.asdict(cfg)
+    d.pop("source_file", None)
+    return d
+
+
+def from_dict(d: dict, where: str = "saved config") -> Config:
+    """Rebuild a Config from `to_dict` output (e.g. one stored in a checkpoint)."""
+    cfg = Config()
+    _fill(cfg, d, where)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> Path:
+    """Write the resolved config as YAML next to a run's outputs (atomically)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    os.replace(tmp, p)
+    return p
+
+
+def describe_keys() -> str:
+    """All config keys with their defaults, for --help."""
+    lines = []
+    for section, cls in [("", Config)] + list(_SECTIONS.items()):
+        for f in dataclasses.fields(cls):
+            if f.name in _SECTIONS or f.metadata.get("internal"):
+                continue
+            key = f"{section}.{f.name}" if section else f.name
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            extra = f.metadata.get("help", "")
+            ch = f.metadata.get("choices")
+            if ch:
+                extra = (extra + "; " if extra else "") + "|".join(map(str, ch))
+            lines.append(f"  {key} = {default!r}" + (f"  ({extra})" if extra else ""))
+    return "\n".join(lines)

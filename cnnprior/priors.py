@@ -1,0 +1,502 @@
+"""Conditional priors: all-layer CAMs in one pass, cumulative averages, and safe `.npy` prior files."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from fractions import Fraction
+from functools import partial
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
+from pytorch_grad_cam.activations_and_gradients import ActivationsAndGradients
+from torch import nn
+from tqdm import tqdm
+
+from cnnprior.errors import UserError, cli_main
+
+PRIORS_FORMAT = "cnnprior-priors/1"
+CAM_CLASSES = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "xgradcam": XGradCAM, "layercam": LayerCAM,
+               "hirescam": HiResCAM}
+RELEASED_PIXEL_BYTES = 64 * 64 * 3 + 8 * 64 * 64 * 3 + 64 * 64 * 3  # the released Food_Resnet.npy layout
+
+
+# ----------------------------------------------------------------------------------------- per-layer maps
+class _ConvRecorder(ActivationsAndGradients):
+    """grad-cam's hook holder, made safe for every layer at once.
+
+    - Outputs are keyed by layer (a layer run twice keeps its first call; an unused layer has none), so
+      no map can shift onto another layer as grad-cam's execution-order lists would.
+    - The hook hands the rest of the network a *copy* of the conv output: an in-place op downstream
+      (VGG's ReLU(inplace=True)) modifies the copy, never the recorded tensor, on every device.
+    """
+
+    def __init__(self, model: nn.Module, target_layers: Sequence[nn.Module]):
+        super().__init__(model, [], None, detach=True)
+        self.outputs: dict[int, torch.Tensor] = {}
+        for i, layer in enumerate(target_layers):
+            self.handles.append(layer.register_forward_hook(partial(self._keep, i)))
+
+    def _keep(self, i: int, module: nn.Module, inputs, output: torch.Tensor):
+        if i in self.outputs or not torch.is_grad_enabled():
+            return None
+        self.outputs[i] = output
+        return output.clone()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.outputs = {}
+        return self.model(x)
+
+    def release(self) -> None:
+        self.outputs = {}
+        super().release()
+
+
+def position_indices(n: int, last: int) -> list[int]:
+    """The paper's picks: ceil(ceil(100/(n-1)·i) · l/100), i = 0..n-1, l = index of the last map (exact math)."""
+    if last < 0:
+        raise ValueError("no maps to pick from")
+    if n == 1:
+        return [last]
+    return [math.ceil(Fraction(math.ceil(Fraction(100, n - 1) * i)) * last / 100) for i in range(n)]
+
+
+def _minmax(cams: torch.Tensor) -> torch.Tensor:
+    flat = cams.flatten(1)
+    flat = flat - flat.min(dim=1, keepdim=True).values
+    return (flat / (1e-7 + flat.max(dim=1, keepdim=True).values)).view_as(cams)
+
+
+def scale_and_resize(cams: torch.Tensor, size: int) -> torch.Tensor:
+    """ReLU, per-image min-max to [0,1], bilinear resize to size x size, min-max again — batched.
+
+    The same steps as grad-cam's single-layer output (scale_cam_image, cv2 resize, then the aggregation's
+    rescale), which matters: a half-pixel bilinear upsampling never hits the peak pixel, so without the second
+    min-max a map's maximum would sit below 1.
+    """
+    cams = _minmax(cams.clamp_min(0)).unsqueeze(1)
+    if cams.shape[-1] != size or cams.shape[-2] != size:
+        cams = F.interpolate(cams, size=(size, size), mode="bilinear", align_corners=False)
+    return _minmax(cams.clamp_min(0))[:, 0]
+
+
+@dataclass
+class PriorSpec:
+    """How priors are formed from per-layer maps."""
+
+    size: int = 64
+    n: int = 8
+    method: str = "gradcam"
+    order: str = "output_to_input"
+    target: str = "last"
+    include_target_layer: bool = False
+    explain: str = "predicted"
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class PriorExtractor:
+    """One forward + one backward per batch -> every conv layer's CAM, cumulative priors and the target map."""
+
+    def __init__(self, model: nn.Module, layers: Sequence[tuple[str, nn.Module]], spec: PriorSpec):
+        if spec.method not in CAM_CLASSES:
+            raise UserError(f"priors.method: unknown CAM method {spec.method!r} ({', '.join(CAM_CLASSES)})")
+        if len(layers) < 2:
+            raise UserError("the CNN has fewer than 2 conv layers; priors need several")
+        self.model, self.spec = model, spec
+        self.layer_names = [n for n, _ in layers]
+        self.layers = [m for _, m in layers]
+        self.cam = CAM_CLASSES[spec.method](model, target_layers=[])  # method-specific weighting only
+        L = len(layers)
+        self.target_index = L - 1 if spec.target == "last" else 0
+        fwd = list(range(L))
+        pool = fwd if spec.include_target_layer else [i for i in fwd if i != self.target_index]
+        self.average_order = pool[::-1] if spec.order == "output_to_input" else pool
+        self.positions = position_indices(spec.n, len(self.average_order) - 1)
+
+    def describe(self) -> dict:
+        """Layer bookkeeping for the sidecar: which layers each prior averages."""
+        names = [self.layer_names[i] for i in self.average_order]
+        return {"layers": self.layer_names, "target_layer": self.layer_names[self.target_index],
+                "average_order": names, "positions": self.positions,
+                "prior_layers": [names[:p + 1] for p in self.positions]}
+
+    def layer_maps(self, images: torch.Tensor, labels: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(maps (B,L,S,S) in forward layer order, explained class, its softmax prob, predicted class)."""
+        device = next(self.model.parameters()).device
+        images = images.to(device)
+        self.model.eval()
+        rec = _ConvRecorder(self.model, self.layers)
+        try:
+            with torch.enable_grad():
+                logits = rec(images)
+                pred = logits.argmax(1)
+                if self.spec.explain == "label":
+                    if labels is None:
+                        raise UserError("priors.explain=label needs labels")
+                    cls = labels.to(device)
+                else:
+                    cls = pred
+                missing = [self.layer_names[i] for i in range(len(self.layers)) if i not in rec.outputs]
+                if missing:
+                    raise UserError(f"conv layer(s) not run by the forward pass: {', '.join(missing[:3])}")
+                outs = [rec.outputs[i] for i in range(len(self.layers))]
+                # one target per image; autograd.grad leaves parameters' .grad untouched
+                score = logits.gather(1, cls.view(-1, 1)).sum()
+                grads = torch.autograd.grad(score, outs, allow_unused=True)
+            prob = torch.softmax(logits.detach().float(), 1).gather(1, cls.view(-1, 1))[:, 0]
+            maps = []
+            for layer, act, grad in zip(self.layers, outs, grads):
+                a = act.detach().float().cpu().numpy()
+                g = np.zeros_like(a) if grad is None else grad.detach().float().cpu().numpy()
+                cam = self.cam.get_cam_image(images, layer, None, a, g, False)
+                maps.append(scale_and_resize(torch.from_numpy(np.ascontiguousarray(cam, dtype=np.float32)),
+                                             self.spec.size))
+        finally:
+            rec.release()
+        return torch.stack(maps, 1), cls.cpu(), prob.cpu(), pred.cpu()
+
+    def priors_from_maps(self, maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(priors (B,n,S,S) = cumulative averages at the paper's positions, target map (B,S,S))."""
+        ordered = maps[:, self.average_order]
+        cum = ordered.cumsum(1) / torch.arange(1, ordered.shape[1] + 1, dtype=maps.dtype).view(1, -1, 1, 1)
+        return cum[:, self.positions], maps[:, self.target_index]
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
+        maps, cls, prob, pred = self.layer_maps(images, labels)
+        priors, target = self.priors_from_maps(maps)
+        return {"priors": priors, "target": target, "explained": cls, "prob": prob, "pred": pred}
+
+
+# ----------------------------------------------------------------------------------------- prior files
+def record_dtype(size: int, n: int) -> np.dtype:
+    """Structured record: uint8 pixels/maps (maps quantised as round(255·m)), no object fields."""
+    return np.dtype([("image", np.uint8, (size, size, 3)), ("priors", np.uint8, (n, size, size)),
+                     ("target", np.uint8, (size, size)), ("mask", np.uint8, (size, size)),
+                     ("label", np.int16), ("pred", np.int16), ("explained", np.int16), ("prob", np.float32),
+                     ("index", np.int64)])
+
+
+def to_u8(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    """[0,1] floats -> uint8 by rounding."""
+    x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
+
+
+def sidecar_path(npy: str | Path) -> Path:
+    return Path(npy).with_suffix(".json")
+
+
+def _content_hash(arr: np.ndarray) -> str:
+    h = hashlib.sha256()
+    step = max(1, (64 << 20) // max(1, arr.dtype.itemsize))
+    for i in range(0, len(arr), step):
+        h.update(np.ascontiguousarray(arr[i:i + step]).tobytes())
+    return h.hexdigest()
+
+
+class PriorWriter:
+    """Writes a prior file chunk by chunk into a temp memmap; `close()` renames it into place with its sidecar."""
+
+    def __init__(self, path: str | Path, count: int, meta: dict, resume: bool = False, overwrite: bool = False):
+        self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.progress = self.path.with_name(self.path.name + ".progress.json")
+        size, n = meta["size"], meta["n"]
+        self.meta = dict(meta, count=count)
+        if self.path.exists() and not overwrite:
+            raise UserError(f"{self.path}: prior file exists; use --overwrite to replace it (or another priors.out)")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.done = 0
+        if resume and self.partial.exists() and self.progress.exists():
+            state = json.loads(self.progress.read_text())
+            if state.get("meta") != json.loads(json.dumps(self.meta)):
+                raise UserError(f"{self.partial}: partial file was written with other settings; delete it or drop "
+                                f"--resume")
+            self.arr = np.lib.format.open_memmap(self.partial, mode="r+")
+            self.done = int(state["done"])
+        else:
+            self.arr = np.lib.format.open_memmap(self.partial, mode="w+", dtype=record_dtype(size, n),
+                                                 shape=(count,))
+            self._save_progress()
+
+    def _save_progress(self) -> None:
+        tmp = self.progress.with_name(self.progress.name + ".tmp")
+        tmp.write_text(json.dumps({"done": self.done, "meta": self.meta}))
+        os.replace(tmp, self.progress)
+
+    def write(self, records: np.ndarray) -> None:
+        self.arr[self.done:self.done + len(records)] = records
+        self.done += len(records)
+        self.arr.flush()
+        self._save_progress()
+
+    def close(self) -> Path:
+        if self.done != len(self.arr):
+            raise RuntimeError(f"prior file incomplete: {self.done}/{len(self.arr)}")
+        self.arr.flush()
+        meta = dict(self.meta, content_sha256=_content_hash(self.arr), dtype=str(self.arr.dtype.descr))
+        del self.arr
+        sc = sidecar_path(self.path)
+        tmp = sc.with_name(sc.name + ".tmp")
+        tmp.write_text(json.dumps(meta, indent=1))
+        os.replace(self.partial, self.path)
+        os.replace(tmp, sc)
+        self.progress.unlink(missing_ok=True)
+        return self.path
+
+
+@dataclass
+class PriorFile:
+    """A validated prior file: `records` (memmapped structured array) and `meta` (its sidecar)."""
+
+    path: Path
+    records: np.ndarray
+    meta: dict
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def size(self) -> int:
+        return int(self.meta["size"])
+
+    @property
+    def n(self) -> int:
+        return int(self.meta["n"])
+
+    def tensors(self, idx: Iterable[int] | slice | None = None) -> dict[str, torch.Tensor]:
+        """Float tensors in [0,1]: image (B,3,S,S), priors (B,n,S,S), target (B,1,S,S); label, mask."""
+        r = self.records if idx is None else self.records[idx]
+        img = torch.from_numpy(np.ascontiguousarray(r["image"])).permute(0, 3, 1, 2).float() / 255.0
+        return {"image": img, "priors": torch.from_numpy(np.ascontiguousarray(r["priors"])).float() / 255.0,
+                "target": torch.from_numpy(np.ascontiguousarray(r["target"])).float().unsqueeze(1) / 255.0,
+                "mask": torch.from_numpy(np.ascontiguousarray(r["mask"])).float(),
+                "label": torch.from_numpy(np.asarray(r["label"], dtype=np.int64)),
+                "explained": torch.from_numpy(np.asarray(r["explained"], dtype=np.int64))}
+
+
+def read_priors(path: str | Path, verify: bool = True) -> PriorFile:
+    """Open a prior file (allow_pickle=False, memmapped) and check it against its sidecar; one-line errors."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: prior file not found")
+    sc = sidecar_path(p)
+    if not sc.is_file():
+        raise UserError(f"{p}: sidecar {sc.name} missing (a prior file needs its .json; re-run --stage priors)")
+    try:
+        meta = json.loads(sc.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{sc}: sidecar is not valid JSON ({exc})") from None
+    if meta.get("format") != PRIORS_FORMAT:
+        raise UserError(f"{sc}: not a cnnprior prior sidecar (format {meta.get('format')!r}, "
+                        f"expected {PRIORS_FORMAT!r})")
+    try:
+        arr = np.load(p, mmap_mode="r", allow_pickle=False)
+    except ValueError as exc:
+        if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
+            raise UserError(f"{p}: holds pickled Python objects; loading it could run arbitrary code. If you trust "
+                            f"its source, convert it with `python -m cnnprior.priors import {p} --trust-pickle`") \
+                from None
+        raise UserError(f"{p}: truncated or corrupt .npy ({exc})") from None
+    except (OSError, EOFError) as exc:
+        raise UserError(f"{p}: unreadable .npy ({exc})") from None
+    try:
+        size, n, count = int(meta["size"]), int(meta["n"]), int(meta["count"])
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{sc}: sidecar lacks size/n/count") from None
+    expected = record_dtype(size, n)
+    if arr.dtype != expected:
+        raise UserError(f"{p}: record layout {arr.dtype.descr} does not match the sidecar (S={size}, n={n})")
+    if arr.ndim != 1 or len(arr) != count:
+        raise UserError(f"{p}: holds {arr.shape[0] if arr.ndim else 0} records but the sidecar says {count}")
+    if verify and meta.get("content_sha256") and _content_hash(arr) != meta["content_sha256"]:
+        raise UserError(f"{p}: content hash differs from the sidecar (file modified or corrupt)")
+    return PriorFile(p, arr, meta)
+
+
+# ----------------------------------------------------------------------------------------- stage
+def _resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    if images.shape[-1] == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
+
+
+def make_records(out: dict, images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor, indices: torch.Tensor,
+                 size: int, n: int) -> np.ndarray:
+    """Pack one batch of extractor output into prior-file records."""
+    rec = np.zeros(len(images), dtype=record_dtype(size, n))
+    rec["image"] = to_u8(_resize_images(images, size).permute(0, 2, 3, 1))
+    rec["priors"] = to_u8(out["priors"])
+    rec["target"] = to_u8(out["target"])
+    if masks.shape[-1] != size:
+        masks = F.interpolate(masks.unsqueeze(1).float(), size=(size, size), mode="area")[:, 0]
+    rec["mask"] = (masks > 0.5).cpu().numpy().astype(np.uint8)
+    rec["label"], rec["pred"], rec["explained"] = labels.numpy(), out["pred"].numpy(), out["explained"].numpy()
+    rec["prob"], rec["index"] = out["prob"].numpy(), indices.numpy()
+    return rec
+
+
+def extractor_for_checkpoint(cfg, device: torch.device):
+    """Load the configured CNN checkpoint (checking its arch) and build the extractor."""
+    from cnnprior.cnn import conv_layers, load_cnn
+
+    ckpt_path = cfg.cnn_checkpoint
+    if not Path(ckpt_path).is_file():
+        raise UserError(f"{ckpt_path}: CNN checkpoint not found; run `python train.py --config "
+                        f"{cfg.source_file or '<config>'} --stage classifier` first (or set cnn.checkpoint)")
+    model, meta = load_cnn(ckpt_path, device)
+    if meta["arch"] != cfg.cnn.arch:
+        raise UserError(f"{ckpt_path}: checkpoint holds a {meta['arch']} but the config says cnn.arch: "
+                        f"{cfg.cnn.arch}")
+    spec = PriorSpec(cfg.priors.size, cfg.priors.n, cfg.priors.method, cfg.priors.order, cfg.priors.target,
+                     cfg.priors.include_target_layer, cfg.priors.explain)
+    return PriorExtractor(model, conv_layers(model), spec), model, meta
+
+
+def write_prior_file(extractor: PriorExtractor, dataset, path: Path, meta: dict, batch_size: int,
+                     resume: bool, overwrite: bool, num_workers: int = 0) -> Path:
+    """Extract priors for every item of `dataset` and write them (chunked, atomic, resumable)."""
+    from torch.utils.data import DataLoader, Subset
+
+    spec = extractor.spec
+    writer = PriorWriter(path, len(dataset), meta, resume=resume, overwrite=overwrite)
+    todo = Subset(dataset, range(writer.done, len(dataset)))
+    loader = DataLoader(todo, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    for batch in tqdm(loader, desc=f"priors {path.name}", initial=writer.done // batch_size,
+                      total=math.ceil(len(dataset) / batch_size), dynamic_ncols=True):
+        out = extractor(batch["image"], batch["label"])
+        writer.write(make_records(out, batch["image"], batch["label"], batch["mask"], batch["index"],
+                                  spec.size, spec.n))
+    return writer.close()
+
+
+def run_priors_stage(cfg, resume: bool = False, overwrite: bool = False, log=print) -> list[Path]:
+    """`train.py --stage priors`: write <priors.out>-<split>.npy + .json for each configured split."""
+    from cnnprior.config import save_config, to_dict
+    from cnnprior.data import load_split, stratified_take
+    from cnnprior.runtime import file_sha256, resolve_device
+
+    device = resolve_device(cfg.priors.device)
+    extractor, model, cnn_meta = extractor_for_checkpoint(cfg, device)
+    written = []
+    for split in cfg.priors.splits:
+        path = Path(f"{cfg.priors_prefix}-{split}.npy")
+        if path.exists() and not overwrite:
+            raise UserError(f"{path}: prior file exists; use --overwrite to replace it")
+        data_cfg = cfg.data
+        if cnn_meta["image_size"] != data_cfg.image_size:
+            raise UserError(f"{cfg.cnn_checkpoint}: CNN input size {cnn_meta['image_size']} != data.image_size "
+                            f"{data_cfg.image_size}")
+        ds = load_split(data_cfg, split)
+        cap = cfg.priors.train_limit if split == "train" else cfg.priors.test_limit
+        if cap and cap < len(ds):
+            from torch.utils.data import Subset
+
+            keep = stratified_take(ds.labels, cap, data_cfg.seed)
+            class_names, has_masks = ds.class_names, ds.has_masks
+            ds = Subset(ds, keep.tolist())
+            ds.class_names, ds.has_masks = class_names, has_masks
+        meta = {"format": PRIORS_FORMAT, **extractor.spec.as_dict(), **extractor.describe(),
+                "split": split, "dataset": data_cfg.source, "class_names": list(ds.class_names),
+                "has_masks": bool(ds.has_masks),
+                "cnn": {"arch": cnn_meta["arch"], "checkpoint": str(cfg.cnn_checkpoint),
+                        "checkpoint_sha256": file_sha256(cfg.cnn_checkpoint), "image_size": cnn_meta["image_size"],
+                        "val_accuracy": cnn_meta.get("val_accuracy")},
+                "config": to_dict(cfg)}
+        log(f"priors: {split}: {len(ds)} images, {len(extractor.layers)} conv layers, target "
+            f"{meta['target_layer']}, positions {extractor.positions}")
+        written.append(write_prior_file(extractor, ds, path, meta, cfg.priors.batch_size, resume, overwrite,
+                                        cfg.data.num_workers))
+        log(f"priors: wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    save_config(cfg, Path(f"{cfg.priors_prefix}.yaml"))
+    return written
+
+
+# ----------------------------------------------------------------------------------------- import
+def import_released(src: str | Path, out: str | Path, trust_pickle: bool = False, overwrite: bool = False,
+                    cmap: str = "jet", class_names: Sequence[str] | None = None, chunk: int = 256) -> Path:
+    """Convert the paper's released `Food_Resnet.npy` (pickled rows of jet-coloured maps) into a prior file."""
+    from cnnprior.viz import invert_colormap
+
+    src = Path(src)
+    if not src.is_file():
+        raise UserError(f"{src}: file not found")
+    if not trust_pickle:
+        try:
+            np.load(src, mmap_mode="r", allow_pickle=False)
+        except ValueError:
+            raise UserError(f"{src}: holds pickled Python objects; loading it can execute arbitrary code. Only if "
+                            f"you trust its source, re-run with --trust-pickle") from None
+        raise UserError(f"{src}: not in the released object layout (it loads without pickle: already numeric?)")
+    try:
+        rows = np.load(src, allow_pickle=True)
+    except Exception as exc:  # noqa: BLE001 - any failure of a foreign pickle is reported as one line
+        raise UserError(f"{src}: could not load ({type(exc).__name__}: {exc})") from None
+    if rows.ndim != 2 or rows.shape[1] != 4:
+        raise UserError(f"{src}: expected rows of [input, 8 maps, target, label], got shape {rows.shape}")
+    first = np.asarray(rows[0, 1])
+    if first.ndim != 4 or first.shape[-1] != 3:
+        raise UserError(f"{src}: maps must be (n, S, S, 3) colour images, got {first.shape}")
+    n, size = first.shape[0], first.shape[1]
+    labels = np.array([int(np.asarray(r).ravel()[0]) for r in rows[:, 3]])
+    names = list(class_names) if class_names else [str(i) for i in range(int(labels.max()) + 1)]
+    meta = {"format": PRIORS_FORMAT, "size": size, "n": n, "method": "released-guided-gradcam",
+            "order": "output_to_input", "target": "first", "include_target_layer": True, "explain": "class0",
+            "layers": [], "target_layer": "", "average_order": [], "positions": [], "prior_layers": [],
+            "split": "imported", "dataset": src.stem, "class_names": names, "has_masks": False,
+            "cnn": {"arch": "released", "checkpoint": str(src), "checkpoint_sha256": "", "image_size": size},
+            "imported_from": str(src), "colormap": cmap}
+    writer = PriorWriter(Path(out), len(rows), meta, overwrite=overwrite)
+    for s in tqdm(range(0, len(rows), chunk), desc="import", dynamic_ncols=True):
+        part = rows[s:s + chunk]
+        rec = np.zeros(len(part), dtype=record_dtype(size, n))
+        rec["image"] = np.stack([np.asarray(r, dtype=np.uint8) for r in part[:, 0]])
+        rec["priors"] = to_u8(invert_colormap(np.stack([np.asarray(r, dtype=np.uint8) for r in part[:, 1]]), cmap))
+        rec["target"] = to_u8(invert_colormap(np.stack([np.asarray(r, dtype=np.uint8) for r in part[:, 2]]), cmap))
+        rec["label"] = rec["pred"] = rec["explained"] = labels[s:s + chunk]
+        rec["index"] = np.arange(s, s + len(part))
+        writer.write(rec)
+    return writer.close()
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    """`python -m cnnprior.priors`: inspect or import prior files."""
+    p = argparse.ArgumentParser(prog="python -m cnnprior.priors", description="Inspect or import prior files.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    ins = sub.add_parser("info", help="validate a prior file and print its sidecar summary")
+    ins.add_argument("file")
+    imp = sub.add_parser("import", help="convert the paper's released Food_Resnet.npy into a prior file")
+    imp.add_argument("file")
+    imp.add_argument("--out", required=True, help="output .npy path (a .json sidecar is written beside it)")
+    imp.add_argument("--trust-pickle", action="store_true",
+                     help="allow loading the pickled object array (runs code from the file: trusted sources only)")
+    imp.add_argument("--overwrite", action="store_true")
+    imp.add_argument("--classes", nargs="*", help="class names in label order")
+    args = p.parse_args(argv)
+    if args.cmd == "info":
+        pf = read_priors(args.file)
+        m = pf.meta
+        print(f"{pf.path}: {len(pf)} samples, S={m['size']}, n={m['n']}, method={m['method']}, target={m['target']}"
+              f" ({m.get('target_layer')}), order={m['order']}, cnn={m['cnn']['arch']}, "
+              f"{pf.records.dtype.itemsize} bytes/sample")
+        return 0
+    out = import_released(args.file, args.out, args.trust_pickle, args.overwrite, class_names=args.classes)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
