@@ -56,8 +56,8 @@ def train_main(argv: list[str] | None = None) -> int:
             if out.exists() and not args.overwrite and args.stage == "all":
                 print(f"classifier: {out} exists, skipping (use --overwrite to retrain)")
                 continue
-            save_config(cfg, out.with_suffix(".yaml"))
             train_cnn(cfg)
+            save_config(cfg, out.with_suffix(".yaml"))
         elif stage == "priors":
             from cnnprior.priors import run_priors_stage
 

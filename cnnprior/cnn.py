@@ -116,12 +116,19 @@ def conv_layers(model: nn.Module, image_size: int | None = None) -> list[tuple[s
 
 
 def save_cnn(model: TargetCNN, path: str | Path, *, val_accuracy: float, epoch: int, config: dict,
-             dataset: str, history: list | None = None) -> Path:
-    """Atomically write weights + arch + class names + input size + normalisation + accuracy."""
+             dataset: str, history: list | None = None, half: bool = False) -> Path:
+    """Atomically write weights + arch + class names + input size + normalisation + accuracy.
+
+    `half` stores the conv/linear weights (floating tensors of >= 2 dims) as float16; normalisation statistics
+    stay float32. Loading casts back to float32.
+    """
+    state = {k: v.detach().cpu() for k, v in model.net.state_dict().items()}
+    if half:
+        state = {k: v.half() if v.is_floating_point() and v.dim() >= 2 else v for k, v in state.items()}
     return atomic_torch_save({
         "format": CNN_FORMAT, "arch": model.arch, "class_names": list(model.class_names),
         "image_size": model.image_size, "mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist(),
-        "state_dict": {k: v.detach().cpu() for k, v in model.net.state_dict().items()},
+        "state_dict": state, "weights_dtype": "float16" if half else "float32",
         "val_accuracy": float(val_accuracy), "epoch": int(epoch), "dataset": dataset, "config": config,
         "history": history or [],
     }, path)
@@ -218,9 +225,10 @@ def train_cnn(cfg: Config, log=print) -> dict:
         if acc > best:
             best = acc
             save_cnn(model, path, val_accuracy=acc, epoch=epoch, config=to_dict(cfg), dataset=cfg.data.source,
-                     history=history)
+                     history=history, half=cfg.cnn.save_half)
     if cfg.cnn.epochs == 0:
         best = evaluate_accuracy(model, val_loader, device)
-        save_cnn(model, path, val_accuracy=best, epoch=0, config=to_dict(cfg), dataset=cfg.data.source)
+        save_cnn(model, path, val_accuracy=best, epoch=0, config=to_dict(cfg), dataset=cfg.data.source,
+                 half=cfg.cnn.save_half)
     log(f"classifier: best val accuracy {best:.4f}, checkpoint {path} ({time.time() - t0:.0f}s)")
     return {"checkpoint": str(path), "val_accuracy": best, "seconds": time.time() - t0, "history": history}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -60,6 +61,7 @@ class CNNConfig:
     weight_decay: float = _opt(1e-4, lo=0.0, hi=1.0)
     optimizer: str = _opt("adamw", choices=("adamw", "sgd"))
     augment: bool = _opt(True, help="random flips/crops while training")
+    save_half: bool = _opt(False, help="store conv/linear weights as float16 in the checkpoint (half the size)")
     device: str = _opt("auto", choices=("auto", "cpu", "cuda"))
 
 
@@ -164,8 +166,16 @@ def _coerce(value: Any, ftype: Any, where: str) -> Any:
             return value
         raise UserError(f"{where}: expected an integer, got {value!r}")
     if ftype in ("float", float):
+        number = math.nan
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            number = float(value)
+        elif isinstance(value, str):  # PyYAML (YAML 1.1) reads `1e-3` (no dot) as a string
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+        if math.isfinite(number):  # also rejects .nan/.inf, which would slip past the range checks
+            return number
         raise UserError(f"{where}: expected a number, got {value!r}")
     if ftype in ("str", str):
         if isinstance(value, str):
@@ -199,6 +209,8 @@ def _fill(obj: Any, values: dict, where: str, prefix: str = "") -> None:
             raise UserError(f"{where}: unknown key '{dotted}'{_suggest(str(key), list(fields))}")
         f = fields[key]
         if not prefix and key in _SECTIONS:
+            if value is None:  # a section whose keys are all commented out
+                value = {}
             if not isinstance(value, dict):
                 raise UserError(f"{where}: key '{dotted}': expected a mapping of keys, got {value!r}")
             _fill(getattr(obj, key), value, where, f"{key}.")
@@ -308,3 +320,31 @@ def describe_keys() -> str:
                 extra = (extra + "; " if extra else "") + "|".join(map(str, ch))
             lines.append(f"  {key} = {default!r}" + (f"  ({extra})" if extra else ""))
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------- evaluation
+@dataclass
+class EvalSet:
+    """An extra held-out prior file (another CNN or dataset) the same GANs are scored on (fidelity only)."""
+
+    name: str = _opt("", help="label in the report")
+    priors: str = _opt("", help="prior file (.npy with its .json sidecar)")
+
+
+@dataclass
+class EvalConfig:
+    """The evaluation stage (`python -m cnnprior.evaluate`): its own flat YAML, loaded by cnnprior.evaluate."""
+
+    name: str = _opt("eval", help="report name: outputs/eval-<name>-<timestamp>")
+    priors: str = _opt("", help="held-out prior file the GANs are evaluated on (required)")
+    lsft: str = _opt("", help="LSFT generator checkpoint (empty = none)")
+    gsft: str = _opt("", help="GSFT generator checkpoint (empty = none)")
+    cnn: str = _opt("", help="CNN checkpoint; empty = the prior file's cnn.checkpoint")
+    num: int = _opt(256, lo=0, help="images evaluated: the first num records (0 = all)")
+    batch_size: int = _opt(32, lo=1, hi=65_536)
+    device: str = _opt("auto", choices=("auto", "cpu", "cuda"))
+    steps: int = _opt(16, lo=1, hi=10_000, help="deletion/insertion steps")
+    road_num: int = _opt(32, lo=0, help="ROAD on a seeded random subset of this many images (0 = skip ROAD)")
+    seed: int = _opt(0, lo=0, help="seed of the random-map baseline, the ROAD subset and ROAD's noise")
+    generalisation: list = _opt([], help="extra prior files, a list of {name, priors} (fidelity only)")
+    source_file: str = field(default="", metadata={"internal": True})

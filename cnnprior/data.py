@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import warnings
@@ -221,7 +222,9 @@ def fashion_mnist(root: str, split: str) -> TorchvisionSource:
     else:
         _require(r, "fashion_mnist", "`apt-get install -y dataset-fashion-mnist` (Debian)",
                  "the *-ubyte.gz files")
-        base = Path(os.environ.get("CNNPRIOR_CACHE", Path.home() / ".cache" / "cnnprior")) / "fashion_mnist"
+        # one cache folder per source folder: files extracted from another data.root are never reused
+        key = hashlib.sha256(str(r.resolve()).encode()).hexdigest()[:16]
+        base = Path(os.environ.get("CNNPRIOR_CACHE", Path.home() / ".cache" / "cnnprior")) / "fashion_mnist" / key
         raw = base / "FashionMNIST" / "raw"
         for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                      "t10k-labels-idx1-ubyte"):

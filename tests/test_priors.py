@@ -1,0 +1,542 @@
+"""Tests for cnnprior.priors: maps equal grad-cam's single-layer GradCAM, prior positions and averages, safe files."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.activations_and_gradients import ActivationsAndGradients
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch import nn
+
+from cnnprior.cli import train_main
+from cnnprior.cnn import build_cnn, conv_layers, load_cnn, save_cnn
+from cnnprior.data import ShapesSource
+from cnnprior.errors import UserError
+from cnnprior.priors import (CAM_CLASSES, PRIORS_FORMAT, PriorExtractor, PriorSpec, PriorWriter, _minmax,
+                             import_released, main, make_records, position_indices, read_priors, record_dtype,
+                             run_priors_stage, scale_and_resize, sidecar_path, to_u8)
+from cnnprior.runtime import file_sha256
+from cnnprior.viz import colorize
+
+from conftest import REPO
+
+
+def gradcam_single(model: nn.Module, layer: nn.Module, images: torch.Tensor,
+                   targets: list | None = None) -> np.ndarray:
+    """The released method for one layer: a plain grad-cam GradCAM call, (B, H, W) at the input size."""
+    with GradCAM(model, target_layers=[layer]) as cam:
+        return cam(images, targets)
+
+
+def no_hooks(model: nn.Module) -> bool:
+    return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+# ----------------------------------------------------------------------------------------- per-layer maps
+def test_resnet18_maps_equal_single_layer_gradcam(shape_batch: torch.Tensor) -> None:
+    torch.manual_seed(0)
+    model = build_cnn("resnet18", ["a", "b", "c", "d", "e"], 64).eval()
+    layers = conv_layers(model)
+    assert len(layers) == 20
+    ex = PriorExtractor(model, layers, PriorSpec(size=64))
+    maps, explained, prob, pred = ex.layer_maps(shape_batch)
+    assert maps.shape == (4, 20, 64, 64) and maps.dtype == torch.float32
+    assert not ex._copy_outputs  # no in-place op after a ResNet conv: the outputs are used as they are
+    assert torch.equal(explained, pred)
+    with torch.no_grad():
+        probs = torch.softmax(model(shape_batch), 1)
+    torch.testing.assert_close(prob, probs.gather(1, pred.view(-1, 1))[:, 0])
+    assert all(p.grad is None for p in model.parameters()) and no_hooks(model)
+    # min-max scaled maps: peak 1 (or all zero where ReLU leaves nothing), and nearly all are real maps
+    peak = maps.amax((2, 3))
+    assert (((peak - 1).abs() < 1e-3) | (peak == 0)).all() and (peak > 0.5).float().mean() > 0.9
+    assert (maps.amin((2, 3)) == 0).all()
+    for i, (name, layer) in enumerate(layers):
+        ref = gradcam_single(model, layer, shape_batch)
+        assert np.abs(ref - maps[:, i].numpy()).max() < 1e-5, name
+
+
+def _small_head_vgg11() -> nn.Module:
+    """torchvision's vgg11 (its convs and in-place ReLUs untouched) with a small head, so backward is cheap."""
+    torch.manual_seed(1)
+    model = build_cnn("vgg11", ["a", "b", "c", "d", "e"], 64)
+    model.net.avgpool = nn.AdaptiveAvgPool2d(1)
+    model.net.classifier = nn.Sequential(nn.Flatten(), nn.Linear(512, 64), nn.ReLU(inplace=True), nn.Linear(64, 5))
+    return model.eval()
+
+
+def test_vgg11_inplace_relu_maps_equal_gradcam_on_a_not_inplace_copy(shape_batch: torch.Tensor) -> None:
+    shape_batch = shape_batch[:2]
+    model = _small_head_vgg11()
+    feats = list(model.net.features)
+    after_conv = [feats[i + 1] for i, m in enumerate(feats) if isinstance(m, nn.Conv2d)]
+    assert len(after_conv) == 8 and all(isinstance(r, nn.ReLU) and r.inplace for r in after_conv)
+    reference = copy.deepcopy(model)
+    for m in reference.modules():
+        if isinstance(m, nn.ReLU):
+            m.inplace = False
+    ref_modules = dict(reference.named_modules())
+    layers = conv_layers(model)
+    ex = PriorExtractor(model, layers, PriorSpec(size=64))
+    maps = ex.layer_maps(shape_batch)[0]
+    assert ex._copy_outputs  # the in-place ReLUs were noticed (and the pass redone with copies) ...
+    assert torch.equal(ex.layer_maps(shape_batch)[0], maps)  # ... and later batches copy right away
+    # the extraction itself does not care whether the ReLUs are in place
+    maps_copy = PriorExtractor(reference, conv_layers(reference), PriorSpec(size=64)).layer_maps(shape_batch)[0]
+    assert (maps - maps_copy).abs().max() < 1e-5
+    trap = []
+    for i, (name, layer) in enumerate(layers):
+        ref = gradcam_single(reference, ref_modules[name], shape_batch)
+        assert np.abs(ref - maps[:, i].numpy()).max() < 1e-5, name
+        # grad-cam on the in-place model records the conv output after ReLU overwrote it (on CPU)
+        trap.append(np.abs(gradcam_single(model, layer, shape_batch) - maps[:, i].numpy()).max())
+    assert max(trap) > 1e-3, trap
+
+
+@pytest.mark.parametrize("shape, size", [((2, 2), 64), ((7, 7), 64), ((32, 32), 64), ((5, 9), 16), ((100, 100), 64),
+                                         ((16, 16), 16)])
+def test_scale_and_resize_matches_interpolate(shape: tuple[int, int], size: int) -> None:
+    cams = torch.randn(3, *shape, generator=torch.Generator().manual_seed(0))
+    ref = _minmax(cams.clamp_min(0)).unsqueeze(1)  # ReLU, min-max, bilinear (half-pixel), min-max
+    ref = F.interpolate(ref, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+    ref = _minmax(ref.clamp_min(0))
+    got = scale_and_resize(cams, size)
+    assert got.shape == (3, size, size) and (got - ref).abs().max() < 1e-6
+    assert torch.allclose(got.amax((1, 2)), torch.ones(3)) and (got.amin((1, 2)) == 0).all()
+
+
+def test_layer_run_twice_or_unused_does_not_shift_maps(zigzag: nn.Module) -> None:
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    layers = conv_layers(zigzag, image_size=16)
+    assert [n for n, _ in layers] == ["stem", "mid", "block.1", "head"]
+    maps = PriorExtractor(zigzag, layers, PriorSpec(size=16)).layer_maps(x)[0]
+    for i, (name, layer) in enumerate(layers):  # `mid`: its first call, as grad-cam's own single-layer call
+        assert np.abs(gradcam_single(zigzag, layer, x) - maps[:, i].numpy()).max() < 1e-5, name
+    # the hazard avoided: grad-cam's per-call lists hold 5 entries for 4 layers, so later layers would shift
+    rec = ActivationsAndGradients(zigzag, [m for _, m in layers], None)
+    try:
+        rec(x)
+        assert len(rec.activations) == 5
+    finally:
+        rec.release()
+    # a conv that never runs cannot be explained: one clear error, not a silently shifted map
+    with_unused = layers + [("unused", zigzag.unused)]
+    with pytest.raises(UserError, match=r"not run by the forward pass: unused"):
+        PriorExtractor(zigzag, with_unused, PriorSpec(size=16)).layer_maps(x)
+    assert no_hooks(zigzag)
+
+
+@pytest.mark.parametrize("method", ["gradcam++", "xgradcam", "layercam", "hirescam"])
+def test_other_cam_methods_equal_their_single_layer_grad_cam_class(zigzag: nn.Module, method: str) -> None:
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    layers = conv_layers(zigzag, image_size=16)
+    maps = PriorExtractor(zigzag, layers, PriorSpec(size=16, method=method)).layer_maps(x)[0]
+    gradcam = PriorExtractor(zigzag, layers, PriorSpec(size=16)).layer_maps(x)[0]
+    assert (maps - gradcam).abs().max() > 1e-2  # the method really changes the maps
+    for i, (name, layer) in enumerate(layers):
+        with CAM_CLASSES[method](zigzag, target_layers=[layer]) as cam:
+            ref = cam(x, None)
+        assert np.abs(ref - maps[:, i].numpy()).max() < 1e-5, name
+
+
+def test_hooks_released_and_no_parameter_grads_even_after_errors(zigzag: nn.Module) -> None:
+    x = torch.rand(2, 3, 16, 16)
+    ex = PriorExtractor(zigzag, conv_layers(zigzag, 16), PriorSpec(size=16))
+    out = ex(x)
+    assert out["priors"].shape == (2, 8, 16, 16) and out["target"].shape == (2, 16, 16)
+    assert no_hooks(zigzag) and all(p.grad is None for p in zigzag.parameters())
+    ex_label = PriorExtractor(zigzag, conv_layers(zigzag, 16), PriorSpec(size=16, explain="label"))
+    with pytest.raises(UserError, match="needs labels"):
+        ex_label(x)
+    assert no_hooks(zigzag)
+    zigzag.fail = True
+    with pytest.raises(RuntimeError, match="on purpose"):
+        ex(x)
+    assert no_hooks(zigzag) and all(p.grad is None for p in zigzag.parameters())
+
+
+def test_one_target_per_image_and_batch_independence(shape_batch: torch.Tensor) -> None:
+    torch.manual_seed(2)
+    model = build_cnn("resnet18", ["a", "b", "c", "d", "e"], 64).eval()
+    layers = conv_layers(model)
+    ex = PriorExtractor(model, layers, PriorSpec(size=64, explain="label"))
+    labels = torch.tensor([0, 1, 2, 3])
+    maps, explained, _, _ = ex.layer_maps(shape_batch, labels)
+    assert explained.tolist() == [0, 1, 2, 3]
+    for i in range(4):
+        alone, cls, _, _ = ex.layer_maps(shape_batch[i:i + 1], labels[i:i + 1])
+        assert cls.tolist() == [i]
+        assert (alone[0] - maps[i]).abs().max() < 2e-5, i
+    # each image explains its own class: grad-cam with one ClassifierOutputTarget per image agrees
+    targets = [ClassifierOutputTarget(int(c)) for c in labels]
+    for i in (0, 11, 19):
+        ref = gradcam_single(model, layers[i][1], shape_batch, targets)
+        assert np.abs(ref - maps[:, i].numpy()).max() < 1e-5
+    # ... and the classes matter: explaining class 0 everywhere changes images 1..3
+    other = ex.layer_maps(shape_batch, torch.zeros(4, dtype=torch.long))[0]
+    assert (other[1:, 19] - maps[1:, 19]).abs().max() > 0.05
+
+
+# ----------------------------------------------------------------------------------------- priors
+def test_position_formula() -> None:
+    assert position_indices(8, 19) == [0, 3, 6, 9, 12, 14, 17, 19]  # 20 maps
+    assert position_indices(8, 18) == [0, 3, 6, 8, 11, 13, 16, 18]  # 19 maps
+    assert position_indices(1, 19) == [19] and position_indices(1, 0) == [0]
+    assert position_indices(2, 7) == [0, 7]
+    assert position_indices(3, 4) == [0, 2, 4]  # ceil(ceil(50)·4/100) = 2
+    with pytest.raises(ValueError):
+        position_indices(8, -1)
+
+
+def _dummy_layers(count: int) -> tuple[nn.Module, list[tuple[str, nn.Module]]]:
+    convs = [nn.Conv2d(1, 1, 1) for _ in range(count)]
+    return nn.Sequential(*convs), [(f"c{i}", c) for i, c in enumerate(convs)]
+
+
+@pytest.mark.parametrize("order", ["output_to_input", "input_to_output"])
+@pytest.mark.parametrize("target", ["last", "first"])
+@pytest.mark.parametrize("include", [False, True])
+def test_cumulative_averages_by_hand(order: str, target: str, include: bool) -> None:
+    model, layers = _dummy_layers(7)
+    ex = PriorExtractor(model, layers, PriorSpec(n=3, order=order, target=target, include_target_layer=include))
+    t = 6 if target == "last" else 0
+    pool = [i for i in range(7) if include or i != t]
+    expected_order = pool[::-1] if order == "output_to_input" else pool
+    assert ex.target_index == t and ex.average_order == expected_order
+    assert ex.positions == position_indices(3, len(pool) - 1)
+    maps = torch.rand(2, 7, 5, 5, generator=torch.Generator().manual_seed(3))
+    priors, target_map = ex.priors_from_maps(maps)
+    assert torch.equal(target_map, maps[:, t])
+    assert priors.shape == (2, 3, 5, 5)
+    for k, p in enumerate(ex.positions):
+        hand = sum(maps[:, expected_order[j]] for j in range(p + 1)) / (p + 1)
+        torch.testing.assert_close(priors[:, k], hand, atol=1e-6, rtol=0)
+    desc = ex.describe()
+    assert desc["target_layer"] == f"c{t}"
+    assert desc["prior_layers"][-1] == [f"c{i}" for i in expected_order[:ex.positions[-1] + 1]]
+
+
+def test_target_layer_excluded_by_default_included_on_request(shape_batch: torch.Tensor) -> None:
+    torch.manual_seed(0)
+    model = build_cnn("resnet18", ["a", "b", "c", "d", "e"], 64).eval()
+    layers = conv_layers(model)
+    ex = PriorExtractor(model, layers, PriorSpec(size=32))
+    maps = ex.layer_maps(shape_batch)[0]
+    assert maps.shape == (4, 20, 32, 32)
+    priors, target = ex.priors_from_maps(maps)
+    assert ex.target_index == 19 and 19 not in ex.average_order and len(ex.average_order) == 19
+    assert ex.positions == [0, 3, 6, 8, 11, 13, 16, 18]
+    assert ex.describe()["target_layer"] == "net.layer4.1.conv2"
+    assert ex.describe()["average_order"][0] == "net.layer4.1.conv1"
+    assert torch.equal(priors[:, 0], maps[:, 18])  # C_0 is the layer before the target ...
+    assert (priors[:, 0] - target).abs().max() > 0.05  # ... so the GAN cannot just copy it
+    inc = PriorExtractor(model, layers, PriorSpec(size=32, include_target_layer=True))
+    assert inc.positions == [0, 3, 6, 9, 12, 14, 17, 19] and inc.average_order[0] == 19
+    p_inc, t_inc = inc.priors_from_maps(maps)
+    assert torch.equal(p_inc[:, 0], t_inc) and torch.equal(t_inc, maps[:, 19])
+    first = PriorExtractor(model, layers, PriorSpec(size=32, target="first"))
+    p_first, t_first = first.priors_from_maps(maps)
+    assert torch.equal(t_first, maps[:, 0]) and first.describe()["target_layer"] == "net.conv1"
+    assert first.average_order == list(range(19, 0, -1))
+    assert torch.equal(p_first[:, 0], maps[:, 19])
+    torch.testing.assert_close(p_first[:, -1], maps[:, 1:].mean(1))
+
+
+# ----------------------------------------------------------------------------------------- prior files
+SIZE, N = 16, 4
+
+
+def _meta(**extra) -> dict:
+    return {"format": PRIORS_FORMAT, **PriorSpec(size=SIZE, n=N).as_dict(), "layers": ["a", "b"],
+            "class_names": ["x", "y", "z"], "cnn": {"arch": "test"}, **extra}
+
+
+def _records(count: int, seed: int = 0) -> tuple[np.ndarray, dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = {"priors": torch.rand(count, N, SIZE, SIZE, generator=g),
+           "target": torch.rand(count, SIZE, SIZE, generator=g),
+           "pred": torch.randint(0, 3, (count,), generator=g), "explained": torch.randint(0, 3, (count,), generator=g),
+           "prob": torch.rand(count, generator=g)}
+    images = torch.rand(count, 3, 2 * SIZE, 2 * SIZE, generator=g)
+    masks = (torch.rand(count, 2 * SIZE, 2 * SIZE, generator=g) > 0.5).float()
+    labels, index = torch.randint(0, 3, (count,), generator=g), torch.arange(100, 100 + count)
+    return make_records(out, images, labels, masks, index, SIZE, N), dict(out, images=images, labels=labels)
+
+
+def _write(path: Path, records: np.ndarray, **kw) -> Path:
+    w = PriorWriter(path, len(records), _meta(), **kw)
+    for s in range(0, len(records), 4):
+        w.write(records[s:s + 4])
+    return w.close()
+
+
+def test_prior_file_round_trip(tmp_path: Path) -> None:
+    rec, src = _records(10)
+    path = _write(tmp_path / "p.npy", rec)
+    assert not list(tmp_path.glob("*.partial")) and not list(tmp_path.glob("*progress*"))
+    raw = np.load(path, allow_pickle=False, mmap_mode="r")
+    assert isinstance(raw, np.memmap) and raw.dtype == record_dtype(SIZE, N) and raw.shape == (10,)
+    assert np.array_equal(np.asarray(raw), rec)
+    pf = read_priors(path)
+    assert len(pf) == 10 and pf.size == SIZE and pf.n == N
+    assert pf.meta["count"] == 10 and pf.meta["layers"] == ["a", "b"] and len(pf.meta["content_sha256"]) == 64
+    t = pf.tensors(slice(2, 5))
+    assert t["image"].shape == (3, 3, SIZE, SIZE) and t["priors"].shape == (3, N, SIZE, SIZE)
+    assert t["target"].shape == (3, 1, SIZE, SIZE) and t["mask"].shape == (3, SIZE, SIZE)
+    # maps are quantised to 1/255 by rounding
+    assert (t["priors"] - src["priors"][2:5]).abs().max() <= 0.5 / 255 + 1e-6
+    assert (t["target"][:, 0] - src["target"][2:5]).abs().max() <= 0.5 / 255 + 1e-6
+    small = F.interpolate(src["images"][2:5], size=(SIZE, SIZE), mode="bilinear", antialias=True,
+                          align_corners=False).clamp(0, 1)
+    assert (t["image"] - small).abs().max() <= 0.5 / 255 + 1e-6
+    assert t["label"].tolist() == src["labels"][2:5].tolist()
+    assert t["explained"].tolist() == src["explained"][2:5].tolist()
+    assert pf.records["index"].tolist() == list(range(100, 110))
+    assert np.allclose(pf.records["prob"], src["prob"].numpy())
+
+
+def test_record_size_within_the_released_budget() -> None:
+    item = record_dtype(64, 8).itemsize
+    # image 64·64·3 + priors 8·64·64 + target + mask 64·64 each + label/pred/explained int16, prob f32, index i64
+    assert item == 12288 + 32768 + 4096 + 4096 + 2 * 3 + 4 + 8 == 53266
+    assert item <= 61_440
+    assert record_dtype(64, 8, with_mask=False).itemsize == item - 4096  # sources without masks
+
+
+def test_prior_file_without_masks(tmp_path: Path) -> None:
+    rec, _ = _records(3)
+    no_mask = np.zeros(3, dtype=record_dtype(SIZE, N, with_mask=False))
+    for name in no_mask.dtype.names:
+        no_mask[name] = rec[name]
+    w = PriorWriter(tmp_path / "nm.npy", 3, _meta(has_masks=False))
+    w.write(no_mask)
+    pf = read_priors(w.close())
+    assert "mask" not in pf.records.dtype.names and not pf.meta["has_masks"]
+    t = pf.tensors()
+    assert t["mask"].shape == (3, SIZE, SIZE) and float(t["mask"].abs().sum()) == 0.0
+    assert torch.equal(t["priors"], torch.from_numpy(rec["priors"]).float() / 255)
+    _edit_sidecar(tmp_path / "nm.npy", has_masks=True)
+    with pytest.raises(UserError, match=r"has_masks=True but the records lack a mask field"):
+        read_priors(tmp_path / "nm.npy")
+
+
+@pytest.fixture
+def prior_file(tmp_path: Path) -> Path:
+    return _write(tmp_path / "good.npy", _records(6)[0])
+
+
+def _edit_sidecar(path: Path, **changes) -> None:
+    sc = sidecar_path(path)
+    meta = json.loads(sc.read_text())
+    meta.update(changes)
+    sc.write_text(json.dumps(meta))
+
+
+def test_truncated_file(prior_file: Path) -> None:
+    data = prior_file.read_bytes()
+    prior_file.write_bytes(data[:-100])
+    with pytest.raises(UserError, match=r"good\.npy: truncated or corrupt \.npy"):
+        read_priors(prior_file)
+    prior_file.write_bytes(data[:40])  # not even a whole header
+    with pytest.raises(UserError, match=r"good\.npy: (truncated or corrupt|unreadable)"):
+        read_priors(prior_file)
+
+
+def test_sidecar_mismatches(prior_file: Path) -> None:
+    _edit_sidecar(prior_file, count=7)
+    with pytest.raises(UserError, match=r"holds 6 records but the sidecar says 7"):
+        read_priors(prior_file)
+    _edit_sidecar(prior_file, count=6, size=32)
+    with pytest.raises(UserError, match=r"record layout .* does not match the sidecar \(S=32, n=4\)"):
+        read_priors(prior_file)
+    _edit_sidecar(prior_file, size=SIZE, format="something-else")
+    with pytest.raises(UserError, match=r"not a cnnprior prior sidecar"):
+        read_priors(prior_file)
+    sidecar_path(prior_file).write_text("{not json")
+    with pytest.raises(UserError, match=r"sidecar is not valid JSON"):
+        read_priors(prior_file)
+    sidecar_path(prior_file).unlink()
+    with pytest.raises(UserError, match=r"sidecar good\.json missing"):
+        read_priors(prior_file)
+    with pytest.raises(UserError, match=r"prior file not found"):
+        read_priors(prior_file.with_name("nope.npy"))
+
+
+def test_modified_content_is_detected(prior_file: Path) -> None:
+    with open(prior_file, "r+b") as fh:
+        fh.seek(-7, os.SEEK_END)
+        byte = fh.read(1)
+        fh.seek(-7, os.SEEK_END)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(UserError, match=r"content hash differs from the sidecar"):
+        read_priors(prior_file)
+    assert len(read_priors(prior_file, verify=False)) == 6
+
+
+def _pickled_npy(path: Path) -> Path:
+    rows = np.empty((2, 4), dtype=object)
+    for i in range(2):
+        rows[i] = [np.zeros((4, 4, 3), np.uint8), np.zeros((2, 4, 4, 3), np.uint8), np.zeros((4, 4, 3), np.uint8), i]
+    np.save(path, rows, allow_pickle=True)
+    return path
+
+
+def test_pickled_npy_is_refused_naming_the_risk(tmp_path: Path, run_py, one_line_error) -> None:
+    path = _pickled_npy(tmp_path / "released.npy")  # the released file comes without a sidecar
+    with pytest.raises(UserError) as info:
+        read_priors(path)
+    msg = str(info.value)
+    assert "pickled Python objects" in msg and "arbitrary code" in msg and "--trust-pickle" in msg
+    sidecar_path(path).write_text(json.dumps(_meta(count=2)))  # a sidecar does not make it loadable
+    with pytest.raises(UserError, match="pickled Python objects"):
+        read_priors(path)
+    line = one_line_error(run_py("-m", "cnnprior.priors", "info", path, cwd=tmp_path))
+    assert "pickled" in line and "arbitrary code" in line
+
+
+def test_resume_after_interruption_writes_the_same_bytes(tmp_path: Path) -> None:
+    rec = _records(10, seed=4)[0]
+    once = _write(tmp_path / "once.npy", rec)
+    path = tmp_path / "resumed.npy"
+    first = PriorWriter(path, 10, _meta())
+    first.write(rec[:4])
+    first.write(rec[4:6])
+    del first  # interrupted: neither closed nor renamed
+    assert not path.exists() and path.with_name("resumed.npy.partial").exists()
+    with pytest.raises(UserError, match="written with other settings"):
+        PriorWriter(path, 11, _meta(), resume=True)  # another count
+    with pytest.raises(UserError, match="written with other settings"):
+        PriorWriter(path, 10, _meta(split="other"), resume=True)
+    again = PriorWriter(path, 10, _meta(), resume=True)
+    assert again.done == 6
+    with pytest.raises(RuntimeError, match="incomplete: 6/10"):
+        again.close()
+    again.write(rec[6:])
+    again.close()
+    assert path.read_bytes() == once.read_bytes()
+    assert json.loads(sidecar_path(path).read_text()) == json.loads(sidecar_path(once).read_text())
+    assert not path.with_name("resumed.npy.partial").exists()
+    assert not path.with_name("resumed.npy.progress.json").exists()
+
+
+def test_existing_file_needs_overwrite(prior_file: Path) -> None:
+    before = prior_file.read_bytes()
+    with pytest.raises(UserError, match=r"good\.npy: prior file exists; use --overwrite"):
+        PriorWriter(prior_file, 6, _meta())
+    assert prior_file.read_bytes() == before
+    _write(prior_file, _records(6, seed=9)[0], overwrite=True)
+    assert prior_file.read_bytes() != before and len(read_priors(prior_file)) == 6
+
+
+# ----------------------------------------------------------------------------------------- released import
+def _released_file(path: Path, count: int = 5) -> tuple[Path, np.ndarray, np.ndarray, np.ndarray]:
+    """The released Food_Resnet.npy layout: object rows [uint8 input, 8 jet maps, jet target, label]."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:64, 0:64] / 63.0
+    maps = rng.random((count, 8, 64, 64)) * 0.3 + 0.7 * np.exp(-((xx - 0.5) ** 2 + (yy - 0.4) ** 2) * 8)
+    targets = rng.random((count, 64, 64))
+    images = rng.integers(0, 256, (count, 64, 64, 3), dtype=np.uint8)
+    rows = np.empty((count, 4), dtype=object)
+    for i in range(count):
+        rows[i, 0] = images[i]
+        rows[i, 1] = np.stack([colorize(m) for m in maps[i]])
+        rows[i, 2] = colorize(targets[i])
+        rows[i, 3] = i % 3
+    assert rows[0, 1].shape == (8, 64, 64, 3) and rows[0, 1].dtype == np.uint8
+    np.save(path, rows, allow_pickle=True)
+    return path, images, maps, targets
+
+
+def test_released_import_needs_trust_pickle(tmp_path: Path, run_py, one_line_error) -> None:
+    src, images, maps, targets = _released_file(tmp_path / "Food_Resnet.npy")
+    out = tmp_path / "imported.npy"
+    line = one_line_error(run_py("-m", "cnnprior.priors", "import", src, "--out", out, cwd=tmp_path))
+    assert "pickle" in line and "--trust-pickle" in line and not out.exists()
+    assert import_released(src, out, trust_pickle=True, class_names=["a", "b", "c"]) == out
+    pf = read_priors(out)
+    assert len(pf) == 5 and pf.size == 64 and pf.n == 8 and pf.meta["class_names"] == ["a", "b", "c"]
+    t = pf.tensors()
+    assert np.array_equal(pf.records["image"], images)
+    assert (t["priors"].double() - torch.from_numpy(maps)).abs().mean() < 0.005
+    assert (t["target"][:, 0].double() - torch.from_numpy(targets)).abs().mean() < 0.005
+    assert t["label"].tolist() == [0, 1, 2, 0, 1]
+    with pytest.raises(UserError, match="prior file exists"):
+        import_released(src, out, trust_pickle=True)
+    with pytest.raises(UserError, match="loads without pickle"):
+        import_released(out, tmp_path / "again.npy")
+
+
+# ----------------------------------------------------------------------------------------- stage
+def _tiny_yaml(tmp_path: Path) -> Path:
+    cfg = {"name": "tiny",
+           "data": {"source": "shapes", "shapes_count": 40, "image_size": 64, "val_fraction": 0.2,
+                    "test_fraction": 0.2, "seed": 2},
+           "cnn": {"arch": "resnet18", "epochs": 0, "batch_size": 8, "device": "cpu",
+                   "checkpoint": str(tmp_path / "models" / "tiny-cnn.pt")},
+           "priors": {"size": 32, "n": 4, "batch_size": 4, "splits": ["train", "test"], "train_limit": 8,
+                      "test_limit": 4, "out": str(tmp_path / "npys" / "tiny"), "device": "cpu"}}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_priors_stage_rejects_a_checkpoint_of_another_arch(tiny_config) -> None:
+    cfg = tiny_config()
+    with pytest.raises(UserError, match=r"CNN checkpoint not found; run .*--stage classifier"):
+        run_priors_stage(cfg)
+    other = build_cnn("mobilenet_v3_small", ["a", "b", "c", "d", "e"], 32)
+    save_cnn(other, cfg.cnn_checkpoint, val_accuracy=0.0, epoch=0, config={}, dataset="shapes")
+    with pytest.raises(UserError, match=r"holds a mobilenet_v3_small but the config says cnn.arch: resnet18"):
+        run_priors_stage(cfg)
+    wrong_size = tiny_config("cnn.arch=mobilenet_v3_small", image_size=48)
+    with pytest.raises(UserError, match=r"CNN input size 32 != data.image_size 48"):
+        run_priors_stage(wrong_size)
+
+
+def test_train_py_priors_stage_writes_files_with_sidecars(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          run_py) -> None:
+    config = _tiny_yaml(tmp_path)
+    monkeypatch.chdir(tmp_path)  # the stages write nothing outside their configured paths
+    assert train_main(["--config", str(config), "--stage", "classifier"]) == 0  # epochs 0: the initial model
+    proc = run_py(REPO / "train.py", "--config", config, "--stage", "priors", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "npys", "tiny.yaml"]
+    assert train_main(["--config", str(config), "--stage", "priors"]) == 2  # exists: refuses without --overwrite
+    ckpt = tmp_path / "models" / "tiny-cnn.pt"
+    model, _ = load_cnn(ckpt)
+    names = [n for n, _ in conv_layers(model)]
+    for split, count in (("train", 8), ("test", 4)):
+        path = tmp_path / "npys" / f"tiny-{split}.npy"
+        pf = read_priors(path)
+        m = pf.meta
+        assert len(pf) == count and (m["size"], m["n"], m["split"]) == (32, 4, split)
+        assert m["layers"] == names and len(names) == 20 and m["target_layer"] == "net.layer4.1.conv2"
+        assert m["positions"] == position_indices(4, 18) == [0, 7, 13, 18]  # ceil(34·.18), ceil(67·.18)
+        assert m["prior_layers"][0] == ["net.layer4.1.conv1"] and len(m["prior_layers"][-1]) == 19
+        assert m["class_names"] == ["circle", "square", "triangle", "cross", "star"] and m["has_masks"]
+        assert m["cnn"]["checkpoint_sha256"] == file_sha256(ckpt) and m["config"]["name"] == "tiny"
+        assert (pf.records["label"] == pf.records["index"] % 5).all()
+    assert (tmp_path / "npys" / "tiny.yaml").is_file()
+    # the test records equal a fresh extraction on the same images (quantisation +-1)
+    pf = read_priors(tmp_path / "npys" / "tiny-test.npy")
+    src = ShapesSource(40, 64, seed=2)
+    loaded = [src.load(int(i)) for i in pf.records["index"]]
+    images = torch.from_numpy(np.stack([im for im, _ in loaded])).permute(0, 3, 1, 2).float() / 255
+    out = PriorExtractor(model, conv_layers(model), PriorSpec(size=32, n=4))(images)
+    assert np.abs(to_u8(out["priors"]).astype(int) - pf.records["priors"]).max() <= 1
+    assert np.abs(to_u8(out["target"]).astype(int) - pf.records["target"]).max() <= 1
+    assert (pf.records["pred"] == out["pred"].numpy()).all()
+    masks = torch.from_numpy(np.stack([mk for _, mk in loaded])).float()
+    small = (F.interpolate(masks[:, None], size=(32, 32), mode="area")[:, 0] > 0.5).numpy()
+    assert (pf.records["mask"] == small).all() and pf.records["mask"].sum() > 0
+    # `info` validates and summarises
+    assert main(["info", str(tmp_path / "npys" / "tiny-test.npy")]) == 0
