@@ -1,0 +1,291 @@
+"""Tests for cnnprior.evaluate: a tiny end-to-end report, prior relevance on hand-built generators, config errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from cnnprior import evaluate, metrics
+from cnnprior.cnn import build_cnn, conv_layers, save_cnn
+from cnnprior.config import load_config
+from cnnprior.evaluate import main, prior_relevance
+from cnnprior.gan import run_gan_stage
+from cnnprior.models import build_generator
+from cnnprior.models.sft import SFTResBlock
+from cnnprior.priors import PRIORS_FORMAT, PriorExtractor, PriorSpec, PriorWriter, make_records, read_priors
+from cnnprior.runtime import file_sha256
+from tests._gan_tiny import gan_config
+
+SIZE, N, COUNT, CLASSES = 16, 4, 8, ["a", "b", "c", "d", "e"]
+
+
+def _shapes(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """32 px noise images, each with one bright square; the square is the ground-truth mask."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(count, 3, 32, 32, generator=g) * 0.3
+    masks = torch.zeros(count, 32, 32)
+    for i in range(count):
+        y, x = torch.randint(0, 20, (2,), generator=g).tolist()
+        images[i, :, y:y + 12, x:x + 12] = 0.9
+        masks[i, y:y + 12, x:x + 12] = 1
+    return images, masks
+
+
+def _write_real_priors(path: Path, cnn_path: Path, model, count: int = COUNT, n: int = N, seed: int = 0,
+                       has_masks: bool = True) -> Path:
+    """A prior file made the way the priors stage makes it (real extractor, its sidecar keys)."""
+    extractor = PriorExtractor(model, conv_layers(model), PriorSpec(size=SIZE, n=n))
+    images, masks = _shapes(count, seed)
+    labels = torch.arange(count) % len(CLASSES)
+    out = extractor(images, labels)
+    meta = {"format": PRIORS_FORMAT, **extractor.spec.as_dict(), **extractor.describe(), "split": "test",
+            "dataset": "shapes" if has_masks else "noise", "class_names": CLASSES, "has_masks": has_masks,
+            "cnn": {"arch": "resnet18", "checkpoint": str(cnn_path), "checkpoint_sha256": file_sha256(cnn_path),
+                    "image_size": 32, "val_accuracy": 0.5}, "config": {}}
+    writer = PriorWriter(path, count, meta)
+    writer.write(make_records(out, images, labels, masks, torch.arange(count), SIZE, n, with_mask=has_masks))
+    return writer.close()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    """CNN, prior files (main with masks, a same-shape other one, one with n=3) and tiny LSFT/GSFT checkpoints."""
+    root = tmp_path_factory.mktemp("eval")
+    torch.manual_seed(0)
+    model = build_cnn("resnet18", CLASSES, image_size=32).eval()
+    cnn_path = save_cnn(model, root / "models" / "tiny-cnn.pt", val_accuracy=0.5, epoch=0, config={},
+                        dataset="shapes")
+    main_priors = _write_real_priors(root / "npys" / "tiny-test.npy", cnn_path, model)
+    other = _write_real_priors(root / "npys" / "other-test.npy", cnn_path, model, count=6, seed=3, has_masks=False)
+    wrong_n = _write_real_priors(root / "npys" / "n3-test.npy", cnn_path, model, count=4, n=3, seed=4)
+    ckpts = {}
+    for variant in ("lsft", "gsft"):
+        cfg = load_config(gan_config(root, main_priors, main_priors, variant=variant, epochs=2, depth=1))
+        ckpts[variant] = run_gan_stage(cfg, log=lambda _m: None)["last"]  # "last" holds both epochs
+    config = root / "eval.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "tiny", "priors": str(main_priors), "lsft": ckpts["lsft"], "gsft": ckpts["gsft"], "num": COUNT,
+        "batch_size": 4, "device": "cpu", "steps": 4, "road_num": 2,
+        "generalisation": [{"name": "other", "priors": str(other)}, {"name": "three", "priors": str(wrong_n)},
+                           {"name": "absent", "priors": str(root / "npys" / "absent-test.npy")}]}))
+    return {"root": root, "config": config, "priors": main_priors}
+
+
+@pytest.fixture(scope="module")
+def report(tiny) -> dict:
+    out = tiny["root"] / "report"
+    t0 = time.time()
+    assert main(["--config", str(tiny["config"]), "--out", str(out)]) == 0
+    return {"out": out, "seconds": time.time() - t0, "metrics": json.loads((out / "metrics.json").read_text())}
+
+
+def _finite(table: dict) -> bool:
+    return all(v is not None and math.isfinite(v) for row in table.values() for v in row.values())
+
+
+def test_end_to_end_tables_filled(report, tiny):
+    m = report["metrics"]
+    assert m["images"] == COUNT
+    assert list(m["fidelity"]) == ["LSFT", "GSFT", "C0", "C1", "C2", "C3", "mean of priors", m_intensity(m)]
+    assert list(m["faithfulness"]) == ["LSFT", "GSFT", "Grad-CAM", "Grad-CAM++", "LayerCAM",
+                                       "target (stored Grad-CAM)", "random"]
+    assert list(m["localisation"]) == list(m["faithfulness"])
+    for section in ("fidelity", "faithfulness", "localisation"):
+        assert _finite(m[section]), section
+    # numbers, not just presence: the mean-of-priors row against a direct computation
+    d = read_priors(tiny["priors"]).tensors()
+    mean = d["priors"].mean(1, keepdim=True)
+    assert m["fidelity"]["mean of priors"]["l1"] == pytest.approx(float(metrics.l1(mean, d["target"]).mean()), abs=1e-6)
+    assert m["fidelity"]["C0"]["r"] == pytest.approx(float(metrics.pearson(d["priors"][:, :1], d["target"]).mean()),
+                                                     abs=1e-6)
+    for row in m["faithfulness"].values():
+        assert 0 <= row["increase_in_confidence"] <= 100 and row["average_drop"] >= 0
+        assert 0 <= row["deletion_auc"] <= 1 and 0 <= row["insertion_auc"] <= 1
+    for row in m["localisation"].values():
+        assert 0 <= row["pointing_game"] <= 1 and 0 <= row["energy_pointing_game"] <= 1
+    assert len(m["road_images"]) == 2
+    for variant in ("LSFT", "GSFT"):
+        rel = m["relevance"][variant]
+        assert rel["labels"][0] == "C0: 1 layer, layer4.1.conv1"  # resnet18's last conv is the target
+        assert len(rel["labels"]) == N and rel["labels"][1].startswith("C1: 8 layers, layer4.1.conv1…")
+        assert all(v >= 0 and math.isfinite(v) for v in rel["zeros"] + rel["mean"])
+        assert len(m["gans"][variant]["history"]) == 2
+    assert set(m["winners"]) == {"fidelity", "faithfulness", "localisation"}
+    assert set(m["runtime_s"]) >= {"load", "fidelity", "faithfulness", "localisation", "interpretation",
+                                   "generalisation", "report", "total"}
+
+
+def m_intensity(m: dict) -> str:
+    name = [k for k in m["fidelity"] if k.startswith("intensity")]
+    assert len(name) == 1
+    return name[0]
+
+
+def test_end_to_end_generalisation_skips_with_reasons(report):
+    sets = {e["name"]: e for e in report["metrics"]["generalisation"]}
+    assert sets["other"]["status"] == "ok" and sets["other"]["images"] == 6
+    assert set(sets["other"]["results"]) == {"LSFT", "GSFT", "mean of priors"}
+    assert _finite(sets["other"]["results"])
+    assert sets["three"]["status"] == "skipped" and "n=3" in sets["three"]["reason"]
+    assert sets["absent"]["status"] == "skipped" and "not found" in sets["absent"]["reason"]
+
+
+def test_end_to_end_report_files(report):
+    out = report["out"]
+    charts = ["relevance-lsft.png", "relevance-gsft.png", "curve-lsft.png", "curve-gsft.png"]
+    for name in charts:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    md = (out / "report.md").read_text()
+    for heading in ("## 1. Fidelity", "## 2. Faithfulness", "## 3. Localisation", "## 4. GAN interpretation",
+                    "## 5. Generalisation", "## 6. Training curves", "## Winners", "## Runtime", "## Notes",
+                    "## Definitions"):
+        assert heading in md, heading
+    assert "ROAD on a seeded random subset of **2 of 8 images**" in md
+    assert "absent (`" in md and "file not found" in md
+    # the best L1 of the fidelity table is bold in its row
+    m = report["metrics"]
+    best = min(m["fidelity"], key=lambda k: m["fidelity"][k]["l1"])
+    assert f"**{m['fidelity'][best]['l1']:.3f}**" in next(line for line in md.splitlines()
+                                                           if line.startswith(f"| {best} |"))
+    page = (out / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == len(charts) and "src=\"relevance" not in page
+    assert not [p for p in out.parent.iterdir() if p.name.endswith(".partial")]
+
+
+def test_existing_out_is_refused(report, tiny, capsys):
+    assert main(["--config", str(tiny["config"]), "--out", str(report["out"])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "already exists" in err
+
+
+def test_tiny_run_is_quick(report):
+    assert report["seconds"] < 45
+
+
+def _stub_ignoring(k_ignored: int, n: int):
+    keep = [k for k in range(n) if k != k_ignored]
+    return lambda image, priors: priors[:, keep].sum(1, keepdim=True) / n
+
+
+def test_relevance_of_an_ignored_prior_is_zero():
+    g = torch.Generator().manual_seed(0)
+    image, priors = torch.rand(5, 3, 12, 12, generator=g), torch.rand(5, 4, 12, 12, generator=g)
+    rel = prior_relevance(_stub_ignoring(2, 4), image, priors, batch_size=2, device=torch.device("cpu"))
+    assert rel["zeros"][2] == 0 and rel["mean"][2] == 0
+    # G = (P0 + P1 + P3) / 4 is linear: replacing P_k by v changes it by |P_k - v| / 4
+    for k in (0, 1, 3):
+        assert rel["zeros"][k] == pytest.approx(float(priors[:, k].mean()) / 4, rel=1e-6)
+        assert rel["mean"][k] == pytest.approx(float((priors[:, k] - priors[:, k].mean(0)).abs().mean()) / 4, rel=1e-6)
+
+
+def test_relevance_zero_for_lsft_block_cut_off_from_its_prior():
+    torch.manual_seed(0)
+    g = build_generator("lsft", 4, 8, 1, 8, 8).eval()
+    block = next(b for b in g.blocks if isinstance(b, SFTResBlock) and b.cond_index == 1)
+    with torch.no_grad():  # scale and shift become their biases: block 1 no longer sees condition 1
+        for sft in (block.sft1, block.sft2):
+            sft.scale[2].weight.zero_()
+            sft.shift[2].weight.zero_()
+    image, priors = torch.rand(3, 3, 16, 16), torch.rand(3, 4, 16, 16)
+    rel = prior_relevance(g, image, priors, batch_size=2, device=torch.device("cpu"))
+    assert rel["zeros"][1] == 0 and rel["mean"][1] == 0
+    assert min(rel["zeros"][k] for k in (0, 2, 3)) > 0
+
+
+def test_random_maps_seeded_smooth_in_range():
+    a, b = evaluate.random_maps(3, 16, seed=5), evaluate.random_maps(3, 16, seed=5)
+    assert torch.equal(a, b) and a.shape == (3, 1, 16, 16)
+    assert float(a.amin()) == 0 and float(a.amax()) == pytest.approx(1.0)
+    raw = torch.rand(3, 1, 16, 16)
+    assert (a.diff(dim=-1).abs().mean() < raw.diff(dim=-1).abs().mean())
+
+
+def test_prior_labels_shorten_layer_names():
+    meta = {"layers": ["net.features.0.0", "net.features.17.conv.0.0", "net.features.17.conv.1.0", "net.features.18.0"],
+            "prior_layers": [["net.features.17.conv.1.0"],
+                             ["net.features.17.conv.1.0", "net.features.17.conv.0.0", "net.features.0.0"]]}
+    assert evaluate.prior_labels(meta, 3) == ["C0: 1 layer, features.17.conv.1.0",
+                                               "C1: 3 layers, features.17.conv.1.0…features.0.0", "C2"]
+    assert evaluate.prior_labels({"prior_layers": [["a.very.long.module.name.conv1"]]}, 1) == [
+        "C0: 1 layer, …module.name.conv1"]
+
+
+def _run_cli(tmp_path: Path, capsys, data: dict, *extra: str) -> tuple[int, str]:
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump(data))
+    rc = main(["--config", str(path), "--out", str(tmp_path / "never"), *extra])
+    return rc, capsys.readouterr().err.strip()
+
+
+def test_config_errors_are_one_line_exit_2(tiny, tmp_path, capsys):
+    good = {"name": "t", "priors": str(tiny["priors"])}
+    cases = [
+        ({**good, "stepz": 3}, (), "unknown key 'stepz' (did you mean 'steps'?)"),
+        ({"name": "t", "priors": str(tmp_path / "missing.npy")}, (), "prior file not found"),
+        ({"name": "t"}, (), "key 'priors' is required"),
+        ({**good, "lsft": str(tmp_path / "nope.pt")}, (), "LSFT checkpoint not found"),
+        ({**good, "gsft": None, "num": "many"}, (), "key 'num': expected an integer"),
+        ({**good, "generalisation": [{"name": "x", "prior": "a.npy"}]}, (), "unknown key 'generalisation[0].prior'"),
+        (good, ("--set", "steps=0"), "below the minimum 1"),
+        (good, ("--set", "a.b=1"), "evaluation keys are flat"),
+    ]
+    for data, extra, message in cases:
+        rc, err = _run_cli(tmp_path, capsys, data, *extra)
+        assert rc == 2 and len(err.splitlines()) == 1 and message in err, (message, err)
+    assert not (tmp_path / "never").exists()
+
+
+def test_gan_that_does_not_fit_the_prior_file_is_a_user_error(tiny, tmp_path, capsys):
+    data = yaml.safe_load(tiny["config"].read_text())
+    rc, err = _run_cli(tmp_path, capsys, {**data, "priors": str(tiny["root"] / "npys" / "n3-test.npy"),
+                                          "generalisation": []})
+    assert rc == 2 and "n=4 priors but" in err and len(err.splitlines()) == 1
+
+
+def test_intensity_baseline_picks_the_better_sign():
+    image = torch.rand(2, 3, 12, 12)
+    gray = (0.299 * image[:, 0] + 0.587 * image[:, 1] + 0.114 * image[:, 2]).unsqueeze(1)
+    assert evaluate.intensity_baseline(image, gray)[0] == "intensity (gray)"
+    name, maps = evaluate.intensity_baseline(image, 1 - gray)
+    assert name == "intensity (1 - gray)" and torch.allclose(maps, 1 - gray)
+    assert np.isclose(float(metrics.pearson(maps, 1 - gray).mean()), 1.0)
+
+
+@pytest.mark.parametrize("name", ["eval_fashion", "eval_shapes"])
+def test_shipped_configs_are_valid(name, tiny):
+    """Only known keys and valid values; the files they name are swapped for the tiny ones."""
+    data = yaml.safe_load(tiny["config"].read_text())
+    cfg = evaluate.load_eval_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml",
+                                    [f"priors={tiny['priors']}", f"lsft={data['lsft']}", f"gsft={data['gsft']}"])
+    assert cfg.num == 256 and cfg.steps == 16 and cfg.road_num == 32 and cfg.cnn == ""
+    assert cfg.generalisation and all(s.name and s.priors.startswith("npys/") for s in cfg.generalisation)
+
+
+def test_no_masks_no_gans_no_road(tiny, tmp_path):
+    """Baselines alone on a maskless file: localisation and ROAD are skipped, and the report says so."""
+    path = tmp_path / "plain.yaml"
+    path.write_text(yaml.safe_dump({"name": "plain", "priors": str(tiny["root"] / "npys" / "other-test.npy"),
+                                    "device": "cpu", "steps": 2, "road_num": 0, "batch_size": 8}))
+    out = tmp_path / "report"
+    assert main(["--config", str(path), "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["localisation"] is None and m["relevance"] == {} and m["images"] == 6
+    assert all(row["road_combined"] is None for row in m["faithfulness"].values())
+    assert list(m["faithfulness"]) == ["Grad-CAM", "Grad-CAM++", "LayerCAM", "target (stored Grad-CAM)", "random"]
+    md = (out / "report.md").read_text()
+    assert "ROAD skipped (road_num: 0)" in md and "localisation skipped" in md and "no lsft checkpoint" in md
+
+
+def test_module_entry_point_user_error(run_py, one_line_error, tmp_path):
+    """`python -m cnnprior.evaluate` as a user runs it: a missing prior file is one line, exit 2."""
+    path = tmp_path / "eval.yaml"
+    path.write_text("name: x\npriors: npys/does-not-exist-test.npy\n")
+    line = one_line_error(run_py("-m", "cnnprior.evaluate", "--config", path, "--num", "4"))
+    assert "key 'priors'" in line and "prior file not found" in line
