@@ -1,6 +1,7 @@
 """Benchmark the generators: conv GFLOP/s of this machine, inference efficiency, LSFT vectorised vs loop.
 
-Usage: python bench/generator.py [--batch 32] [--size 64] [--repeats 3] [--device auto|cpu|cuda] [--train-step]
+Usage: python bench/generator.py [--batch 32] [--size 64] [--repeats 3] [--device auto|cpu|cuda]
+                                 [--threads N] [--cpu-chunk-mib M] [--train-step [--train-batch 16]]
 
 Timings are interleaved (reference conv, model, ...) and every ratio is taken per repeat, then the median,
 so a machine shared with other jobs still gives comparable numbers.
@@ -125,10 +126,14 @@ def bench_inference(args: argparse.Namespace, device: torch.device) -> dict[str,
     image, priors, _ = make_inputs(args.batch, args.size, device)
     results: dict[str, float] = {}
     conv_speeds: list[float] = []
+    load = load_average()
     print(
         f"device {device} | threads {torch.get_num_threads()} | batch {args.batch} | size {args.size} | "
-        f"cpu chunk {sft.CPU_CHUNK_BYTES >> 20} MiB | load average {load_average()}"
+        f"cpu chunk {sft.CPU_CHUNK_BYTES_PER_THREAD / (1 << 20):g} MiB/thread | load average {load}"
     )
+    if device.type == "cpu" and load != "?" and float(load) > 0.5:
+        print("note: other jobs are running; with threads >= free cores every small op waits on a descheduled")
+        print("      thread, so efficiency reads low (try --threads 1 for a load-robust figure)")
     with torch.inference_mode():
         for preset in ("cpu", "paper"):
             for variant in ("lsft", "gsft"):
@@ -140,11 +145,12 @@ def bench_inference(args: argparse.Namespace, device: torch.device) -> dict[str,
                     diff = (vec - loop).abs().max().item()
                     assert diff <= 1e-5, f"LSFT vectorised and per-sample loop differ by {diff:.2e}"
                     fns["loop"] = lambda: gen.forward_per_sample_loop(image, priors)
-                flops = count_flops(lambda: gen(image, priors))
+                # every op is per sample, so one sample's count times the batch is exact and cheaper
+                flops = count_flops(lambda: gen(image[:1], priors[:1])) * args.batch
                 t = interleaved(fns, args.repeats, device)
                 conv_speeds += [conv_flops / s / 1e9 for s in t["conv"]]
                 speed = [flops / s / 1e9 for s in t["model"]]
-                eff = statistics.median((flops / m) / (conv_flops / c) for m, c in zip(t["model"], t["conv"]))
+                eff = ratios([flops / m for m in t["model"]], [conv_flops / c for c in t["conv"]])
                 results[f"{variant} {preset} efficiency"] = eff
                 params = sum(p.numel() for p in gen.parameters()) / 1e6
                 print(
@@ -218,12 +224,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--train-step", action="store_true", help="only time CPU-preset training steps")
     parser.add_argument("--train-batch", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument(
-        "--cpu-chunk-mib", type=int, default=None, help="override the CPU inference chunk size (0: no chunks)"
+        "--cpu-chunk-mib", type=float, default=None, help="CPU inference chunk MiB per thread (0: no chunks)"
     )
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.cpu_chunk_mib is not None:
-        sft.CPU_CHUNK_BYTES = (args.cpu_chunk_mib << 20) or (1 << 62)
+        sft.CPU_CHUNK_BYTES_PER_THREAD = int(args.cpu_chunk_mib * (1 << 20)) or (1 << 62)
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_cuda else "cpu")
     if use_cuda:

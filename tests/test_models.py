@@ -66,14 +66,17 @@ def test_cpu_inference_chunks_match_one_pass(variant: str, monkeypatch: pytest.M
     image, priors = inputs(5)
     with torch.no_grad():
         whole = gen(image, priors)
-        monkeypatch.setattr(sft, "CPU_CHUNK_BYTES", 1)  # one row per chunk, in CondNet and in the trunk
+        monkeypatch.setattr(sft, "CPU_CHUNK_BYTES_PER_THREAD", 1)  # one row per chunk, CondNet and trunk
         assert sft.inference_rows(image, 8) == 1
         chunked = gen(image, priors)
     torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=0)
     assert sft.inference_rows(image, 8) == 5  # grad enabled (training): never chunked
 
 
-@pytest.mark.parametrize(("total", "rows", "expected"), [(32, 24, [(0, 16), (16, 32)]), (5, 1, [(i, i + 1) for i in range(5)]), (3, 8, [(0, 3)])])
+@pytest.mark.parametrize(
+    ("total", "rows", "expected"),
+    [(32, 24, [(0, 16), (16, 32)]), (5, 1, [(i, i + 1) for i in range(5)]), (3, 8, [(0, 3)])],
+)
 def test_chunk_bounds_are_even(total: int, rows: int, expected: list[tuple[int, int]]) -> None:
     assert sft.chunk_bounds(total, rows) == expected
 
@@ -214,7 +217,7 @@ def test_build_generator_variants_config_and_errors() -> None:
     GSFTGenerator(**gen.config()).load_state_dict(gen.state_dict())
     with pytest.raises(ValueError, match="unknown generator variant"):
         build_generator("sft", n_priors=3, width=8, depth=2, cond_channels=4, cond_hidden=8)
-    with pytest.raises(ValueError, match="expected 3 priors"):
+    with pytest.raises(ValueError, match=r"expected priors of shape \(B, 3, H, W\)"):
         gen(*inputs(1, n=4))
 
 

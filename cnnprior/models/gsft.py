@@ -21,13 +21,9 @@ class GSFTGenerator(SFTGenerator):
         cond_channels: int = 32,
         cond_hidden: int = 128,
     ) -> None:
-        super().__init__(
-            width,
-            n_priors=n_priors, n_blocks=n_blocks, cond_channels=cond_channels, cond_hidden=cond_hidden
-        )
-        if n_priors < 1 or n_blocks < 0:
-            raise ValueError(f"need n_priors >= 1 and n_blocks >= 0, got {n_priors}, {n_blocks}")
-        self.n_priors = n_priors
+        super().__init__(n_priors, width, n_blocks=n_blocks, cond_channels=cond_channels, cond_hidden=cond_hidden)
+        if n_blocks < 0:
+            raise ValueError(f"need n_blocks >= 0, got {n_blocks}")
         self.cond_net = CondNet(n_priors, cond_channels, cond_hidden)
         for _ in range(n_blocks):
             self.blocks.append(SFTResBlock(width, cond_channels, cond_index=0))
@@ -36,6 +32,5 @@ class GSFTGenerator(SFTGenerator):
 
     def conditions(self, priors: Tensor) -> Tensor:
         """Priors (B, n, S, S) -> a stack of one condition (1, B, C, S, S)."""
-        if priors.shape[1] != self.n_priors:
-            raise ValueError(f"expected {self.n_priors} priors, got {priors.shape[1]}")
+        self.check_priors(priors)
         return self.cond_net(priors.to(memory_format=torch.channels_last)).unsqueeze(0)

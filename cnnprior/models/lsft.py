@@ -30,13 +30,9 @@ class LSFTGenerator(SFTGenerator):
         cond_channels: int = 32,
         cond_hidden: int = 128,
     ) -> None:
-        super().__init__(
-            width,
-            n_priors=n_priors, n_plain=n_plain, cond_channels=cond_channels, cond_hidden=cond_hidden
-        )
-        if n_priors < 1 or n_plain < 0:
-            raise ValueError(f"need n_priors >= 1 and n_plain >= 0, got {n_priors}, {n_plain}")
-        self.n_priors = n_priors
+        super().__init__(n_priors, width, n_plain=n_plain, cond_channels=cond_channels, cond_hidden=cond_hidden)
+        if n_plain < 0:
+            raise ValueError(f"need n_plain >= 0, got {n_plain}")
         self.cond_net = CondNet(1, cond_channels, cond_hidden)
         for i, n_after in enumerate(plain_blocks_per_gap(n_priors, n_plain)):
             self.blocks.append(SFTResBlock(width, cond_channels, cond_index=i))
@@ -46,9 +42,8 @@ class LSFTGenerator(SFTGenerator):
 
     def conditions(self, priors: Tensor) -> Tensor:
         """Priors (B, n, S, S) -> stacked conditions (n, B, C, S, S) from ONE CondNet call on n*B maps."""
+        self.check_priors(priors)
         b, n, s, t = priors.shape
-        if n != self.n_priors:
-            raise ValueError(f"expected {self.n_priors} priors, got {n}")
         # Prior-major order makes each condition cond[i] a contiguous slice of the CondNet output.
         flat = priors.transpose(0, 1).reshape(n * b, 1, s, t).to(memory_format=torch.channels_last)
         cond = self.cond_net(flat)
@@ -56,6 +51,7 @@ class LSFTGenerator(SFTGenerator):
 
     def forward_per_sample_loop(self, image: Tensor, priors: Tensor) -> Tensor:
         """Reference only (tests, bench): the released code's CondNet call per sample per prior."""
+        self.check_priors(priors)
         b, n = priors.shape[:2]
         cond = torch.cat([self.cond_net(priors[j : j + 1, i : i + 1]) for i in range(n) for j in range(b)])
         return self.decode(image, cond.view(n, b, *cond.shape[1:]))

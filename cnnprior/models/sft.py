@@ -17,21 +17,25 @@ Pair = tuple[Tensor, Cond]
 
 SFT_SLOPE = 0.1
 
-# CPU inference runs big batches in chunks whose activations stay under this size: on CPU, tensors past
-# glibc's mmap threshold (at most 32 MiB) are page-faulted afresh by every op, while smaller ones are
-# reused from the heap and stay in cache (measured 1.2-1.4x at batch 32, 64x64, width 64, 1 thread).
-CPU_CHUNK_BYTES = 8 << 20
+# CPU inference runs big batches in chunks of about this many bytes per thread for the widest activation
+# (about one core's L2): measured here, CondNet on 256 64x64 maps took 1.4 s in 2 MiB chunks against
+# 2.4 s in one piece (1 thread), and past glibc's mmap threshold (at most 32 MiB) every op page-faults
+# its output afresh. Training (grad enabled) and GPUs always take the whole batch.
+CPU_CHUNK_BYTES_PER_THREAD = 2 << 20
 
 
 def inference_rows(x: Tensor, channels: int) -> int:
-    """Rows of x per chunk so (rows, channels, H, W) floats fit CPU_CHUNK_BYTES; all rows unless CPU inference."""
+    """Rows of x per chunk for a (rows, channels, H, W) float activation; all rows unless CPU inference."""
     if torch.is_grad_enabled() or x.device.type != "cpu":
         return x.shape[0]
-    return max(1, CPU_CHUNK_BYTES // (4 * channels * x.shape[-2] * x.shape[-1]))
+    budget = CPU_CHUNK_BYTES_PER_THREAD * torch.get_num_threads()
+    return max(1, budget // (4 * channels * x.shape[-2] * x.shape[-1]))
 
 
 def chunk_bounds(total: int, rows: int) -> list[tuple[int, int]]:
     """(start, stop) of about equal chunks of at most `rows` rows covering range(total)."""
+    if total <= 0:
+        return [(0, 0)]
     n_chunks = -(-total // max(1, rows))
     step = -(-total // max(1, n_chunks))
     return [(i, min(i + step, total)) for i in range(0, total, step)]
@@ -142,9 +146,12 @@ class SFTGenerator(nn.Module):
 
     variant: str = ""
 
-    def __init__(self, width: int, **config: Any) -> None:
+    def __init__(self, n_priors: int, width: int, **config: Any) -> None:
         super().__init__()
-        self._config = {"width": width, **config}
+        if n_priors < 1 or width < 1:
+            raise ValueError(f"need n_priors >= 1 and width >= 1, got {n_priors}, {width}")
+        self._config = {"n_priors": n_priors, "width": width, **config}
+        self.n_priors = n_priors
         self.stem = conv3x3(3, width)
         self.blocks = nn.Sequential()
         self.final_sft: SFTLayer | None = None
@@ -158,6 +165,11 @@ class SFTGenerator(nn.Module):
     def conditions(self, priors: Tensor) -> Tensor:
         """Priors (B, n, S, S) -> condition stack (k, B, C, S, S) the trunk consumes."""
         raise NotImplementedError
+
+    def check_priors(self, priors: Tensor) -> None:
+        """Refuse priors that are not (B, n_priors, H, W)."""
+        if priors.dim() != 4 or priors.shape[1] != self.n_priors:
+            raise ValueError(f"expected priors of shape (B, {self.n_priors}, H, W), got {tuple(priors.shape)}")
 
     def trunk(self, pair: Pair) -> Tensor:
         """(stem features, conditions) -> blocks, then the final SFT layer (on condition 0) if any."""
