@@ -13,9 +13,10 @@ STAGES = ("classifier", "priors", "gan")
 
 TRAIN_EPILOG = """stages (run in this order; each reads what the previous one wrote):
   classifier  train the target CNN            -> cnn.checkpoint (default models/<name>-cnn.pt)
-  priors      all-layer Grad-CAM, cumulative  -> priors.out-{train,test}.npy + .json (default npys/<name>)
-              averages, target maps
-  gan         train the LSFT/GSFT generator   -> gan.out-{best,last}.pt (default models/<name>-<variant>)
+  priors      all-layer Grad-CAM, cumulative  -> priors.out-<split>.npy + .json for priors.splits
+              averages, target maps              (default npys/<name>)
+  gan         train the LSFT/GSFT generator   -> gan.out-{best,last}.pt (full state, --resume) and gan.out.pt
+                                                 (generator only, for inference); default models/<name>-<variant>
   all         the three above (default)
 
 examples:
@@ -29,7 +30,7 @@ config keys (override any with --set section.key=value):
 
 
 def build_train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="train.py", description=__doc__ or "Run the cnnprior pipeline.",
+    p = argparse.ArgumentParser(prog="train.py", description="Run the cnnprior pipeline from a YAML config: classifier -> priors -> gan.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=TRAIN_EPILOG + describe_keys())
     p.add_argument("--config", required=True, help="YAML config (see configs/)")
