@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from cnnprior.config import describe_keys, load_config, save_config
-from cnnprior.errors import UserError, cli_main
+from cnnprior.errors import cli_main
 
 STAGES = ("classifier", "priors", "gan")
 

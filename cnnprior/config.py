@@ -247,25 +247,31 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return path, value
 
 
+def read_yaml_mapping(path: str | os.PathLike, examples: str, top_level: str) -> dict:
+    """A YAML file whose top level is a mapping; a missing, invalid or non-mapping file is one UserError line."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: config file not found (see {examples} for examples)")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"{p}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{p}: not a UTF-8 text file") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{p}: the top level must be a mapping of {top_level}")
+    return raw
+
+
 def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
     """Read a YAML config (or the defaults when path is None), apply `--set` overrides and validate."""
     raw: dict = {}
     where = "defaults"
     if path is not None:
-        p = Path(path)
-        where = str(p)
-        if not p.is_file():
-            raise UserError(f"{p}: config file not found (see configs/ for examples)")
-        try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            at = f" at line {mark.line + 1}" if mark else ""
-            raise UserError(f"{p}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
-        except UnicodeDecodeError:
-            raise UserError(f"{p}: not a UTF-8 text file") from None
-        if not isinstance(raw, dict):
-            raise UserError(f"{p}: the top level must be a mapping of sections (data, cnn, priors, gan)")
+        where = str(Path(path))
+        raw = read_yaml_mapping(path, "configs/", "sections (data, cnn, priors, gan)")
     for text in overrides:
         keys, value = parse_override(text)
         node = raw

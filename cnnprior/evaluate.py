@@ -71,11 +71,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import Tensor, nn
 
 from cnnprior import metrics, viz
-from cnnprior.config import EvalConfig, EvalSet, _check_range, _coerce, _suggest, parse_override
+from cnnprior.config import EvalConfig, EvalSet, _check_range, _coerce, _suggest, parse_override, read_yaml_mapping
 from cnnprior.errors import UserError, cli_main
 from cnnprior.inference import CAM_TITLES
 from cnnprior.priors import CAM_CLASSES, PriorFile, read_priors
@@ -135,18 +134,7 @@ def load_eval_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> 
     """Read an evaluation YAML, apply `--set key=value` overrides, validate keys, values and files."""
     p = Path(path)
     where = str(p)
-    if not p.is_file():
-        raise UserError(f"{p}: config file not found (see configs/eval_*.yaml for examples)")
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark else ""
-        raise UserError(f"{p}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{p}: not a UTF-8 text file") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{p}: the top level must be a mapping of keys (name, priors, lsft, gsft, ...)")
+    raw = read_yaml_mapping(p, "configs/eval_*.yaml", "keys (name, priors, lsft, gsft, ...)")
     for text in overrides:
         keys, value = parse_override(text)
         if len(keys) != 1:
