@@ -14,8 +14,8 @@ import contextlib
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -117,7 +117,7 @@ def load_average() -> str:
 
 def ratios(num: list[float], den: list[float]) -> float:
     """Median over repeats of num[i] / den[i]."""
-    return statistics.median(a / b for a, b in zip(num, den))
+    return statistics.median(a / b for a, b in zip(num, den, strict=True))
 
 
 def bench_inference(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
@@ -138,15 +138,15 @@ def bench_inference(args: argparse.Namespace, device: torch.device) -> dict[str,
         for preset in ("cpu", "paper"):
             for variant in ("lsft", "gsft"):
                 gen = make_generator(variant, preset, device)
-                fns: dict[str, Callable[[], object]] = {"conv": conv, "model": lambda: gen(image, priors)}
+                fns: dict[str, Callable[[], object]] = {"conv": conv, "model": lambda gen=gen: gen(image, priors)}
                 if variant == "lsft" and preset == "paper":
                     with exact_fp32():
                         vec, loop = gen(image, priors), gen.forward_per_sample_loop(image, priors)
                     diff = (vec - loop).abs().max().item()
                     assert diff <= 1e-5, f"LSFT vectorised and per-sample loop differ by {diff:.2e}"
-                    fns["loop"] = lambda: gen.forward_per_sample_loop(image, priors)
+                    fns["loop"] = lambda gen=gen: gen.forward_per_sample_loop(image, priors)
                 # every op is per sample, so one sample's count times the batch is exact and cheaper
-                flops = count_flops(lambda: gen(image[:1], priors[:1])) * args.batch
+                flops = count_flops(lambda gen=gen: gen(image[:1], priors[:1])) * args.batch
                 t = interleaved(fns, args.repeats, device)
                 conv_speeds += [conv_flops / s / 1e9 for s in t["conv"]]
                 speed = [flops / s / 1e9 for s in t["model"]]
@@ -200,6 +200,7 @@ def train_step_fn(
         loss_g.backward()
         opt_g.step()
 
+    step.generator = gen  # type: ignore[attr-defined]  # for the smoke test
     return step
 
 

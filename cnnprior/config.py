@@ -329,6 +329,9 @@ def describe_keys() -> str:
 
 
 # ----------------------------------------------------------------------------------------- evaluation
+EVAL_SECTIONS = ("faithfulness", "localisation", "relevance", "generalisation")
+
+
 @dataclass
 class EvalSet:
     """An extra held-out prior file (another CNN or dataset) the same GANs are scored on (fidelity only)."""
@@ -353,4 +356,6 @@ class EvalConfig:
     road_num: int = _opt(32, lo=0, help="ROAD on a seeded random subset of this many images (0 = skip ROAD)")
     seed: int = _opt(0, lo=0, help="seed of the random-map baseline, the ROAD subset and ROAD's noise")
     generalisation: list = _opt([], help="extra prior files, a list of {name, priors} (fidelity only)")
+    sections: list = _opt(list(EVAL_SECTIONS), help="sections run besides fidelity, of " + "/".join(EVAL_SECTIONS)
+                          + " (e.g. [generalisation] for a quick cross-CNN table)")
     source_file: str = field(default="", metadata={"internal": True})

@@ -64,9 +64,10 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -74,7 +75,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cnnprior import metrics, viz
-from cnnprior.config import EvalConfig, EvalSet, _check_range, _coerce, _suggest, parse_override, read_yaml_mapping
+from cnnprior.config import (
+    EVAL_SECTIONS,
+    EvalConfig,
+    EvalSet,
+    _check_range,
+    _coerce,
+    _suggest,
+    parse_override,
+    read_yaml_mapping,
+)
 from cnnprior.errors import UserError, cli_main
 from cnnprior.inference import CAM_TITLES
 from cnnprior.priors import CAM_CLASSES, PriorFile, read_priors
@@ -98,6 +108,12 @@ def _fill_flat(obj: Any, values: dict, where: str, prefix: str = "") -> None:
         loc = f"{where}: key '{dotted}'"
         if isinstance(obj, EvalConfig) and key == "generalisation":
             value = _eval_sets(value, loc, where)
+        elif isinstance(obj, EvalConfig) and key == "sections":
+            value = _coerce([] if value is None else value, fields[key].type, loc)
+            for s in value:
+                if s not in EVAL_SECTIONS:
+                    raise UserError(f"{loc}: {s!r} is not one of {', '.join(EVAL_SECTIONS)}"
+                                    f"{_suggest(str(s), list(EVAL_SECTIONS))} (fidelity always runs)")
         else:
             if value is None and fields[key].type in ("str", str):
                 value = ""  # `lsft:` left blank = none
@@ -275,7 +291,7 @@ def _shared_prefix(names: Sequence[str]) -> str:
     'net.layer1.0.conv1…', 'net.' of 'net.features.0.0…'); '' when none."""
     split = [n.split(".")[:-1] for n in names]
     prefix: list[str] = []
-    for comps in zip(*split) if split else ():
+    for comps in zip(*split, strict=False) if split else ():
         if any(c != comps[0] for c in comps):
             break
         prefix.append(comps[0])
@@ -634,26 +650,34 @@ def run_evaluation(cfg: EvalConfig, out: str | None = None, log: Log = print) ->
     runtime["fidelity"] = time.time() - t
     log(f"evaluate: fidelity done ({runtime['fidelity']:.1f}s)")
 
-    # 2. faithfulness
+    # 2. faithfulness (maps_r: every method's maps at the CNN's input size, also used by localisation)
     t = time.time()
+    sections = set(cfg.sections)
+    skipped = [s for s in EVAL_SECTIONS if s not in sections]
+    if skipped:
+        notes.append(f"sections not run: {', '.join(skipped)} (sections: {', '.join(cfg.sections) or '[]'})")
     R = int(cnn_meta["image_size"])
     images_r = resize_maps(d["image"], R).to(device)
     classes = d["explained"].to(device)
-    maps_r: dict[str, Tensor] = {g.label: resize_maps(g.maps, R) for g in gans}
-    for method in LIVE_CAMS:
-        maps_r[CAM_TITLES[method]] = live_cams(cnn, last_layer, images_r, classes, method, cfg.batch_size).cpu()
-    maps_r[_target_label(pf.meta)] = resize_maps(d["target"], R)
-    maps_r["random"] = resize_maps(random_maps(count, S, cfg.seed), R)
-    road_n = min(cfg.road_num, count)
+    maps_r: dict[str, Tensor] = {}
+    if sections & {"faithfulness", "localisation"}:
+        maps_r = {g.label: resize_maps(g.maps, R) for g in gans}
+        for method in LIVE_CAMS:
+            maps_r[CAM_TITLES[method]] = live_cams(cnn, last_layer, images_r, classes, method, cfg.batch_size).cpu()
+        maps_r[_target_label(pf.meta)] = resize_maps(d["target"], R)
+        maps_r["random"] = resize_maps(random_maps(count, S, cfg.seed), R)
+    road_n = min(cfg.road_num, count) if "faithfulness" in sections else 0
     road_idx = torch.randperm(count, generator=torch.Generator().manual_seed(cfg.seed))[:road_n].sort().values
-    p_orig = metrics.class_probs(cnn, images_r, classes, cfg.batch_size)
+    p_orig = metrics.class_probs(cnn, images_r, classes, cfg.batch_size) if "faithfulness" in sections else None
     faithfulness = {}
-    for name, m in maps_r.items():
+    for name, m in (maps_r.items() if "faithfulness" in sections else ()):
         t_m = time.time()
         faithfulness[name] = faithfulness_means(cnn, images_r, m, classes, p_orig, cfg.steps, road_idx,
                                                 cfg.batch_size, cfg.seed)
         log(f"evaluate: faithfulness {name} ({time.time() - t_m:.1f}s)")
-    if road_n == 0:
+    if "faithfulness" not in sections:
+        pass
+    elif road_n == 0:
         notes.append("ROAD skipped (road_num: 0)")
     elif road_n < count:
         notes.append(f"ROAD is computed on a seeded random subset of {road_n} of the {count} images (road_num)")
@@ -661,7 +685,9 @@ def run_evaluation(cfg: EvalConfig, out: str | None = None, log: Log = print) ->
 
     # 3. localisation
     localisation = None
-    if pf.meta.get("has_masks"):
+    if "localisation" not in sections:
+        pass
+    elif pf.meta.get("has_masks"):
         t = time.time()
         masks_r = F.interpolate(d["mask"].unsqueeze(1), size=(R, R), mode="nearest")
         localisation = {name: localisation_means(m, masks_r) for name, m in maps_r.items()}
@@ -674,13 +700,15 @@ def run_evaluation(cfg: EvalConfig, out: str | None = None, log: Log = print) ->
     # 4. GAN interpretation
     t = time.time()
     labels = prior_labels(pf.meta, n)
-    relevance = {g.label: prior_relevance(g.model, d["image"], d["priors"], cfg.batch_size, device) for g in gans}
+    relevance = {g.label: prior_relevance(g.model, d["image"], d["priors"], cfg.batch_size, device)
+                 for g in gans} if "relevance" in sections else {}
     runtime["interpretation"] = time.time() - t
     log(f"evaluate: interpretation done ({runtime['interpretation']:.1f}s)")
 
     # 5. generalisation
     t = time.time()
-    generalisation = [_generalise(s, gans, cfg, count, device) for s in cfg.generalisation]
+    generalisation = [_generalise(s, gans, cfg, count, device) for s in cfg.generalisation
+                      ] if "generalisation" in sections else []
     runtime["generalisation"] = time.time() - t
 
     # 6-7. the report
@@ -788,15 +816,21 @@ def _build_report(cfg: EvalConfig, res: dict, gans: list[_Gan], labels: list[str
 
     rep.h("2. Faithfulness to the CNN")
     road_n = len(res["road_images"])
-    rep.p(f"Images and maps upsampled from {pf['size']}px to {cnn['image_size']}px; explained class = the record's "
-          f"`explained`; masking / deletion / insertion baseline = black (zeros in [0,1] RGB input space); "
-          f"deletion/insertion with {cfg.steps} steps; ROAD on a seeded random subset of **{road_n} of "
-          f"{res['images']} images**.")
-    tables["faithfulness"] = _metric_table("method", res["faithfulness"], FAITH_COLS)
-    rep.table(tables["faithfulness"])
+    ran = set(cfg.sections)
+    if "faithfulness" not in ran:
+        rep.p("Not run (`sections`).")
+    else:
+        rep.p(f"Images and maps upsampled from {pf['size']}px to {cnn['image_size']}px; explained class = the "
+              f"record's `explained`; masking / deletion / insertion baseline = black (zeros in [0,1] RGB input "
+              f"space); deletion/insertion with {cfg.steps} steps; ROAD on a seeded random subset of **{road_n} of "
+              f"{res['images']} images**.")
+        tables["faithfulness"] = _metric_table("method", res["faithfulness"], FAITH_COLS)
+        rep.table(tables["faithfulness"])
 
     rep.h("3. Localisation")
-    if res["localisation"] is None:
+    if "localisation" not in ran:
+        rep.p("Not run (`sections`).")
+    elif res["localisation"] is None:
         rep.p("Skipped: the prior file has no ground-truth masks.")
     else:
         rep.p(f"Against the records' ground-truth masks, at {cnn['image_size']}px (masks upsampled nearest); the "
@@ -813,7 +847,9 @@ def _build_report(cfg: EvalConfig, res: dict, gans: list[_Gan], labels: list[str
                       layers[k][0] if k < len(layers) and layers[k] else "–",
                       layers[k][-1] if k < len(layers) and layers[k] else "–"] for k in range(pf["n"])],
                     [None] * 4, [None] * 4))
-    if gans:
+    if "relevance" not in ran:
+        rep.p("Relevance not run (`sections`).")
+    elif gans:
         header = ["prior"] + [f"{g.label} ({v})" for g in gans for v in ("zeros", "mean")]
         rows = [[labels[k]] + [res["relevance"][g.label][v][k] for g in gans for v in ("zeros", "mean")]
                 for k in range(pf["n"])]
@@ -828,7 +864,9 @@ def _build_report(cfg: EvalConfig, res: dict, gans: list[_Gan], labels: list[str
         rep.p("No GAN checkpoints configured.")
 
     rep.h("5. Generalisation to other prior files")
-    if not cfg.generalisation:
+    if "generalisation" not in ran:
+        rep.p("Not run (`sections`).")
+    elif not cfg.generalisation:
         rep.p("No extra prior files configured (`generalisation`).")
     rows, skipped = [], []
     for e in res["generalisation"]:

@@ -9,10 +9,11 @@ import os
 import random
 import signal
 import time
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -73,7 +74,7 @@ class MapData:
                 left -= len(rec)
                 if left <= 0:
                     break
-        return cls(*(torch.cat(t) for t in zip(*parts)))
+        return cls(*(torch.cat(t) for t in zip(*parts, strict=True)))
 
     def batch(self, idx: Tensor, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         """Float tensors in [0, 1] (as PriorFile.tensors gives them) for samples `idx`, on `device`."""
@@ -377,7 +378,7 @@ class _Trainer:
     crit: GANLoss
     adv_weight: float
     l1_weight: float
-    autocast: Callable[[], ContextManager]
+    autocast: Callable[[], AbstractContextManager]
 
     def step(self, image: Tensor, priors: Tensor, target: Tensor) -> Tensor:
         """One D update then one G update (pix2pix); returns the EPOCH_STATS values of this batch."""
@@ -431,7 +432,7 @@ def _build(cfg: Config, n_priors: int, device: torch.device) -> _Trainer:
     opt_d = torch.optim.Adam(d.parameters(), lr=gc.lr, betas=(gc.beta1, gc.beta2))
     use_bf16 = device.type == "cuda" and gc.amp == "bf16"
 
-    def autocast() -> ContextManager:
+    def autocast() -> AbstractContextManager:
         return torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
     return _Trainer(g, d, g, d, opt_g, opt_d, GANLoss(gc.loss), gc.adv_weight, gc.l1_weight, autocast)
@@ -562,7 +563,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, log: Log, ctx: _Dist, dev
         means = (_all_sum(ctx, sums.clone()) / (batches * ctx.world)).tolist()
         metrics = tr.validate(val_data, gc.batch_size, device, ctx)
         epoch += 1
-        entry = {"epoch": epoch, "step": step, **dict(zip(EPOCH_STATS, means)),
+        entry = {"epoch": epoch, "step": step, **dict(zip(EPOCH_STATS, means, strict=True)),
                  **{f"val_{k}": v for k, v in metrics.items()}, "seconds": time.time() - t0}
         history.append(entry)
         start_batch, order = 0, None

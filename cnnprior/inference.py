@@ -11,10 +11,10 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -382,7 +382,7 @@ def _num(x: float) -> float | None:
 
 
 def _score_dict(row: np.ndarray) -> dict:
-    return {k: _num(v) for k, v in zip(SCORES, row)}
+    return {k: _num(v) for k, v in zip(SCORES, row, strict=True)}
 
 
 def build_metrics(scores: dict[str, np.ndarray], chosen: dict, per_sample: list[dict], header: dict) -> dict:
@@ -499,7 +499,7 @@ def run(opts: Options, log: Log = print) -> tuple[Path, dict]:
                 g, t = pred[j, 0].numpy(), target[j, 0].numpy()
                 tiles = [rec["image"], colorize(t, opts.cmap), colorize(g, opts.cmap),
                          overlay(rec["image"], g, OVERLAY_ALPHA, opts.cmap)]
-                for sub, tile in zip(SUBDIRS, tiles):
+                for sub, tile in zip(SUBDIRS, tiles, strict=True):
                     save_png(folder.tmp / sub / f"{stem}.png", tile)
                 label = int(rec["label"])
                 per_sample.append({"index": i, "file": f"{stem}.png", "source": batch.sources[j],

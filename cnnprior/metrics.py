@@ -7,7 +7,7 @@ metric returns a per-sample tensor of shape (B,); averaging over a data set is t
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -9,11 +9,11 @@ import json
 import math
 import os
 import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import partial
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -189,7 +189,7 @@ class PriorExtractor:
                 grads = torch.autograd.grad(score, outs, allow_unused=True)
             prob = torch.softmax(logits.detach().float(), 1).gather(1, cls.view(-1, 1))[:, 0]
             maps = []
-            for layer, act, grad in zip(self.layers, outs, grads):
+            for layer, act, grad in zip(self.layers, outs, grads, strict=True):
                 cam = self._cam(images, layer, act.detach().float(),
                                 torch.zeros_like(act, dtype=torch.float32) if grad is None else grad.float())
                 maps.append(scale_and_resize(cam, self.spec.size).cpu())

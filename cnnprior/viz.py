@@ -7,7 +7,8 @@ import functools
 import html
 import os
 import tempfile
-from typing import BinaryIO, Callable, Mapping, Sequence, Union
+from collections.abc import Callable, Mapping, Sequence
+from typing import BinaryIO
 
 import matplotlib
 import numpy as np
@@ -15,7 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 # Contact-sheet geometry (pixels): gap around cells, column-header band, per-row caption band.
 SHEET_PAD = 4

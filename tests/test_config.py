@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO
 
 from cnnprior.config import Config, from_dict, load_config, parse_override, save_config, to_dict
 from cnnprior.errors import UserError
-
-from conftest import REPO
 
 # (YAML text, fragments the one-line message must contain besides the file name)
 BAD_CONFIGS = {
@@ -150,3 +149,11 @@ def test_train_py_food_config_without_dataset_exits_2(tmp_path: Path, run_py, on
     # run from an empty folder so data/food-11 cannot exist
     line = one_line_error(run_py(REPO / "train.py", "--config", config, "--stage", "classifier", cwd=tmp_path))
     assert "food-11" in line and "imagefolder" in line
+
+
+@pytest.mark.parametrize("path", sorted(p for p in (REPO / "configs").glob("*.yaml") if not p.stem.startswith("eval_")),
+                         ids=lambda p: p.stem)
+def test_every_shipped_run_config_loads(path: Path) -> None:
+    """No shipped run config may rot (the eval_* ones are checked in test_evaluate.py)."""
+    cfg = load_config(path)
+    assert cfg.name == path.stem or cfg.gan.variant in path.stem, (cfg.name, path.stem)

@@ -14,9 +14,20 @@ import torch
 from PIL import Image
 
 from cnnprior.config import load_config
-from cnnprior.data import (FASHION_MNIST_CLASSES, FASHION_MNIST_DEBIAN, SHAPE_CLASSES, ImageFolderSource,
-                           ShapesSource, SplitView, fashion_mnist, load_split, open_source, split_indices,
-                           stratified_take, to_rgb)
+from cnnprior.data import (
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_DEBIAN,
+    SHAPE_CLASSES,
+    ImageFolderSource,
+    ShapesSource,
+    SplitView,
+    fashion_mnist,
+    load_split,
+    open_source,
+    split_indices,
+    stratified_take,
+    to_rgb,
+)
 from cnnprior.errors import UserError
 
 # ------------------------------------------------------------------------------------------ imagefolder
@@ -218,6 +229,26 @@ def test_shapes_mask_is_exactly_the_painted_shape(monkeypatch: pytest.MonkeyPatc
         assert cos.min() > 0.995
         bg = img[~m].astype(np.float64)  # the noisy background is not one colour
         assert (bg @ direction / np.maximum(np.linalg.norm(bg, axis=1), 1e-9)).min() < 0.99
+
+
+@pytest.mark.parametrize("size", [17, 64, 128])
+def test_shapes_background_upsampling_is_pillows_bicubic(size: int) -> None:
+    from cnnprior.data import _cubic_upsampling_matrix
+    coarse = np.random.default_rng(size).uniform(0.15, 0.85, size=(4, 4)).astype(np.float32)
+    up = _cubic_upsampling_matrix(4, size)
+    ours = up @ coarse @ up.T
+    pil = np.asarray(Image.fromarray(coarse, "F").resize((size, size), Image.BICUBIC))
+    assert np.abs(ours - pil).max() < 1e-5
+    assert np.allclose(up.sum(1), 1.0)
+
+
+def test_shapes_noise_differs_between_images_and_shapes_stay_inside() -> None:
+    src = ShapesSource(200, 64, seed=0)
+    imgs, masks = zip(*(src.load(i) for i in range(200)), strict=True)
+    # the pixel noise is a random window of one bank: two images never share it at the same place
+    assert len({(img[:8, :8].tobytes()) for img in imgs}) == 200
+    for i, m in enumerate(masks):
+        assert 0.01 < m.mean() < 0.25, i  # every image has its shape, none covers the image
 
 
 def test_shapes_split_view_masks_follow_the_image_size() -> None:

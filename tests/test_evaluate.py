@@ -235,6 +235,8 @@ def test_config_errors_are_one_line_exit_2(tiny, tmp_path, capsys):
         ({**good, "generalisation": [{"name": "x", "prior": "a.npy"}]}, (), "unknown key 'generalisation[0].prior'"),
         (good, ("--set", "steps=0"), "below the minimum 1"),
         (good, ("--set", "a.b=1"), "evaluation keys are flat"),
+        ({**good, "sections": ["generalization"]}, (), "'generalization' is not one of faithfulness, localisation"),
+        ({**good, "sections": {"a": 1}}, (), "key 'sections': expected a list of strings"),
     ]
     for data, extra, message in cases:
         rc, err = _run_cli(tmp_path, capsys, data, *extra)
@@ -258,13 +260,14 @@ def test_intensity_baseline_picks_the_better_sign():
     assert np.isclose(float(metrics.pearson(maps, 1 - gray).mean()), 1.0)
 
 
-@pytest.mark.parametrize("name", ["eval_fashion", "eval_shapes"])
-def test_shipped_configs_are_valid(name, tiny):
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("eval_*.yaml")),
+                         ids=lambda p: p.stem)
+def test_shipped_configs_are_valid(path, tiny):
     """Only known keys and valid values; the files they name are swapped for the tiny ones."""
     data = yaml.safe_load(tiny["config"].read_text())
-    cfg = evaluate.load_eval_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml",
-                                    [f"priors={tiny['priors']}", f"lsft={data['lsft']}", f"gsft={data['gsft']}"])
-    assert cfg.num == 256 and cfg.steps == 16 and cfg.road_num == 32 and cfg.cnn == ""
+    cfg = evaluate.load_eval_config(path, [f"priors={tiny['priors']}", f"lsft={data['lsft']}",
+                                           f"gsft={data['gsft']}"])
+    assert cfg.num == 256 and cfg.cnn == "" and cfg.steps >= 8 and cfg.road_num >= 8
     assert cfg.generalisation and all(s.name and s.priors.startswith("npys/") for s in cfg.generalisation)
 
 
@@ -281,6 +284,25 @@ def test_no_masks_no_gans_no_road(tiny, tmp_path):
     assert list(m["faithfulness"]) == ["Grad-CAM", "Grad-CAM++", "LayerCAM", "target (stored Grad-CAM)", "random"]
     md = (out / "report.md").read_text()
     assert "ROAD skipped (road_num: 0)" in md and "localisation skipped" in md and "no lsft checkpoint" in md
+
+
+def test_sections_subset_runs_only_what_was_asked(tiny, tmp_path):
+    """`sections: [generalisation]`: fidelity + the cross-file table, no CAM baselines, ROAD or relevance."""
+    data = yaml.safe_load(tiny["config"].read_text())
+    path = tmp_path / "quick.yaml"
+    path.write_text(yaml.safe_dump({**data, "sections": ["generalisation"]}))
+    out = tmp_path / "report"
+    assert main(["--config", str(path), "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["faithfulness"] == {} and m["localisation"] is None and m["relevance"] == {}
+    assert m["road_images"] == [] and set(m["runtime_s"]) >= {"fidelity", "generalisation"}
+    assert {"LSFT", "GSFT"} <= set(m["fidelity"]) and _finite(m["fidelity"])
+    other = next(e for e in m["generalisation"] if e["name"] == "other")
+    assert other["status"] == "ok" and {"LSFT", "GSFT", "mean of priors"} <= set(other["results"])
+    md = (out / "report.md").read_text()
+    assert md.count("Not run (`sections`).") == 2 and "Relevance not run" in md
+    assert "sections not run: faithfulness, localisation, relevance" in md
+    assert "Faithfulness to the CNN" in md and "| Grad-CAM |" not in md
 
 
 def test_module_entry_point_user_error(run_py, one_line_error, tmp_path):

@@ -11,13 +11,24 @@ from pathlib import Path
 
 import pytest
 import torch
+from _gan_tiny import SIZE, N, free_port, gan_config, subprocess_env, tiny_data, train_cmd, write_priors
 
-from _gan_tiny import N, SIZE, free_port, subprocess_env, gan_config, tiny_data, train_cmd, write_priors
 from cnnprior.cli import train_main
 from cnnprior.config import load_config
 from cnnprior.errors import UserError
-from cnnprior.gan import (DUMP_ENV, GAN_FORMAT, KILL_ENV, MapData, epoch_order, load_generator, rng_state,
-                          run_gan_stage, set_rng_state, shard, state_sha256)
+from cnnprior.gan import (
+    DUMP_ENV,
+    GAN_FORMAT,
+    KILL_ENV,
+    MapData,
+    epoch_order,
+    load_generator,
+    rng_state,
+    run_gan_stage,
+    set_rng_state,
+    shard,
+    state_sha256,
+)
 from cnnprior.metrics import fidelity
 from cnnprior.models import build_generator
 from cnnprior.priors import read_priors
@@ -51,7 +62,7 @@ def _tensors_equal(a: object, b: object) -> bool:
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(_tensors_equal(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_tensors_equal(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_tensors_equal(x, y) for x, y in zip(a, b, strict=True))
     return a == b
 
 
@@ -188,7 +199,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, data) -> None:
         assert _tensors_equal(a[key], b[key]), key
     assert state_sha256(a["generator"]) == state_sha256(b["generator"])
     # epoch 2's logged means survive the kill (partial sums are in the checkpoint)
-    for ha, hb in zip(a["history"], b["history"]):
+    for ha, hb in zip(a["history"], b["history"], strict=True):
         assert ha["val_l1"] == hb["val_l1"] and ha["l1"] == pytest.approx(hb["l1"], rel=1e-12)
 
 

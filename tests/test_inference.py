@@ -12,16 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _gan_tiny import REPO, gan_config, subprocess_env, write_priors
 from PIL import Image
 
-from _gan_tiny import REPO, gan_config, subprocess_env, write_priors
 from cnnprior import inference
 from cnnprior.cnn import build_cnn, conv_layers, load_cnn, save_cnn
 from cnnprior.config import load_config
+from cnnprior.data import read_image, resize_uint8
 from cnnprior.gan import GAN_FORMAT, load_generator, priors_meta, run_gan_stage
 from cnnprior.metrics import fidelity
 from cnnprior.models import build_generator
-from cnnprior.data import read_image, resize_uint8
 from cnnprior.priors import PriorExtractor, PriorSpec, read_priors, to_u8
 from cnnprior.runtime import atomic_torch_save
 from cnnprior.viz import colorize

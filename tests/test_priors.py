@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from conftest import REPO
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.activations_and_gradients import ActivationsAndGradients
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -21,13 +22,26 @@ from cnnprior.cli import train_main
 from cnnprior.cnn import build_cnn, conv_layers, load_cnn, save_cnn
 from cnnprior.data import ShapesSource
 from cnnprior.errors import UserError
-from cnnprior.priors import (CAM_CLASSES, PRIORS_FORMAT, PriorExtractor, PriorSpec, PriorWriter, _minmax,
-                             import_released, main, make_records, position_indices, read_priors, record_dtype,
-                             run_priors_stage, scale_and_resize, sidecar_path, to_u8)
+from cnnprior.priors import (
+    CAM_CLASSES,
+    PRIORS_FORMAT,
+    PriorExtractor,
+    PriorSpec,
+    PriorWriter,
+    _minmax,
+    import_released,
+    main,
+    make_records,
+    position_indices,
+    read_priors,
+    record_dtype,
+    run_priors_stage,
+    scale_and_resize,
+    sidecar_path,
+    to_u8,
+)
 from cnnprior.runtime import file_sha256
 from cnnprior.viz import colorize
-
-from conftest import REPO
 
 
 def gradcam_single(model: nn.Module, layer: nn.Module, images: torch.Tensor,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -12,7 +13,7 @@ from torch.nn import functional as F
 # cond is one condition (B, C, S, S), or a tuple of k of them from which each block picks its own: a
 # tuple rather than a stacked tensor, since indexing a tensor costs a full-stack zero fill per block in
 # the backward pass.
-Cond = Union[Tensor, Sequence[Tensor]]
+Cond = Tensor | Sequence[Tensor]
 Pair = tuple[Tensor, Cond]
 
 SFT_SLOPE = 0.1
