@@ -55,6 +55,7 @@ from __future__ import annotations
 import argparse
 import base64
 import dataclasses
+import difflib
 import html
 import json
 import math
@@ -109,17 +110,28 @@ def _fill_flat(obj: Any, values: dict, where: str, prefix: str = "") -> None:
         if isinstance(obj, EvalConfig) and key == "generalisation":
             value = _eval_sets(value, loc, where)
         elif isinstance(obj, EvalConfig) and key == "sections":
-            value = _coerce([] if value is None else value, fields[key].type, loc)
-            for s in value:
-                if s not in EVAL_SECTIONS:
-                    raise UserError(f"{loc}: {s!r} is not one of {', '.join(EVAL_SECTIONS)}"
-                                    f"{_suggest(str(s), list(EVAL_SECTIONS))} (fidelity always runs)")
+            value = _sections(value, loc)
         else:
             if value is None and fields[key].type in ("str", str):
                 value = ""  # `lsft:` left blank = none
             value = _coerce(value, fields[key].type, loc)
             _check_range(value, fields[key].metadata, loc)
         setattr(obj, key, value)
+
+
+def _sections(value: Any, loc: str) -> list[str]:
+    """`sections:` a list, or a comma-separated string (`--set sections=a,b`); blank = every section."""
+    if value is None:
+        return list(EVAL_SECTIONS)
+    if isinstance(value, str):
+        value = [s.strip() for s in value.split(",") if s.strip()]
+    value = _coerce(value, list, loc)
+    for s in value:
+        if s not in EVAL_SECTIONS:
+            close = difflib.get_close_matches(s, EVAL_SECTIONS, n=1, cutoff=0.6)
+            raise UserError(f"{loc}: {s!r} is not one of {', '.join(EVAL_SECTIONS)}"
+                            + (f" (did you mean '{close[0]}'?)" if close else "") + "; fidelity always runs")
+    return list(dict.fromkeys(value))
 
 
 def _eval_sets(value: Any, loc: str, where: str) -> list[EvalSet]:
@@ -610,7 +622,7 @@ def _history_chart(g: _Gan, folder: Path) -> str | None:
 
 
 def run_evaluation(cfg: EvalConfig, out: str | None = None, log: Log = print) -> Path:
-    """Run every section, write the report folder and return its path."""
+    """Run fidelity and the configured sections, write the report folder and return its path."""
     t_start = time.time()
     runtime: dict[str, float] = {}
     notes: list[str] = []
@@ -660,7 +672,7 @@ def run_evaluation(cfg: EvalConfig, out: str | None = None, log: Log = print) ->
     images_r = resize_maps(d["image"], R).to(device)
     classes = d["explained"].to(device)
     maps_r: dict[str, Tensor] = {}
-    if sections & {"faithfulness", "localisation"}:
+    if "faithfulness" in sections or ("localisation" in sections and pf.meta.get("has_masks")):
         maps_r = {g.label: resize_maps(g.maps, R) for g in gans}
         for method in LIVE_CAMS:
             maps_r[CAM_TITLES[method]] = live_cams(cnn, last_layer, images_r, classes, method, cfg.batch_size).cpu()
@@ -681,7 +693,8 @@ def run_evaluation(cfg: EvalConfig, out: str | None = None, log: Log = print) ->
         notes.append("ROAD skipped (road_num: 0)")
     elif road_n < count:
         notes.append(f"ROAD is computed on a seeded random subset of {road_n} of the {count} images (road_num)")
-    runtime["faithfulness"] = time.time() - t
+    if "faithfulness" in sections:
+        runtime["faithfulness"] = time.time() - t
 
     # 3. localisation
     localisation = None
@@ -700,16 +713,19 @@ def run_evaluation(cfg: EvalConfig, out: str | None = None, log: Log = print) ->
     # 4. GAN interpretation
     t = time.time()
     labels = prior_labels(pf.meta, n)
-    relevance = {g.label: prior_relevance(g.model, d["image"], d["priors"], cfg.batch_size, device)
-                 for g in gans} if "relevance" in sections else {}
-    runtime["interpretation"] = time.time() - t
-    log(f"evaluate: interpretation done ({runtime['interpretation']:.1f}s)")
+    relevance: dict[str, dict] = {}
+    if "relevance" in sections:
+        relevance = {g.label: prior_relevance(g.model, d["image"], d["priors"], cfg.batch_size, device)
+                     for g in gans}
+        runtime["interpretation"] = time.time() - t
+        log(f"evaluate: interpretation done ({runtime['interpretation']:.1f}s)")
 
     # 5. generalisation
     t = time.time()
-    generalisation = [_generalise(s, gans, cfg, count, device) for s in cfg.generalisation
-                      ] if "generalisation" in sections else []
-    runtime["generalisation"] = time.time() - t
+    generalisation: list[dict] = []
+    if "generalisation" in sections:
+        generalisation = [_generalise(s, gans, cfg, count, device) for s in cfg.generalisation]
+        runtime["generalisation"] = time.time() - t
 
     # 6-7. the report
     t = time.time()
@@ -719,6 +735,7 @@ def run_evaluation(cfg: EvalConfig, out: str | None = None, log: Log = print) ->
         result = {
             "format": EVAL_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "config": dataclasses.asdict(cfg), "device": str(device), "images": count,
+            "sections_run": ["fidelity"] + [s for s in EVAL_SECTIONS if s in sections],
             "prior_file": {"path": str(pf.path), "records": len(pf), "size": S, "n": n,
                            "dataset": pf.meta.get("dataset"), "split": pf.meta.get("split"),
                            "method": pf.meta.get("method"), "target": pf.meta.get("target"),
@@ -848,7 +865,7 @@ def _build_report(cfg: EvalConfig, res: dict, gans: list[_Gan], labels: list[str
                       layers[k][-1] if k < len(layers) and layers[k] else "–"] for k in range(pf["n"])],
                     [None] * 4, [None] * 4))
     if "relevance" not in ran:
-        rep.p("Relevance not run (`sections`).")
+        rep.p("Not run (`sections`).")
     elif gans:
         header = ["prior"] + [f"{g.label} ({v})" for g in gans for v in ("zeros", "mean")]
         rows = [[labels[k]] + [res["relevance"][g.label][v][k] for g in gans for v in ("zeros", "mean")]

@@ -26,7 +26,7 @@ def test_shapes_bench_prints_its_ratio_lines(capsys: pytest.CaptureFixture[str])
 
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
 @pytest.mark.parametrize("variant", ["lsft", "gsft"])
-def test_generator_bench_training_step_runs_and_learns(variant: str, dtype: torch.dtype | None) -> None:
+def test_generator_bench_training_step_runs_and_updates_weights(variant: str, dtype: torch.dtype | None) -> None:
     """The training-step path the CUDA run measures (fp32 and bf16 autocast), run here on the CPU."""
     bench = _bench("generator")
     step = bench.train_step_fn(variant, "cpu", batch=2, size=16, device=torch.device("cpu"), dtype=dtype)

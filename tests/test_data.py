@@ -242,13 +242,23 @@ def test_shapes_background_upsampling_is_pillows_bicubic(size: int) -> None:
     assert np.allclose(up.sum(1), 1.0)
 
 
-def test_shapes_noise_differs_between_images_and_shapes_stay_inside() -> None:
+def test_shapes_pixel_noise_comes_from_the_bank_and_shapes_stay_inside() -> None:
     src = ShapesSource(200, 64, seed=0)
-    imgs, masks = zip(*(src.load(i) for i in range(200)), strict=True)
-    # the pixel noise is a random window of one bank: two images never share it at the same place
-    assert len({(img[:8, :8].tobytes()) for img in imgs}) == 200
-    for i, m in enumerate(masks):
+    noisy = [src.load(i) for i in range(200)]
+    for i, (_, m) in enumerate(noisy):
         assert 0.01 < m.mean() < 0.25, i  # every image has its shape, none covers the image
+    pixel, shade = src._noise_bank()
+    assert pixel.shape == (128, 128, 3) and shade.shape == (128, 128)
+    assert abs(pixel.std() - 0.06) < 0.002 and abs(shade.std() - 0.08) < 0.003
+    # without the bank the same images come out (same RNG stream), minus a noise of std 0.06 * 255
+    src._bank = (np.zeros_like(pixel), np.zeros_like(shade))
+    for i in (0, 1, 57):
+        img, mask = noisy[i]
+        clean, clean_mask = src.load(i)
+        assert (clean_mask == mask).all()
+        diff = img.astype(np.float64) - clean
+        inside = (clean > 20) & (clean < 235) & ~mask.astype(bool)[..., None]  # background, away from clipping
+        assert 13.0 < diff[inside].std() < 17.0 and abs(diff[inside].mean()) < 1.0
 
 
 def test_shapes_split_view_masks_follow_the_image_size() -> None:

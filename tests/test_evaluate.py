@@ -237,6 +237,7 @@ def test_config_errors_are_one_line_exit_2(tiny, tmp_path, capsys):
         (good, ("--set", "a.b=1"), "evaluation keys are flat"),
         ({**good, "sections": ["generalization"]}, (), "'generalization' is not one of faithfulness, localisation"),
         ({**good, "sections": {"a": 1}}, (), "key 'sections': expected a list of strings"),
+        (good, ("--set", "sections=faithfulness,relevanse"), "(did you mean 'relevance'?); fidelity always runs"),
     ]
     for data, extra, message in cases:
         rc, err = _run_cli(tmp_path, capsys, data, *extra)
@@ -295,14 +296,25 @@ def test_sections_subset_runs_only_what_was_asked(tiny, tmp_path):
     assert main(["--config", str(path), "--out", str(out)]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["faithfulness"] == {} and m["localisation"] is None and m["relevance"] == {}
-    assert m["road_images"] == [] and set(m["runtime_s"]) >= {"fidelity", "generalisation"}
+    assert m["road_images"] == [] and m["sections_run"] == ["fidelity", "generalisation"]
+    assert {"fidelity", "generalisation"} <= set(m["runtime_s"])
+    assert not {"faithfulness", "interpretation"} & set(m["runtime_s"])
     assert {"LSFT", "GSFT"} <= set(m["fidelity"]) and _finite(m["fidelity"])
     other = next(e for e in m["generalisation"] if e["name"] == "other")
     assert other["status"] == "ok" and {"LSFT", "GSFT", "mean of priors"} <= set(other["results"])
     md = (out / "report.md").read_text()
-    assert md.count("Not run (`sections`).") == 2 and "Relevance not run" in md
+    assert md.count("Not run (`sections`).") == 3
     assert "sections not run: faithfulness, localisation, relevance" in md
     assert "Faithfulness to the CNN" in md and "| Grad-CAM |" not in md
+
+
+def test_sections_parsing():
+    from cnnprior.evaluate import EVAL_SECTIONS, _sections
+
+    assert _sections(None, "x") == list(EVAL_SECTIONS)  # `sections:` left blank = every section
+    assert _sections("relevance, generalisation", "x") == ["relevance", "generalisation"]
+    assert _sections("", "x") == [] and _sections([], "x") == []  # fidelity only
+    assert _sections(["relevance", "relevance"], "x") == ["relevance"]
 
 
 def test_module_entry_point_user_error(run_py, one_line_error, tmp_path):
