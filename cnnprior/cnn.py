@@ -115,6 +115,49 @@ def conv_layers(model: nn.Module, image_size: int | None = None) -> list[tuple[s
     return [(n, by_name[n]) for n in order]
 
 
+def cam_layers(model: nn.Module, image_size: int | None = None) -> list[tuple[str, nn.Module]]:
+    """The layers whose outputs the CAMs use: every conv layer in forward-execution order, except that a conv
+    whose output goes straight into a ReLU module (plain VGG: conv -> ReLU, no batch norm) is represented by
+    that ReLU, if the ReLU runs once per forward.
+
+    Grad-CAM on such a conv's raw output sums mostly negative pre-activations: on a VGG-11 trained on
+    Fashion-MNIST 90 % of the last conv's outputs are negative and its Grad-CAM is zero on every image, while
+    on the ReLU's output (grad-cam's usual VGG target, `features[-1]`-style) it is a proper map. Convs
+    followed by batch norm (ResNet, DenseNet, MobileNet, VGG-*_bn, ...) are unchanged.
+    """
+    convs = conv_layers(model, image_size)
+    size = image_size or getattr(model, "image_size", 64)
+    names = {m: n for n, m in model.named_modules()}
+    calls: list[tuple[nn.Module, int, int]] = []  # (module, id of first input, id of output) per leaf call
+
+    def hook(mod, inputs, output):
+        first = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
+        calls.append((mod, id(first) if first is not None else 0, id(output)))
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    was_training = model.training
+    try:
+        model.eval()
+        p = next(model.parameters())
+        with torch.no_grad():
+            model(torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    count: dict[nn.Module, int] = {}
+    for mod, _, _ in calls:
+        count[mod] = count.get(mod, 0) + 1
+    follow: dict[nn.Module, nn.Module] = {}
+    for i, (mod, _, out) in enumerate(calls):
+        if isinstance(mod, nn.Conv2d) and mod not in follow and i + 1 < len(calls):
+            nxt, nxt_in, _ = calls[i + 1]
+            if isinstance(nxt, nn.ReLU) and nxt_in == out and count[nxt] == 1:
+                follow[mod] = nxt
+    return [(names[follow[m]], follow[m]) if m in follow else (n, m) for n, m in convs]
+
+
 def save_cnn(model: TargetCNN, path: str | Path, *, val_accuracy: float, epoch: int, config: dict,
              dataset: str, history: list | None = None, half: bool = False) -> Path:
     """Atomically write weights + arch + class names + input size + normalisation + accuracy.

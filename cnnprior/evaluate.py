@@ -575,7 +575,7 @@ def _load_gans(cfg: EvalConfig, pf: PriorFile, device: torch.device, notes: list
 
 
 def _load_target_cnn(cfg: EvalConfig, pf: PriorFile, device: torch.device, notes: list[str]):
-    from cnnprior.cnn import conv_layers, load_cnn
+    from cnnprior.cnn import cam_layers, load_cnn
 
     cmeta = pf.meta.get("cnn") or {}
     path = cfg.cnn or cmeta.get("checkpoint") or ""
@@ -587,7 +587,7 @@ def _load_target_cnn(cfg: EvalConfig, pf: PriorFile, device: torch.device, notes
     if want and want != file_sha256(path):
         notes.append(f"warning: {path} differs from the checkpoint the priors were computed with (sha256 "
                      f"mismatch): the stored target maps explain another CNN")
-    name, layer = conv_layers(model)[-1]
+    name, layer = cam_layers(model)[-1]
     return model, meta, path, name, layer
 
 

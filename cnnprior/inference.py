@@ -195,7 +195,7 @@ def _layer_differences(described: dict, pm: dict, cnn_arch: str) -> list[str]:
 
 def image_input(paths: Sequence[str], cnn_path: str | None, pm: dict, device: torch.device, limit: int) -> InputSet:
     """Samples from image files: priors and the target map computed on the fly from the CNN checkpoint."""
-    from cnnprior.cnn import conv_layers, load_cnn
+    from cnnprior.cnn import cam_layers, load_cnn
     from cnnprior.priors import CAM_CLASSES, PriorExtractor, PriorSpec, make_records
     from cnnprior.runtime import file_sha256
 
@@ -227,7 +227,7 @@ def image_input(paths: Sequence[str], cnn_path: str | None, pm: dict, device: to
     if skipped:
         notes.append(f"skipped {len(skipped)} unusable path(s): {shown}")
         _warn(notes[-1])
-    extractor = PriorExtractor(model, conv_layers(model), spec)
+    extractor = PriorExtractor(model, cam_layers(model), spec)
     diffs = _layer_differences(extractor.describe(), pm, cnn_meta["arch"])
     if diffs:
         notes.append(f"{cnn_path}: its conv layers differ from those of the CNN the generator's priors came from "

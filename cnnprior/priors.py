@@ -415,7 +415,7 @@ def make_records(out: dict, images: torch.Tensor, labels: torch.Tensor, masks: t
 
 def extractor_for_checkpoint(cfg, device: torch.device):
     """Load the configured CNN checkpoint (checking its arch) and build the extractor."""
-    from cnnprior.cnn import conv_layers, load_cnn
+    from cnnprior.cnn import cam_layers, load_cnn
 
     ckpt_path = cfg.cnn_checkpoint
     if not Path(ckpt_path).is_file():
@@ -427,7 +427,7 @@ def extractor_for_checkpoint(cfg, device: torch.device):
                         f"{cfg.cnn.arch}")
     spec = PriorSpec(cfg.priors.size, cfg.priors.n, cfg.priors.method, cfg.priors.order, cfg.priors.target,
                      cfg.priors.include_target_layer, cfg.priors.explain)
-    return PriorExtractor(model, conv_layers(model), spec), model, meta
+    return PriorExtractor(model, cam_layers(model), spec), model, meta
 
 
 def write_prior_file(extractor: PriorExtractor, dataset, path: Path, meta: dict, batch_size: int,

@@ -19,7 +19,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from cnnprior.cli import train_main
-from cnnprior.cnn import build_cnn, conv_layers, load_cnn, save_cnn
+from cnnprior.cnn import build_cnn, cam_layers, conv_layers, load_cnn, save_cnn
 from cnnprior.data import ShapesSource
 from cnnprior.errors import UserError
 from cnnprior.priors import (
@@ -114,6 +114,36 @@ def test_vgg11_inplace_relu_maps_equal_gradcam_on_a_not_inplace_copy(shape_batch
         # grad-cam on the in-place model records the conv output after ReLU overwrote it (on CPU)
         trap.append(np.abs(gradcam_single(model, layer, shape_batch) - maps[:, i].numpy()).max())
     assert max(trap) > 1e-3, trap
+
+
+def test_vgg11_cam_layers_are_the_relus_and_match_gradcam_there(shape_batch: torch.Tensor) -> None:
+    """Plain VGG: the stages use each conv's ReLU output (grad-cam's usual VGG target), not the raw conv output,
+    whose Grad-CAM sums mostly negative pre-activations (all-zero maps on a trained VGG-11)."""
+    shape_batch = shape_batch[:2]
+    model = _small_head_vgg11()
+    layers = cam_layers(model)
+    feats = dict(model.net.features.named_children())
+    assert [n for n, _ in layers] == [f"net.features.{i}" for i in (1, 4, 7, 9, 12, 14, 17, 19)]
+    assert all(isinstance(m, nn.ReLU) and m is feats[n.split(".")[-1]] for n, m in layers)
+    reference = copy.deepcopy(model)
+    for m in reference.modules():
+        if isinstance(m, nn.ReLU):
+            m.inplace = False
+    ref_modules = dict(reference.named_modules())
+    maps = PriorExtractor(model, layers, PriorSpec(size=64)).layer_maps(shape_batch)[0]
+    for i, (name, _) in enumerate(layers):
+        ref = gradcam_single(reference, ref_modules[name], shape_batch)
+        assert np.abs(ref - maps[:, i].numpy()).max() < 1e-5, name
+    assert maps.amax((2, 3)).min() > 0.99  # every image, every layer: a real map
+    # the same model's raw conv outputs: maps do differ (what the ReLU choice changes)
+    conv_maps = PriorExtractor(model, conv_layers(model), PriorSpec(size=64)).layer_maps(shape_batch)[0]
+    assert (conv_maps - maps).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "densenet121", "mobilenet_v2", "vgg11_bn"])
+def test_cam_layers_are_the_convs_where_batch_norm_follows(arch: str) -> None:
+    model = build_cnn(arch, ["a", "b"], 64)
+    assert [(n, id(m)) for n, m in cam_layers(model)] == [(n, id(m)) for n, m in conv_layers(model)]
 
 
 @pytest.mark.parametrize("shape, size", [((2, 2), 64), ((7, 7), 64), ((32, 32), 64), ((5, 9), 16), ((100, 100), 64),
