@@ -94,13 +94,18 @@ def build_cnn(arch: str, class_names: list[str], image_size: int, pretrained: bo
     return TargetCNN(net, arch, class_names, image_size)
 
 
-def conv_layers(model: nn.Module, image_size: int | None = None) -> list[tuple[str, nn.Conv2d]]:
-    """Every nn.Conv2d in forward-execution order, by qualified name (layers never run are left out)."""
+def _leaf_calls(model: nn.Module, image_size: int | None) -> list[tuple[nn.Module, int, int]]:
+    """(module, id of its first input, id of its output) for every leaf-module call (and every nn.Conv2d) of
+    one eval-mode forward of a zero image, in execution order."""
     size = image_size or getattr(model, "image_size", 64)
-    order: list[str] = []
-    names = {m: n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
-    handles = [m.register_forward_hook(lambda mod, i, o, n=n: order.append(n) if n not in order else None)
-               for m, n in names.items()]
+    calls: list[tuple[nn.Module, int, int]] = []
+
+    def hook(mod, inputs, output):
+        first = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
+        calls.append((mod, id(first) if first is not None else 0, id(output)))
+
+    traced = [m for m in model.modules() if isinstance(m, nn.Conv2d) or not list(m.children())]
+    handles = [m.register_forward_hook(hook) for m in traced]
     was_training = model.training
     try:
         model.eval()
@@ -111,8 +116,18 @@ def conv_layers(model: nn.Module, image_size: int | None = None) -> list[tuple[s
         for h in handles:
             h.remove()
         model.train(was_training)
-    by_name = dict(model.named_modules())
-    return [(n, by_name[n]) for n in order]
+    return calls
+
+
+def _convs_in_order(model: nn.Module, calls: list[tuple[nn.Module, int, int]]) -> list[tuple[str, nn.Conv2d]]:
+    names = {m: n for n, m in model.named_modules()}
+    first = dict.fromkeys(m for m, _, _ in calls if isinstance(m, nn.Conv2d))  # first call's order
+    return [(names[m], m) for m in first]
+
+
+def conv_layers(model: nn.Module, image_size: int | None = None) -> list[tuple[str, nn.Conv2d]]:
+    """Every nn.Conv2d in forward-execution order, by qualified name (layers never run are left out)."""
+    return _convs_in_order(model, _leaf_calls(model, image_size))
 
 
 def cam_layers(model: nn.Module, image_size: int | None = None) -> list[tuple[str, nn.Module]]:
@@ -125,37 +140,17 @@ def cam_layers(model: nn.Module, image_size: int | None = None) -> list[tuple[st
     on the ReLU's output (grad-cam's usual VGG target, `features[-1]`-style) it is a proper map. Convs
     followed by batch norm (ResNet, DenseNet, MobileNet, VGG-*_bn, ...) are unchanged.
     """
-    convs = conv_layers(model, image_size)
-    size = image_size or getattr(model, "image_size", 64)
-    names = {m: n for n, m in model.named_modules()}
-    calls: list[tuple[nn.Module, int, int]] = []  # (module, id of first input, id of output) per leaf call
-
-    def hook(mod, inputs, output):
-        first = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
-        calls.append((mod, id(first) if first is not None else 0, id(output)))
-
-    leaves = [m for m in model.modules() if not list(m.children())]
-    handles = [m.register_forward_hook(hook) for m in leaves]
-    was_training = model.training
-    try:
-        model.eval()
-        p = next(model.parameters())
-        with torch.no_grad():
-            model(torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    calls = _leaf_calls(model, image_size)
     count: dict[nn.Module, int] = {}
     for mod, _, _ in calls:
         count[mod] = count.get(mod, 0) + 1
     follow: dict[nn.Module, nn.Module] = {}
-    for i, (mod, _, out) in enumerate(calls):
-        if isinstance(mod, nn.Conv2d) and mod not in follow and i + 1 < len(calls):
-            nxt, nxt_in, _ = calls[i + 1]
-            if isinstance(nxt, nn.ReLU) and nxt_in == out and count[nxt] == 1:
-                follow[mod] = nxt
-    return [(names[follow[m]], follow[m]) if m in follow else (n, m) for n, m in convs]
+    for (mod, _, out), (nxt, nxt_in, _) in zip(calls, calls[1:], strict=False):
+        if isinstance(mod, nn.Conv2d) and mod not in follow and isinstance(nxt, nn.ReLU) and nxt_in == out \
+                and count[nxt] == 1:
+            follow[mod] = nxt
+    names = {m: n for n, m in model.named_modules()}
+    return [(names[follow[m]], follow[m]) if m in follow else (n, m) for n, m in _convs_in_order(model, calls)]
 
 
 def save_cnn(model: TargetCNN, path: str | Path, *, val_accuracy: float, epoch: int, config: dict,
