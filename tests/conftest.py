@@ -38,6 +38,46 @@ def _hermetic_session(tmp_path_factory: pytest.TempPathFactory):
         os.environ["CNNPRIOR_CACHE"] = old_cache
 
 
+# The real datasets' folder as the shell had it; the session points the default at an empty folder instead.
+SYSTEM_DATASETS = Path(os.environ.get("CNNPRIOR_DATASETS") or "/usr/share/datasets")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_system_datasets(tmp_path_factory: pytest.TempPathFactory):
+    """Default dataset roots resolve under an empty folder: no test reads /usr/share/datasets unless real_data."""
+    old = os.environ.get("CNNPRIOR_DATASETS")
+    os.environ["CNNPRIOR_DATASETS"] = str(tmp_path_factory.mktemp("no-system-datasets"))
+    yield
+    if old is None:
+        os.environ.pop("CNNPRIOR_DATASETS", None)
+    else:
+        os.environ["CNNPRIOR_DATASETS"] = old
+
+
+@pytest.fixture
+def real_datasets(monkeypatch: pytest.MonkeyPatch) -> Path:
+    """For `real_data` tests: the real datasets folder as the default root again (skips if it is absent)."""
+    if not SYSTEM_DATASETS.is_dir():
+        pytest.skip(f"{SYSTEM_DATASETS} not present")
+    monkeypatch.setenv("CNNPRIOR_DATASETS", str(SYSTEM_DATASETS))
+    return SYSTEM_DATASETS
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "real_data: needs the real datasets in $CNNPRIOR_DATASETS or "
+                                       "/usr/share/datasets; deselected unless -m names real_data")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect `real_data` tests unless the -m expression names them (python -m pytest -m real_data)."""
+    if "real_data" in (config.getoption("markexpr", "") or ""):
+        return
+    chosen = [item for item in items if item.get_closest_marker("real_data") is None]
+    if len(chosen) < len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item.get_closest_marker("real_data")])
+        items[:] = chosen
+
+
 @pytest.fixture
 def run_py() -> Callable[..., subprocess.CompletedProcess]:
     """Run `python ARGS...` as the user would (repo importable, one thread); returns the finished process."""
