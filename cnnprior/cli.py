@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from cnnprior.config import describe_keys, load_config, save_config
+from cnnprior.config import describe_keys, load_config
 from cnnprior.errors import cli_main
 
 STAGES = ("classifier", "priors", "gan")
 
 TRAIN_EPILOG = """stages (run in this order; each reads what the previous one wrote):
-  classifier  train the target CNN            -> cnn.checkpoint (default models/<name>-cnn.pt)
+  classifier  train the target CNN            -> cnn.checkpoint (best val accuracy; default models/<name>-cnn.pt)
+                                                 and <checkpoint>-last.pt (full state, --resume)
   priors      all-layer Grad-CAM, cumulative  -> priors.out-<split>.npy + .json for priors.splits
               averages, target maps              (default npys/<name>)
   gan         train the LSFT/GSFT generator   -> gan.out-{best,last}.pt (full state, --resume) and gan.out.pt
@@ -20,6 +20,7 @@ TRAIN_EPILOG = """stages (run in this order; each reads what the previous one wr
 
 examples:
   python train.py --config configs/shapes_resnet18.yaml --stage classifier
+  python train.py --config configs/shapes_resnet18.yaml --stage classifier --resume   # after a crash / kill
   python train.py --config configs/fashion_resnet18.yaml --stage priors --set priors.train_limit=2000
   python train.py --config configs/fashion_lsft_cpu.yaml --stage gan --resume
   torchrun --nproc_per_node=2 train.py --config configs/fashion_lsft_paper.yaml --stage gan
@@ -36,9 +37,10 @@ def build_train_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", default="all", choices=STAGES + ("all",), help="which stage to run (default: all)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value (repeatable)")
-    p.add_argument("--resume", action="store_true", help="gan: continue from the `last` checkpoint; "
-                                                         "priors: continue a partially written prior file")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs of the stage")
+    p.add_argument("--resume", action="store_true", help="classifier, gan: continue from the full-state `last` "
+                                                         "checkpoint; priors: continue a partially written prior file")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs of the stage (no stage "
+                                                            "replaces any without it)")
     return p
 
 
@@ -50,18 +52,21 @@ def train_main(argv: list[str] | None = None) -> int:
     stages = STAGES if args.stage == "all" else (args.stage,)
     for stage in stages:
         if stage == "classifier":
-            from cnnprior.cnn import train_cnn
+            from cnnprior.cnn import cnn_paths, train_cnn
 
-            out = Path(cfg.cnn_checkpoint)
-            if out.exists() and not args.overwrite and args.stage == "all":
-                print(f"classifier: {out} exists, skipping (use --overwrite to retrain)")
+            paths = cnn_paths(cfg)
+            resumable = args.resume and paths["last"].is_file()
+            if args.stage == "all" and paths["best"].exists() and not args.overwrite and not resumable:
+                print(f"classifier: {paths['best']} exists, skipping (--resume continues an unfinished run from "
+                      f"{paths['last'].name}, --overwrite retrains)")
                 continue
-            train_cnn(cfg)
-            save_config(cfg, out.with_suffix(".yaml"))
+            train_cnn(cfg, resume=args.resume, overwrite=args.overwrite)
         elif stage == "priors":
             from cnnprior.priors import run_priors_stage
+            from cnnprior.random_priors import run_random_priors_stage
 
             run_priors_stage(cfg, resume=args.resume, overwrite=args.overwrite)
+            run_random_priors_stage(cfg, resume=args.resume, overwrite=args.overwrite)
         elif stage == "gan":
             from cnnprior.gan import run_gan_stage
 

@@ -1,9 +1,17 @@
-"""The target CNN: build any torchvision classifier, train it, save/load checkpoints, list its conv layers."""
+"""The target CNN: build any torchvision classifier, train it, save/load checkpoints (its CAM layers: layers.py)."""
 
 from __future__ import annotations
 
+import argparse
 import math
+import os
+import re
+import signal
+import sys
 import time
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -12,12 +20,16 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cnnprior.config import ARCHS, Config, to_dict
+from cnnprior.config import ARCHS, Config, save_config, to_dict
 from cnnprior.data import load_split
-from cnnprior.errors import UserError
-from cnnprior.runtime import atomic_torch_save, load_checkpoint, resolve_device, seed_everything
+from cnnprior.errors import UserError, cli_main
+from cnnprior.runtime import atomic_torch_save, file_sha256, load_checkpoint, resolve_device, seed_everything
 
 CNN_FORMAT = "cnnprior-cnn/1"
+CNN_STATE_FORMAT = "cnnprior-cnn-state/1"  # the classifier stage's full-state `-last.pt` (for --resume)
+# data/cnn config keys that may change between a classifier run and its resumption (they change no number)
+RESUME_FREE_KEYS = frozenset({"data.root", "data.homepage", "data.download", "data.num_workers", "cnn.device",
+                              "cnn.checkpoint", "cnn.checkpoint_every", "cnn.save_half"})
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -94,71 +106,13 @@ def build_cnn(arch: str, class_names: list[str], image_size: int, pretrained: bo
     return TargetCNN(net, arch, class_names, image_size)
 
 
-def _leaf_calls(model: nn.Module, image_size: int | None) -> list[tuple[nn.Module, int, int]]:
-    """(module, id of its first input, id of its output) for every leaf-module call (and every nn.Conv2d) of
-    one eval-mode forward of a zero image, in execution order."""
-    size = image_size or getattr(model, "image_size", 64)
-    calls: list[tuple[nn.Module, int, int]] = []
-
-    def hook(mod, inputs, output):
-        first = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
-        calls.append((mod, id(first) if first is not None else 0, id(output)))
-
-    traced = [m for m in model.modules() if isinstance(m, nn.Conv2d) or not list(m.children())]
-    handles = [m.register_forward_hook(hook) for m in traced]
-    was_training = model.training
-    try:
-        model.eval()
-        p = next(model.parameters())
-        with torch.no_grad():
-            model(torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    return calls
-
-
-def _convs_in_order(model: nn.Module, calls: list[tuple[nn.Module, int, int]]) -> list[tuple[str, nn.Conv2d]]:
-    names = {m: n for n, m in model.named_modules()}
-    first = dict.fromkeys(m for m, _, _ in calls if isinstance(m, nn.Conv2d))  # first call's order
-    return [(names[m], m) for m in first]
-
-
-def conv_layers(model: nn.Module, image_size: int | None = None) -> list[tuple[str, nn.Conv2d]]:
-    """Every nn.Conv2d in forward-execution order, by qualified name (layers never run are left out)."""
-    return _convs_in_order(model, _leaf_calls(model, image_size))
-
-
-def cam_layers(model: nn.Module, image_size: int | None = None) -> list[tuple[str, nn.Module]]:
-    """The layers whose outputs the CAMs use: every conv layer in forward-execution order, except that a conv
-    whose output goes straight into a ReLU module (plain VGG: conv -> ReLU, no batch norm) is represented by
-    that ReLU, if the ReLU runs once per forward.
-
-    Grad-CAM on such a conv's raw output sums mostly negative pre-activations: on a VGG-11 trained on
-    Fashion-MNIST 90 % of the last conv's outputs are negative and its Grad-CAM is zero on every image, while
-    on the ReLU's output (grad-cam's usual VGG target, `features[-1]`-style) it is a proper map. Convs
-    followed by batch norm (ResNet, DenseNet, MobileNet, VGG-*_bn, ...) are unchanged.
-    """
-    calls = _leaf_calls(model, image_size)
-    count: dict[nn.Module, int] = {}
-    for mod, _, _ in calls:
-        count[mod] = count.get(mod, 0) + 1
-    follow: dict[nn.Module, nn.Module] = {}
-    for (mod, _, out), (nxt, nxt_in, _) in zip(calls, calls[1:], strict=False):
-        if isinstance(mod, nn.Conv2d) and mod not in follow and isinstance(nxt, nn.ReLU) and nxt_in == out \
-                and count[nxt] == 1:
-            follow[mod] = nxt
-    names = {m: n for n, m in model.named_modules()}
-    return [(names[follow[m]], follow[m]) if m in follow else (n, m) for n, m in _convs_in_order(model, calls)]
-
-
-def save_cnn(model: TargetCNN, path: str | Path, *, val_accuracy: float, epoch: int, config: dict,
-             dataset: str, history: list | None = None, half: bool = False) -> Path:
+def save_cnn(model: TargetCNN, path: str | Path, *, val_accuracy: float | None, epoch: int, config: dict,
+             dataset: str, history: list | None = None, half: bool = False, extra: dict | None = None) -> Path:
     """Atomically write weights + arch + class names + input size + normalisation + accuracy.
 
     `half` stores the conv/linear weights (floating tensors of >= 2 dims) as float16; normalisation statistics
-    stay float32. Loading casts back to float32.
+    stay float32. Loading casts back to float32. `val_accuracy` is None when unknown (an imported CNN); `extra`
+    adds entries (e.g. where an imported CNN came from).
     """
     state = {k: v.detach().cpu() for k, v in model.net.state_dict().items()}
     if half:
@@ -167,8 +121,8 @@ def save_cnn(model: TargetCNN, path: str | Path, *, val_accuracy: float, epoch: 
         "format": CNN_FORMAT, "arch": model.arch, "class_names": list(model.class_names),
         "image_size": model.image_size, "mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist(),
         "state_dict": state, "weights_dtype": "float16" if half else "float32",
-        "val_accuracy": float(val_accuracy), "epoch": int(epoch), "dataset": dataset, "config": config,
-        "history": history or [],
+        "val_accuracy": None if val_accuracy is None else float(val_accuracy), "epoch": int(epoch),
+        "dataset": dataset, "config": config, "history": history or [], **(extra or {}),
     }, path)
 
 
@@ -211,62 +165,363 @@ def evaluate_accuracy(model: nn.Module, loader: DataLoader, device: torch.device
     return correct / max(total, 1)
 
 
-def train_cnn(cfg: Config, log=print) -> dict:
-    """The classifier stage: train (or fine-tune) the target CNN; keep the best-validation checkpoint."""
+class EpochBatches:
+    """Batch sampler: epoch `e` visits `epoch_order(seed, e)` in batches, from batch `start` on (mid-epoch resume)."""
+
+    def __init__(self, count: int, batch_size: int, seed: int) -> None:
+        self.count, self.batch_size, self.seed = count, batch_size, seed
+        # the last partial batch is dropped when there is more than one batch (no tiny batch-norm batches)
+        self.batches = count // batch_size if count > batch_size else 1
+        self.epoch = self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Visit epoch `epoch` next, from its batch `start` on."""
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return self.batches - self.start
+
+    def __iter__(self) -> Iterator[list[int]]:
+        from cnnprior.gan import epoch_order
+
+        order = epoch_order(self.seed, self.epoch, self.count).tolist()
+        for b in range(self.start, self.batches):
+            yield order[b * self.batch_size:(b + 1) * self.batch_size]
+
+
+def cnn_paths(cfg: Config) -> dict[str, Path]:
+    """The classifier stage's outputs: best-validation checkpoint, full-state `last` (for --resume), resolved YAML."""
+    best = Path(cfg.cnn_checkpoint)
+    return {"best": best, "last": best.with_name(f"{best.stem}-last.pt"), "yaml": best.with_suffix(".yaml")}
+
+
+def prepare_cnn_outputs(cfg: Config, resume: bool, overwrite: bool) -> dict | None:
+    """Refuse to replace existing outputs without --overwrite; with --resume load `last` and check it fits."""
+    paths = cnn_paths(cfg)
+    if not resume:
+        existing = [p for p in paths.values() if p.exists()]
+        if existing and not overwrite:
+            raise UserError(f"{existing[0]}: classifier outputs exist; use --resume to continue, --overwrite to "
+                            f"retrain, or another cnn.checkpoint")
+        return None
+    last = paths["last"]
+    if not last.is_file():
+        raise UserError(f"{last}: no classifier state to resume from; drop --resume to start a new run")
+    state = load_checkpoint(last, "classifier state")
+    if state.get("format") != CNN_STATE_FORMAT:
+        raise UserError(f"{last}: not a classifier state (format {state.get('format')!r}, expected "
+                        f"{CNN_STATE_FORMAT!r})")
+    saved, now = state.get("config") or {}, to_dict(cfg)
+    for section in ("data", "cnn"):
+        for key, value in now[section].items():
+            old = (saved.get(section) or {}).get(key, value)
+            if f"{section}.{key}" not in RESUME_FREE_KEYS and old != value:
+                raise UserError(f"{last}: was trained with {section}.{key}: {old!r} but the config says {value!r}; "
+                                f"keep it to resume, or --overwrite to start over")
+    return state
+
+
+@dataclass
+class _ClassifierRun:
+    """One classifier run: the model, optimiser, schedule, augmentation RNG and progress; `last` holds all."""
+
+    cfg: Config
+    model: TargetCNN
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    aug: torch.Generator
+    device: torch.device
+    train_count: int
+    # completed epochs, batches done in the current epoch, global step, best val accuracy, history, the running
+    # (EMA) train loss and accuracy of the current epoch, seconds spent in earlier processes
+    progress: dict = field(default_factory=lambda: {"epoch": 0, "batch": 0, "step": 0, "best": -1.0,
+                                                    "history": [], "loss": 0.0, "acc": 0.0, "seconds": 0.0})
+
+    def save_state(self, path: Path, seconds: float) -> None:
+        """Atomically write the full state (weights, optimiser, scheduler, RNGs, progress) for --resume."""
+        from cnnprior.gan import rng_state
+
+        atomic_torch_save({
+            "format": CNN_STATE_FORMAT, "model": {k: v.detach().cpu() for k, v in self.model.net.state_dict().items()},
+            "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "rng": rng_state(self.device),
+            "augment_rng": self.aug.get_state(), "progress": dict(self.progress, seconds=seconds),
+            "class_names": list(self.model.class_names), "train_count": self.train_count,
+            "config": to_dict(self.cfg)}, path)
+
+    def restore(self, state: dict, path: Path) -> None:
+        """Continue from a `save_state` file (already checked against the config by prepare_cnn_outputs)."""
+        from cnnprior.gan import set_rng_state
+
+        if state["class_names"] != list(self.model.class_names) or state["train_count"] != self.train_count:
+            raise UserError(f"{path}: trained on {state['train_count']} images of classes {state['class_names']}, "
+                            f"the data now gives {self.train_count} of {list(self.model.class_names)}; resume with "
+                            f"the same data")
+        self.model.net.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.aug.set_state(state["augment_rng"])
+        set_rng_state(state["rng"], self.device)
+        self.progress = dict(state["progress"])
+
+    def train_epoch(self, loader: DataLoader, sampler: EpochBatches, last: Path, elapsed: Callable[[], float]) -> None:
+        """Train the rest of the current epoch; `last` every cnn.checkpoint_every steps (not at its end)."""
+        from cnnprior.gan import KILL_ENV
+
+        p, every = self.progress, self.cfg.cnn.checkpoint_every
+        kill_at = int(os.environ.get(KILL_ENV, "0") or 0)
+        sampler.set_epoch(p["epoch"], p["batch"])
+        self.model.train()
+        bar = tqdm(total=sampler.batches, initial=p["batch"], desc=f"epoch {p['epoch'] + 1}/{self.cfg.cnn.epochs}",
+                   dynamic_ncols=True)
+        for batch in loader:
+            x = batch["image"].to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            y = batch["label"].to(self.device, non_blocking=True)
+            if self.cfg.cnn.augment:
+                x = _augment(x, self.aug)
+            logits = self.model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=0.05)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            self.sched.step()
+            acc = (logits.argmax(1) == y).float().mean().item()
+            first = p["batch"] == 0
+            p["loss"] = loss.item() if first else 0.9 * p["loss"] + 0.1 * loss.item()
+            p["acc"] = acc if first else 0.9 * p["acc"] + 0.1 * acc
+            p["batch"], p["step"] = p["batch"] + 1, p["step"] + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{p['loss']:.3f}", acc=f"{p['acc']:.3f}")
+            if kill_at and p["step"] == kill_at:
+                os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+            if every and p["step"] % every == 0 and p["batch"] < sampler.batches:
+                self.save_state(last, elapsed())
+        bar.close()
+
+
+def _classifier_run(cfg: Config, class_names: list[str], train_count: int, steps: int,
+                    device: torch.device) -> _ClassifierRun:
+    """A fresh run: seeded model (channels_last), optimiser and warm-up + cosine schedule over `steps`."""
     seed_everything(cfg.data.seed)
-    device = resolve_device(cfg.cnn.device)
-    train_set, val_set = load_split(cfg.data, "train"), load_split(cfg.data, "val")
-    if len(train_set) == 0 or len(val_set) == 0:
-        raise UserError(f"{cfg.source_file or 'config'}: data gives {len(train_set)} train / {len(val_set)} val "
-                        f"images; raise data.limit or data.val_fraction")
-    model = build_cnn(cfg.cnn.arch, train_set.class_names, cfg.data.image_size, cfg.cnn.pretrained).to(device)
+    model = build_cnn(cfg.cnn.arch, class_names, cfg.data.image_size, cfg.cnn.pretrained).to(device)
     model = model.to(memory_format=torch.channels_last)
-    gen = torch.Generator().manual_seed(cfg.data.seed)
-    kw = dict(batch_size=cfg.cnn.batch_size, num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
-              persistent_workers=cfg.data.num_workers > 0)
-    train_loader = DataLoader(train_set, shuffle=True, drop_last=len(train_set) > cfg.cnn.batch_size,
-                              generator=gen, **kw)
-    val_loader = DataLoader(val_set, shuffle=False, **kw)
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.cnn.optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=cfg.cnn.lr, momentum=0.9, weight_decay=cfg.cnn.weight_decay, nesterov=True)
     else:
         opt = torch.optim.AdamW(params, lr=cfg.cnn.lr, weight_decay=cfg.cnn.weight_decay)
-    steps = max(1, cfg.cnn.epochs * len(train_loader))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(1, steps // 20)) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    path = Path(cfg.cnn_checkpoint)
-    log(f"classifier: {cfg.cnn.arch} on {cfg.data.source} ({len(train_set)} train / {len(val_set)} val, "
-        f"{len(train_set.class_names)} classes, {cfg.data.image_size}px) on {device}")
-    best, history, t0 = -1.0, [], time.time()
-    for epoch in range(1, cfg.cnn.epochs + 1):
-        model.train()
-        bar = tqdm(train_loader, desc=f"epoch {epoch}/{cfg.cnn.epochs}", dynamic_ncols=True)
-        run_loss = run_acc = 0.0
-        for i, batch in enumerate(bar):
-            x = batch["image"].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            y = batch["label"].to(device, non_blocking=True)
-            if cfg.cnn.augment:
-                x = _augment(x, gen)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=0.05)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            run_loss = 0.9 * run_loss + 0.1 * loss.item() if i else loss.item()
-            run_acc = 0.9 * run_acc + 0.1 * (logits.argmax(1) == y).float().mean().item() if i else 0.0
-            bar.set_postfix(loss=f"{run_loss:.3f}", acc=f"{run_acc:.3f}")
-        acc = evaluate_accuracy(model, val_loader, device)
-        history.append({"epoch": epoch, "val_accuracy": acc, "train_loss": run_loss, "seconds": time.time() - t0})
-        log(f"epoch {epoch}: val accuracy {acc:.4f} ({time.time() - t0:.0f}s)")
-        if acc > best:
-            best = acc
-            save_cnn(model, path, val_accuracy=acc, epoch=epoch, config=to_dict(cfg), dataset=cfg.data.source,
-                     history=history, half=cfg.cnn.save_half)
+    return _ClassifierRun(cfg, model, opt, sched, torch.Generator().manual_seed(cfg.data.seed), device, train_count)
+
+
+def _loaders(cfg: Config, train_set, val_set, device: torch.device) -> tuple[DataLoader, EpochBatches, DataLoader]:
+    """Train loader over an EpochBatches sampler, and the val loader; neither draws from the global RNG."""
+    sampler = EpochBatches(len(train_set), cfg.cnn.batch_size, cfg.data.seed)
+    kw = dict(num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
+              persistent_workers=cfg.data.num_workers > 0)
+    # own generators: a loader iterator draws a worker seed, which must not come from the global RNG (dropout's)
+    train = DataLoader(train_set, batch_sampler=sampler, generator=torch.Generator().manual_seed(cfg.data.seed), **kw)
+    val = DataLoader(val_set, batch_size=cfg.cnn.batch_size, shuffle=False,
+                     generator=torch.Generator().manual_seed(cfg.data.seed), **kw)
+    return train, sampler, val
+
+
+def train_cnn(cfg: Config, resume: bool = False, overwrite: bool = False, log: Callable[[str], object] = print) -> dict:
+    """The classifier stage: train the target CNN; keep the best-validation checkpoint and a full-state `last`."""
+    state = prepare_cnn_outputs(cfg, resume, overwrite)
+    device, paths, t0 = resolve_device(cfg.cnn.device), cnn_paths(cfg), time.time()
+    train_set, val_set = load_split(cfg.data, "train"), load_split(cfg.data, "val")
+    if len(train_set) == 0 or len(val_set) == 0:
+        raise UserError(f"{cfg.source_file or 'config'}: data gives {len(train_set)} train / {len(val_set)} val "
+                        f"images; raise data.limit or data.val_fraction")
+    train_loader, sampler, val_loader = _loaders(cfg, train_set, val_set, device)
+    run = _classifier_run(cfg, train_set.class_names, len(train_set), max(1, cfg.cnn.epochs * sampler.batches), device)
+    if state is not None:
+        run.restore(state, paths["last"])
+    else:
+        paths["last"].unlink(missing_ok=True)  # --overwrite: an old run's state must never be resumed
+    save_config(cfg, paths["yaml"])
+    p = run.progress
+
+    def elapsed() -> float:
+        return p["seconds"] + time.time() - t0
+
+    log(f"classifier: {cfg.cnn.arch} ({cfg.data.image_size}px) on {device}; data {train_set.describe()}"
+        + (f"; resuming at epoch {p['epoch'] + 1}, batch {p['batch']}, step {p['step']}" if state else ""))
+    if state is not None and p["epoch"] >= cfg.cnn.epochs:
+        log(f"classifier: nothing to do ({p['epoch']} of {cfg.cnn.epochs} epochs done)")
+    while p["epoch"] < cfg.cnn.epochs:
+        run.train_epoch(train_loader, sampler, paths["last"], elapsed)
+        acc = evaluate_accuracy(run.model, val_loader, device)
+        p["epoch"], p["batch"] = p["epoch"] + 1, 0
+        p["history"].append({"epoch": p["epoch"], "val_accuracy": acc, "train_loss": p["loss"], "seconds": elapsed()})
+        log(f"epoch {p['epoch']}: val accuracy {acc:.4f} ({elapsed():.0f}s)")
+        if acc > p["best"]:
+            p["best"] = acc
+            save_cnn(run.model, paths["best"], val_accuracy=acc, epoch=p["epoch"], config=to_dict(cfg),
+                     dataset=cfg.data.source, history=p["history"], half=cfg.cnn.save_half)
+        run.save_state(paths["last"], elapsed())
     if cfg.cnn.epochs == 0:
-        best = evaluate_accuracy(model, val_loader, device)
-        save_cnn(model, path, val_accuracy=best, epoch=0, config=to_dict(cfg), dataset=cfg.data.source,
-                 half=cfg.cnn.save_half)
-    log(f"classifier: best val accuracy {best:.4f}, checkpoint {path} ({time.time() - t0:.0f}s)")
-    return {"checkpoint": str(path), "val_accuracy": best, "seconds": time.time() - t0, "history": history}
+        p["best"] = evaluate_accuracy(run.model, val_loader, device)
+        save_cnn(run.model, paths["best"], val_accuracy=p["best"], epoch=0, config=to_dict(cfg),
+                 dataset=cfg.data.source, half=cfg.cnn.save_half)
+    log(f"classifier: best val accuracy {p['best']:.4f}, checkpoint {paths['best']} ({elapsed():.0f}s)")
+    return {"checkpoint": str(paths["best"]), "val_accuracy": p["best"], "seconds": elapsed(),
+            "history": p["history"]}
+
+
+# ----------------------------------------------------------------------------------------- your own CNN
+def read_class_names(path: str | Path) -> list[str]:
+    """Class names, one per line in the CNN's output order (blank lines skipped); at least 2, no duplicates."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: class-names file not found (one class name per line, in the CNN's output order)")
+    try:
+        names = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        raise UserError(f"{p}: not a UTF-8 text file (one class name per line)") from None
+    if len(names) < 2:
+        raise UserError(f"{p}: lists {len(names)} class name(s); a classifier needs at least 2, one per line")
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise UserError(f"{p}: class name {name!r} appears more than once")
+        seen.add(name)
+    return names
+
+
+def read_foreign_state(path: str | Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """A torchvision-style state_dict from a file (weights_only unless trusted; a full model only if trusted)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: weights file not found")
+    with open(p, "rb") as fh:
+        magic = fh.read(2)
+    if not zipfile.is_zipfile(p) and magic[:1] != b"\x80":  # torch.save writes a zip (a pickle before 1.6)
+        raise UserError(f"{p}: not a PyTorch weights file (save it with torch.save(model.state_dict(), path))")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=not trust_pickle)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt, unsafe or foreign files
+        text = str(exc).strip()
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if not trust_pickle and found:
+            raise UserError(f"{p}: holds pickled Python objects ({found.group(1)}: a whole model?); loading it can "
+                            f"run arbitrary code. Save model.state_dict() instead, or, only if you trust its source, "
+                            f"add --trust-pickle") from None
+        first = (text.splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"{p}: not a readable PyTorch weights file ({first[:160]})") from None
+    if isinstance(obj, nn.Module):
+        obj = obj.state_dict()
+    if isinstance(obj, dict) and obj.get("format") == CNN_FORMAT:
+        raise UserError(f"{p}: already a cnnprior CNN checkpoint; pass it to --cnn or cnn.checkpoint as it is")
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):  # {"state_dict": ..., "epoch": ...}
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                       for k, v in obj.items()):
+        raise UserError(f"{p}: not a state_dict (a mapping of parameter names to tensors); found "
+                        f"{type(obj).__name__}")
+    if all(k.startswith("module.") for k in obj):  # saved from DataParallel / DistributedDataParallel
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return dict(obj)
+
+
+def _few(keys: list[str], limit: int = 3) -> str:
+    """The first `limit` items, and how many more there are."""
+    return ", ".join(keys[:limit]) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def check_state_fits(state: dict[str, torch.Tensor], model: TargetCNN, path: str | Path) -> dict[str, torch.Tensor]:
+    """The state_dict to load into `model.net`, after checking its keys and shapes; one-line errors otherwise."""
+    arch, expected = model.arch, model.net.state_dict()
+    if arch == "inception_v3":  # torchvision's file holds the auxiliary head, which the project does not build
+        state = {k: v for k, v in state.items() if not k.startswith("AuxLogits.")}
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        parts = ([f"missing {_few(missing)}"] if missing else []) + ([f"unexpected {_few(unexpected)}"]
+                                                                      if unexpected else [])
+        raise UserError(f"{path}: keys do not fit torchvision {arch}: {'; '.join(parts)} (is it a {arch} "
+                        f"state_dict?)")
+    convs = [n for n, m in model.net.named_modules() if isinstance(m, nn.Conv2d)]
+    heads = [n for n, m in model.net.named_modules() if isinstance(m, nn.Linear)]
+    stem, head = f"{convs[0]}.weight", f"{heads[-1]}.weight"
+    if state[stem].dim() == 4 and state[stem].shape[1] != 3:
+        raise UserError(f"{path}: the {arch} takes {state[stem].shape[1]}-channel input ({stem}); only 3-channel "
+                        f"(RGB) CNNs can be imported")
+    if state[head].shape[0] != len(model.class_names):
+        raise UserError(f"{path}: the classification head ({head}) has {state[head].shape[0]} outputs but "
+                        f"--classes lists {len(model.class_names)} names")
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in state.items()
+             if tuple(v.shape) != tuple(expected[k].shape)]
+    if wrong:
+        raise UserError(f"{path}: tensor shapes do not fit torchvision {arch}: {_few(wrong)}")
+    return state
+
+
+def import_cnn(arch: str, weights: str | Path, classes: str | Path, image_size: int, out: str | Path,
+               mean: tuple = IMAGENET_MEAN, std: tuple = IMAGENET_STD, trust_pickle: bool = False,
+               overwrite: bool = False) -> Path:
+    """Turn a torchvision state_dict (or, trusted, a full model) into a project CNN checkpoint at `out`."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UserError(f"{out}: exists; use --overwrite to replace it, or another --out")
+    if out.resolve() == Path(weights).resolve():
+        raise UserError(f"{out}: --out is the --weights file itself; choose another --out")
+    if arch not in ARCHS:
+        raise UserError(f"--arch {arch!r}: not importable; the torchvision architectures with 3-channel input "
+                        f"that the project supports are {', '.join(ARCHS)}")
+    low = 75 if arch == "inception_v3" else 16
+    if not low <= image_size <= 1024:
+        raise UserError(f"--image-size {image_size}: must be {low}..1024 for {arch}")
+    if len(mean) != 3 or len(std) != 3 or not all(math.isfinite(v) for v in (*mean, *std)) or min(std) <= 0:
+        raise UserError(f"--mean {list(mean)} --std {list(std)}: need 3 finite values each, std > 0")
+    names = read_class_names(classes)
+    state = read_foreign_state(weights, trust_pickle)
+    model = build_cnn(arch, names, image_size)
+    model.net.load_state_dict(check_state_fits(state, model, weights), strict=False)
+    model.mean.copy_(torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+    model.std.copy_(torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+    model.eval()
+    with torch.no_grad():
+        try:
+            logits = model(torch.zeros(1, 3, image_size, image_size))
+        except RuntimeError as exc:
+            raise UserError(f"--image-size {image_size}: {arch} cannot run at this size "
+                            f"({str(exc).splitlines()[0][:160]})") from None
+    if not torch.isfinite(logits).all():
+        raise UserError(f"{weights}: the imported {arch} gives non-finite outputs on a blank image (NaN weights?)")
+    return save_cnn(model, out, val_accuracy=None, epoch=0, config={}, dataset="imported",
+                    extra={"imported_from": str(weights), "imported_sha256": file_sha256(weights)})
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    """`python -m cnnprior.cnn import`: make a project CNN checkpoint from a torchvision state_dict."""
+    p = argparse.ArgumentParser(prog="python -m cnnprior.cnn", description="Bring your own CNN.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    imp = sub.add_parser("import", help="torchvision state_dict -> project CNN checkpoint (for --cnn, cnn.checkpoint)",
+                         description="Check that a torchvision state_dict fits --arch (3-channel input) and write a "
+                                     "project CNN checkpoint with its class names, input size and normalisation.")
+    imp.add_argument("--arch", required=True, help=f"torchvision architecture, one of {', '.join(ARCHS)}")
+    imp.add_argument("--weights", required=True, help="torch.save(model.state_dict()) file")
+    imp.add_argument("--classes", required=True, help="text file, one class name per line in output order")
+    imp.add_argument("--image-size", type=int, required=True, help="square input size the CNN was trained at")
+    imp.add_argument("--mean", type=float, nargs=3, default=IMAGENET_MEAN, metavar="M",
+                     help="input normalisation mean, RGB in [0, 1] (default ImageNet's)")
+    imp.add_argument("--std", type=float, nargs=3, default=IMAGENET_STD, metavar="S",
+                     help="input normalisation std (default ImageNet's)")
+    imp.add_argument("--out", required=True, help="checkpoint to write, e.g. models/mine-cnn.pt")
+    imp.add_argument("--trust-pickle", action="store_true",
+                     help="also accept a whole pickled model (torch.save(model)); runs code from the file: "
+                          "trusted sources only")
+    imp.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    args = p.parse_args(argv)
+    out = import_cnn(args.arch, args.weights, args.classes, args.image_size, args.out, tuple(args.mean),
+                     tuple(args.std), args.trust_pickle, args.overwrite)
+    _, meta = load_cnn(out)
+    print(f"wrote {out}: {meta['arch']}, {len(meta['class_names'])} classes, {meta['image_size']} px")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -48,6 +48,29 @@ def test_bad_config_is_one_line_user_error_naming_file_and_key(tmp_path: Path, c
         assert frag in msg, (frag, msg)
 
 
+@pytest.mark.parametrize("text", ["", "\n\n", "# every key commented out\n# name: x\n", "null\n", "~\n", "{}\n",
+                                  "data:\ncnn: {}\n"],
+                         ids=["empty", "blank lines", "comments", "null", "tilde", "empty mapping", "empty sections"])
+def test_config_that_sets_nothing_is_an_error(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "empty.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError) as info:
+        load_config(path, ["cnn.epochs=1"])  # overrides do not rescue a file that sets nothing
+    msg = str(info.value)
+    assert msg.startswith(f"{path}: the config sets nothing") and "configs/" in msg and "\n" not in msg
+    path.write_text(text + "\nname: x\n" if text.strip() not in ("null", "~", "{}") else "name: x\n")
+    assert load_config(path).name == "x"  # one key is enough
+
+
+def test_train_py_empty_config_exits_2_and_trains_nothing(tmp_path: Path, run_py, one_line_error) -> None:
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    line = one_line_error(run_py(REPO / "train.py", "--config", empty, cwd=tmp_path))
+    assert line == (f"error: {empty}: the config sets nothing (empty, only comments, null or empty sections); copy "
+                    f"one of configs/*.yaml and set at least name and data.source")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.yaml"]
+
+
 def test_missing_and_binary_files(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"nope\.yaml: config file not found"):
         load_config(tmp_path / "nope.yaml")
@@ -118,7 +141,7 @@ def test_defaults_and_derived_paths() -> None:
     assert cfg.cnn_checkpoint == "models/abc-cnn.pt"
     assert cfg.priors_prefix == "npys/abc"
     assert cfg.gan_prefix == "models/abc-gsft"
-    assert cfg.gan_train_files() == ["npys/abc-train.npy"] and cfg.gan_val_file() == "npys/abc-test.npy"
+    assert cfg.gan_train_files() == ["npys/abc-train.npy"] and cfg.gan_val_file() == "npys/abc-val.npy"
 
 
 def test_save_config_round_trips_through_load_config(tmp_path: Path) -> None:
