@@ -31,8 +31,9 @@ from pytorch_grad_cam import GradCAM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cnnprior.cnn import build_cnn, conv_layers  # noqa: E402
+from cnnprior.cnn import build_cnn  # noqa: E402
 from cnnprior.data import ShapesSource  # noqa: E402
+from cnnprior.layers import conv_layers  # noqa: E402
 from cnnprior.priors import PRIORS_FORMAT, PriorExtractor, PriorSpec, PriorWriter, make_records  # noqa: E402
 
 

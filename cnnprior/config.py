@@ -44,6 +44,11 @@ class DataConfig:
     val_fraction: float = _opt(0.1, lo=0.0, hi=0.5, help="fraction held out for validation")
     test_fraction: float = _opt(0.1, lo=0.0, hi=0.5, help="fraction held out for test")
     seed: int = _opt(0, lo=0, help="seed of the split (and of the synthetic shapes)")
+    layout: str = _opt("auto", choices=("auto", "classes", "splits", "food11_flat"),
+                       help="imagefolder: root/<class>/ (classes), root/<split>/<class>/ (splits), "
+                            "root/<split>/<index>_<n>.jpg (food11_flat); auto detects them")
+    class_names: dict | list = _opt({}, help="display names: {folder name: name} or a list in class order "
+                                             "(empty = the folder names); stored in checkpoints and prior files")
     shapes_count: int = _opt(6000, lo=8, hi=10_000_000, help="shapes: number of images generated")
     num_workers: int = _opt(0, lo=0, hi=64, help="DataLoader worker processes")
 
@@ -63,6 +68,8 @@ class CNNConfig:
     augment: bool = _opt(True, help="random flips/crops while training")
     save_half: bool = _opt(False, help="store conv/linear weights as float16 in the checkpoint (half the size)")
     device: str = _opt("auto", choices=("auto", "cpu", "cuda"))
+    checkpoint_every: int = _opt(0, lo=0, help="also save the full-state `-last.pt` every N steps (0 = end of "
+                                               "epoch only); --resume continues from it")
 
 
 @dataclass
@@ -74,13 +81,25 @@ class PriorsConfig:
     method: str = _opt("gradcam", choices=CAM_METHODS, help="CAM method for the per-layer maps")
     order: str = _opt("output_to_input", choices=("output_to_input", "input_to_output"),
                       help="order in which per-layer maps are cumulatively averaged")
-    target: str = _opt("last", choices=("last", "first"), help="which conv layer's map the GAN learns")
-    include_target_layer: bool = _opt(False, help="keep the target layer's map inside the priors "
+    target: str = _opt("final", choices=("final", "last_conv", "first", "last"),
+                       help="the map the GAN learns: final = Grad-CAM at the CNN's final feature map (the layer "
+                            "pytorch-grad-cam recommends); last_conv (alias last) / first = that conv layer's map")
+    target_layer: str = _opt("", help="target: final only: a module name instead of the per-architecture choice")
+    include_target_layer: bool = _opt(False, help="keep the layers inside the target module in the priors "
                                                    "(reproduces the released code; makes the task a copy)")
+    exclude: list = _opt([], help="module names whose CAM layers are left out of the priors (e.g. net.layer4.1)")
+    layer_outputs: str = _opt("activated", choices=("activated", "raw"),
+                              help="read each conv after its batch norm/activation (activated) or raw (old files)")
     explain: str = _opt("predicted", choices=("predicted", "label"), help="class explained")
     batch_size: int = _opt(32, lo=1, hi=65_536)
-    splits: list = _opt(["train", "test"], help="splits to write, of train/val/test")
+    splits: list = _opt(["test", "val", "train"], help="splits to write, of train/val/test (val: GAN model "
+                                                        "and baseline selection)")
     train_limit: int = _opt(0, lo=0, help="cap on train-split samples (0 = all)")
+    randomised_stages: list = _opt([], help="also write train prior files from copies of the CNN re-initialised "
+                                            "from the head down to each of these stages (e.g. [fc, layer4], or "
+                                            "[all]); see gan.randomised_share")
+    randomised_seeds: int = _opt(1, lo=1, hi=1000, help="random copies per randomised stage")
+    randomised_limit: int = _opt(1000, lo=0, help="train images per randomised-copy file (0 = all)")
     test_limit: int = _opt(0, lo=0, help="cap on val/test-split samples (0 = all)")
     out: str = _opt("", help="prior file prefix; empty = npys/<name>")
     device: str = _opt("auto", choices=("auto", "cpu", "cuda"))
@@ -106,13 +125,20 @@ class GANConfig:
     epochs: int = _opt(10, lo=0, hi=100_000)
     batch_size: int = _opt(16, lo=1, hi=65_536)
     train: list = _opt([], help="training prior files; empty = <priors.out>-train.npy")
-    val: str = _opt("", help="validation prior file; empty = <priors.out>-test.npy")
+    randomised_share: float = _opt(0.0, lo=0.0, hi=0.9, help="fraction of the training samples taken from "
+                                   "randomised-copy prior files (priors.randomised_stages): they force the "
+                                   "generator to read its priors")
+    randomised: list = _opt([], help="randomised-copy prior files; empty = every <priors.out>-train-random-*.npy")
+    val: str = _opt("", help="validation prior file (checkpoint and baseline selection); empty = "
+                             "<priors.out>-val.npy")
     val_limit: int = _opt(256, lo=0, help="cap on validation samples per epoch (0 = all)")
     out: str = _opt("", help="checkpoint prefix; empty = models/<name>-<variant>")
     seed: int = _opt(0, lo=0)
     device: str = _opt("auto", choices=("auto", "cpu", "cuda"))
     amp: str = _opt("none", choices=("none", "bf16"), help="autocast dtype on CUDA")
     checkpoint_every: int = _opt(0, lo=0, help="also save `last` every N steps (0 = end of epoch only)")
+    priors: str = _opt("cnn", choices=("cnn", "none"), help="none: the priors are zeroed in training, validation "
+                                                            "and inference (the image-only control generator)")
 
 
 @dataclass
@@ -143,7 +169,7 @@ class Config:
         return list(self.gan.train) or [f"{self.priors_prefix}-train.npy"]
 
     def gan_val_file(self) -> str:
-        return self.gan.val or f"{self.priors_prefix}-test.npy"
+        return self.gan.val or f"{self.priors_prefix}-val.npy"
 
 
 _SECTIONS = {"data": DataConfig, "cnn": CNNConfig, "priors": PriorsConfig, "gan": GANConfig}
@@ -181,6 +207,16 @@ def _coerce(value: Any, ftype: Any, where: str) -> Any:
         if isinstance(value, str):
             return value
         raise UserError(f"{where}: expected a string, got {value!r}")
+    if ftype == "dict | list":  # data.class_names: {folder name: display name} or a list of display names
+        if value is None:
+            return {}
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
+        if isinstance(value, dict) and all(isinstance(k, (str, int)) and not isinstance(k, bool)
+                                           and isinstance(v, str) for k, v in value.items()):
+            return {str(k): v for k, v in value.items()}
+        raise UserError(f"{where}: expected a mapping of folder name to display name (quote names YAML reads "
+                        f"as numbers or booleans) or a list of names, got {value!r}")
     if ftype in ("list", list) or origin is list:
         if isinstance(value, str):
             return [value]
@@ -265,6 +301,11 @@ def read_yaml_mapping(path: str | os.PathLike, examples: str, top_level: str) ->
     return raw
 
 
+def sets_nothing(raw: dict) -> bool:
+    """Whether a parsed config sets no key: an empty mapping, or only sections that are null or empty."""
+    return all(key in _SECTIONS and value in (None, {}) for key, value in raw.items())
+
+
 def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
     """Read a YAML config (or the defaults when path is None), apply `--set` overrides and validate."""
     raw: dict = {}
@@ -272,6 +313,9 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
     if path is not None:
         where = str(Path(path))
         raw = read_yaml_mapping(path, "configs/", "sections (data, cnn, priors, gan)")
+        if sets_nothing(raw):
+            raise UserError(f"{where}: the config sets nothing (empty, only comments, null or empty sections); "
+                            f"copy one of configs/*.yaml and set at least name and data.source")
     for text in overrides:
         keys, value = parse_override(text)
         node = raw

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from cnnprior.baselines import choose
 from cnnprior.config import Config, save_config, to_dict
 from cnnprior.errors import UserError
 from cnnprior.metrics import fidelity
@@ -98,7 +99,40 @@ def priors_meta(pf: PriorFile, train_files: list[str]) -> dict:
             "class_names": [str(c) for c in m.get("class_names") or []],
             "cnn_arch": (m.get("cnn") or {}).get("arch"), "target_layer": m.get("target_layer"),
             "prior_layers": [[str(x) for x in layers] for layers in m.get("prior_layers") or []],
-            "positions": [int(p) for p in m.get("positions") or []], "train_files": list(train_files)}
+            "positions": [int(p) for p in m.get("positions") or []], "train_files": list(train_files),
+            "exclude": list(m.get("exclude") or []), "layer_outputs": m.get("layer_outputs", "raw"),
+            "layers": [str(x) for x in m.get("layers") or []]}
+
+
+def randomised_files(cfg: Config) -> list[str]:
+    """The randomised-copy prior files for gan.randomised_share: gan.randomised, or all the priors stage wrote."""
+    if cfg.gan.randomised:
+        return list(cfg.gan.randomised)
+    prefix = Path(cfg.priors_prefix)
+    return sorted(str(p) for p in prefix.parent.glob(f"{prefix.name}-train-random-*.npy"))
+
+
+def with_randomised(cfg: Config, train: MapData, ref: PriorFile) -> tuple[MapData, dict]:
+    """Training data with randomised-copy records added so that they make up gan.randomised_share of it."""
+    names = randomised_files(cfg)
+    if not names:
+        raise UserError(f"gan.randomised_share is {cfg.gan.randomised_share} but no randomised-copy prior files "
+                        f"exist ({cfg.priors_prefix}-train-random-*.npy); make them with `python train.py --config "
+                        f"{cfg.source_file or '<config>'} --stage priors --set \"priors.splits=[]\" --set "
+                        f"\"priors.randomised_stages=[all]\"` or set gan.randomised")
+    files = [read_priors(f) for f in names]
+    for pf in files:
+        _check_agree(ref, pf)
+    pool = MapData.from_files(files)
+    share = cfg.gan.randomised_share
+    want = round(share / (1.0 - share) * len(train))
+    if want > len(pool):
+        raise UserError(f"gan.randomised_share {share} needs {want} randomised-copy records but "
+                        f"{', '.join(names)} hold {len(pool)}; lower the share or raise priors.randomised_limit")
+    pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(cfg.gan.seed))[:want]
+    mixed = MapData(*(torch.cat([a, b[pick]]) for a, b in zip((train.image, train.priors, train.target),
+                                                              (pool.image, pool.priors, pool.target), strict=True)))
+    return mixed, {"share": share, "files": names, "count": want}
 
 
 def load_gan_data(cfg: Config) -> tuple[MapData, MapData, dict]:
@@ -109,16 +143,29 @@ def load_gan_data(cfg: Config) -> tuple[MapData, MapData, dict]:
         _check_agree(files[0], pf)
     val_name = cfg.gan_val_file()
     if not Path(val_name).is_file():
-        raise UserError(f"{val_name}: validation prior file not found (set gan.val, or add test to priors.splits "
-                        f"and run --stage priors)")
+        raise UserError(f"{val_name}: validation prior file not found; make it with `python train.py --config "
+                        f"{cfg.source_file or '<config>'} --stage priors --set \"priors.splits=[val]\"` (or set gan.val; "
+                        f"never the test file: val picks the checkpoint and the baselines)")
     val = read_priors(val_name)
     _check_agree(files[0], val)
+    if val.meta.get("split") == "test":
+        raise UserError(f"{val_name}: gan.val is a test-split prior file; checkpoints and baselines are chosen on "
+                        f"validation data only (use the -val.npy file of the priors stage)")
     train_data, val_data = MapData.from_files(files), MapData.from_files([val], cfg.gan.val_limit)
     if len(train_data) == 0:
         raise UserError(f"{', '.join(names)}: no training samples")
     if len(val_data) == 0:
         raise UserError(f"{val_name}: no validation samples")
-    return train_data, val_data, priors_meta(files[0], names)
+    meta = priors_meta(files[0], names)
+    if cfg.gan.randomised_share > 0:
+        train_data, meta["randomised"] = with_randomised(cfg, train_data, files[0])
+    if cfg.gan.priors == "none":  # the image-only control: the generator never sees the CNN's priors
+        train_data.priors.zero_()
+        val_data.priors.zero_()
+    t = val.tensors()
+    meta["baselines"] = choose(t["image"], t["priors"], t["target"], chosen_on=val_name).as_dict()
+    meta["val_file"] = val_name
+    return train_data, val_data, meta
 
 
 def epoch_order(seed: int, epoch: int, count: int) -> Tensor:
@@ -324,6 +371,9 @@ def _prepare_outputs(cfg: Config, resume: bool, overwrite: bool, world: int) -> 
             if saved.get(key) != getattr(cfg.gan, key):
                 raise UserError(f"{last}: was trained with gan.{key}: {saved.get(key)!r} but the config says "
                                 f"{getattr(cfg.gan, key)!r}; keep it, or --overwrite to start over")
+        if saved.get("priors", "cnn") != cfg.gan.priors:
+            raise UserError(f"{last}: was trained with gan.priors: {saved.get('priors', 'cnn')} but the config says "
+                            f"{cfg.gan.priors}; keep it, or --overwrite to start over")
         if not SCHEMA_KEYS <= ckpt.keys():
             raise UserError(f"{last}: GAN checkpoint lacks {', '.join(sorted(SCHEMA_KEYS - ckpt.keys()))}; "
                             f"it cannot be resumed (use --overwrite to start over)")
@@ -361,7 +411,20 @@ def load_generator(path: str | Path, expect_variant: str | None = None,
     meta = {k: v for k, v in ckpt.items() if k not in STATE_KEYS}
     meta["path"] = str(path)
     dev = resolve_device(device) if isinstance(device, str) else device
+    if ((ckpt.get("config") or {}).get("gan") or {}).get("priors") == "none":
+        model = ImageOnlyGenerator(model)  # trained without priors: never given any
     return model.to(dev).eval(), meta
+
+
+class ImageOnlyGenerator(nn.Module):
+    """A generator trained with `gan.priors: none`: called as G(image, priors), it is given zeros as priors."""
+
+    def __init__(self, generator: nn.Module) -> None:
+        super().__init__()
+        self.generator = generator
+
+    def forward(self, image: Tensor, priors: Tensor) -> Tensor:
+        return self.generator(image, torch.zeros_like(priors))
 
 
 # ----------------------------------------------------------------------------------------- training

@@ -20,9 +20,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from cnnprior.baselines import BaselineChoice, baseline_maps, rescale
+from cnnprior.baselines import label as baseline_label
 from cnnprior.errors import UserError, cli_main
+from cnnprior.metrics import bootstrap_ci
 
-DEFAULT_NAME = "fashion_densenet121"
+DEFAULT_NAME = "fashion_resnet18"
 DEFAULT_CONFIG = f"configs/{DEFAULT_NAME}.yaml"
 
 
@@ -40,10 +43,10 @@ SHEET_ROWS = 16
 SHEET_CELL = 128
 OVERLAY_ALPHA = 0.5
 SUBDIRS = ("inputs", "gradcam", "gan", "overlays")
-METHODS = ("gan", "best_prior", "mean_prior", "image")  # metrics.json keys, GAN first then the baselines
 SCORES = ("l1", "r", "ssim")
 CAM_TITLES = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "xgradcam": "XGradCAM", "layercam": "LayerCAM",
               "hirescam": "HiResCAM"}
+STEM_CHARS = 80  # an input's stem is cut to this many characters in output names
 RUN_MARKER = "metrics.json"  # a folder holding it is an inference run; only such a folder may be replaced
 
 Log = Callable[[str], None]
@@ -51,6 +54,12 @@ Log = Callable[[str], None]
 
 def _warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr)
+
+
+def output_stem(index: int, width: int, class_name: str, source: str | None = None) -> str:
+    """`<NNNN>_<class>`, or `<NNNN>_<source stem>_<class>` for an image file, so each output names its input."""
+    middle = [sanitize(Path(source).stem, "image")[:STEM_CHARS]] if source is not None else []
+    return "_".join([f"{index:0{width}d}", *middle, class_name])
 
 
 def sanitize(name: str, fallback: str = "x") -> str:
@@ -195,8 +204,8 @@ def _layer_differences(described: dict, pm: dict, cnn_arch: str) -> list[str]:
 
 def image_input(paths: Sequence[str], cnn_path: str | None, pm: dict, device: torch.device, limit: int) -> InputSet:
     """Samples from image files: priors and the target map computed on the fly from the CNN checkpoint."""
-    from cnnprior.cnn import cam_layers, load_cnn
-    from cnnprior.priors import CAM_CLASSES, PriorExtractor, PriorSpec, make_records
+    from cnnprior.cnn import load_cnn
+    from cnnprior.priors import CAM_CLASSES, extractor_from, make_records, spec_from_sidecar
     from cnnprior.runtime import file_sha256
 
     if not cnn_path:
@@ -207,9 +216,7 @@ def image_input(paths: Sequence[str], cnn_path: str | None, pm: dict, device: to
     if pm.get("method") not in CAM_CLASSES:
         raise UserError(f"the generator was trained on {pm.get('method')!r} priors, which --images cannot compute "
                         f"(known CAM methods: {', '.join(CAM_CLASSES)}); use --priors")
-    spec = PriorSpec(size=int(pm["size"]), n=int(pm["n"]), method=pm["method"],
-                     order=pm.get("order") or "output_to_input", target=pm.get("target") or "last",
-                     include_target_layer=bool(pm.get("include_target_layer")), explain="predicted")
+    spec = spec_from_sidecar(pm, explain="predicted")
     notes = []
     if pm.get("explain") not in (None, "predicted"):
         notes.append(f"the generator was trained explaining the {pm['explain']} class; image files have no labels, "
@@ -227,7 +234,7 @@ def image_input(paths: Sequence[str], cnn_path: str | None, pm: dict, device: to
     if skipped:
         notes.append(f"skipped {len(skipped)} unusable path(s): {shown}")
         _warn(notes[-1])
-    extractor = PriorExtractor(model, cam_layers(model), spec)
+    extractor = extractor_from(model, spec)
     diffs = _layer_differences(extractor.describe(), pm, cnn_meta["arch"])
     if diffs:
         notes.append(f"{cnn_path}: its conv layers differ from those of the CNN the generator's priors came from "
@@ -334,47 +341,39 @@ def _fidelity(pred: torch.Tensor, target: torch.Tensor) -> np.ndarray:
     return torch.stack([l1(pred, target), pearson(pred, target), s], 1).double().numpy()
 
 
-def grayscale(image: torch.Tensor) -> torch.Tensor:
-    """ITU-R 601 luma of (B, 3, S, S) RGB in [0, 1] -> (B, S, S)."""
-    w = torch.tensor([0.299, 0.587, 0.114], dtype=image.dtype).view(1, 3, 1, 1)
-    return (image * w).sum(1)
-
-
 @dataclass
 class ScoreTable:
-    """Per-sample scores of the GAN map and the trivial baselines, gathered batch by batch."""
+    """Per-sample scores of the GAN map and the trivial baselines (under the generator's validation choice)."""
 
-    gan: list[np.ndarray] = field(default_factory=list)
+    choice: BaselineChoice | None
+    rows: dict[str, list[np.ndarray]] = field(default_factory=dict)
     priors: list[np.ndarray] = field(default_factory=list)  # (B, n, 3)
-    mean_prior: list[np.ndarray] = field(default_factory=list)
-    gray: list[np.ndarray] = field(default_factory=list)
-    inv_gray: list[np.ndarray] = field(default_factory=list)
 
     def add(self, image: torch.Tensor, priors: torch.Tensor, target: torch.Tensor, pred: torch.Tensor) -> np.ndarray:
         """Score one batch (all (B, ., S, S) floats in [0, 1]); returns the GAN's (B, 3) scores."""
         t = target[:, 0]
         b, n = priors.shape[:2]
-        self.gan.append(_fidelity(pred[:, 0], t))
+        maps = {"gan": pred}
+        if self.choice is not None:
+            maps.update(baseline_maps(image, priors, self.choice))
+        else:  # no validation choice recorded: only the baselines that need none
+            mean = priors.mean(1, keepdim=True)
+            maps.update({"mean_prior": mean, "mean_prior_rescaled": rescale(mean)})
+        for name, m in maps.items():
+            self.rows.setdefault(name, []).append(_fidelity(m[:, 0], t))
         per = _fidelity(priors.reshape(b * n, *priors.shape[2:]), t.repeat_interleave(n, 0))
         self.priors.append(per.reshape(b, n, 3))
-        self.mean_prior.append(_fidelity(priors.mean(1), t))
-        g = grayscale(image)
-        self.gray.append(_fidelity(g, t))
-        self.inv_gray.append(_fidelity(1.0 - g, t))
-        return self.gan[-1]
+        return self.rows["gan"][-1]
 
     def resolve(self) -> tuple[dict[str, np.ndarray], dict]:
-        """Per-method (N, 3) scores and what was chosen: the best single prior, image or inverted image."""
-        priors = np.concatenate(self.priors)
-        prior_means = np.nanmean(priors, 0)  # (n, 3)
-        best = int(np.argmax(prior_means[:, 1]))
-        gray, inv = np.concatenate(self.gray), np.concatenate(self.inv_gray)
-        inverted = bool(inv[:, 1].mean() > gray[:, 1].mean())
-        scores = {"gan": np.concatenate(self.gan), "best_prior": priors[:, best],
-                  "mean_prior": np.concatenate(self.mean_prior), "image": inv if inverted else gray}
-        chosen = {"best_prior_index": best, "image_inverted": inverted,
+        """Per-method (N, 3) scores and the validation choice they were made under."""
+        prior_means = np.nanmean(np.concatenate(self.priors), 0)  # (n, 3)
+        c = self.choice
+        chosen = {"best_prior_index": c.best_prior if c else None, "image_inverted": c.image_inverted if c else None,
+                  "best_baseline": c.best_baseline if c else "mean_prior", "chosen_on": c.chosen_on if c else None,
+                  "val_r": c.val_r if c else None,
                   "priors": [{"index": k, **_score_dict(prior_means[k])} for k in range(len(prior_means))]}
-        return scores, chosen
+        return {k: np.concatenate(v) for k, v in self.rows.items()}, chosen
 
 
 def _num(x: float) -> float | None:
@@ -385,40 +384,55 @@ def _score_dict(row: np.ndarray) -> dict:
     return {k: _num(v) for k, v in zip(SCORES, row, strict=True)}
 
 
-def build_metrics(scores: dict[str, np.ndarray], chosen: dict, per_sample: list[dict], header: dict) -> dict:
-    """metrics.json: count, mean per method (and the chosen baselines' settings), per_image entries."""
-    mean = {m: _score_dict(np.nanmean(scores[m], 0)) if len(scores[m]) else {} for m in METHODS}
-    mean["best_prior"]["index"] = chosen["best_prior_index"]
-    mean["image"]["inverted"] = chosen["image_inverted"]
-    per_image = []
-    for i, entry in enumerate(per_sample):
-        per_image.append({**entry, **{m: _score_dict(scores[m][i]) for m in METHODS}})
-    return {**header, "count": len(per_sample), "mean": mean, "per_prior_mean": chosen["priors"],
-            "baselines": {"best_prior": f"the single prior with the best mean r over the set (index "
-                                        f"{chosen['best_prior_index']}, 0 = the first prior)",
-                          "mean_prior": "the pixel-wise mean of the n priors",
-                          "image": "the input's grayscale intensity" + (", inverted (1 - gray)"
-                                                                       if chosen["image_inverted"] else "")},
+def _ci(values: np.ndarray) -> list[float | None]:
+    return [_num(v) for v in bootstrap_ci(values)]
+
+
+def build_metrics(scores: dict[str, np.ndarray], chosen: dict, per_sample: list[dict], header: dict,
+                  choice: BaselineChoice | None = None) -> dict:
+    """metrics.json: count, mean per method with the 95 % bootstrap CI of r, the GAN's margin over the best
+    baseline (chosen on validation), the choice itself, per_image entries."""
+    mean = {m: {**_score_dict(np.nanmean(v, 0)), "r_ci95": _ci(v[:, 1])} if len(v) else {} for m, v in scores.items()}
+    best = chosen["best_baseline"]
+    diff = scores["gan"][:, 1] - scores[best][:, 1] if len(scores["gan"]) else np.zeros(0)
+    margin = {"over": best, "r": _num(diff.mean()) if len(diff) else None, "r_ci95": _ci(diff)}
+    per_image = [{**entry, **{m: _score_dict(scores[m][i]) for m in scores}} for i, entry in enumerate(per_sample)]
+    note = (f"chosen on the validation file {chosen['chosen_on']}" if chosen["chosen_on"] else
+            "this generator checkpoint records no validation choice: best-prior and intensity baselines are left "
+            "out (they would be selected on the scored data)")
+    return {**header, "count": len(per_sample), "mean": mean, "margin": margin,
+            "labels": {m: method_label(m, choice) for m in scores},
+            "per_prior_mean": chosen["priors"],
+            "baselines": {"choice": note, "best_prior_index": chosen["best_prior_index"],
+                          "image_inverted": chosen["image_inverted"], "best_baseline": best, "val_r": chosen["val_r"],
+                          "rescaled": "min-max rescaled per map (changes L1 and SSIM, not r)"},
             "per_image": per_image}
 
 
-def _method_label(method: str, mean: dict) -> str:
-    if method == "best_prior":
-        return f"best prior #{mean['best_prior']['index']}"
-    if method == "image":
-        return "image (inverted)" if mean["image"]["inverted"] else "image"
-    return method.replace("_", " ")
+def method_label(method: str, choice: BaselineChoice | None) -> str:
+    """A display name for a metrics key."""
+    if method == "gan":
+        return "GAN"
+    if choice is not None:
+        return baseline_label(method, choice)
+    return method.replace("_rescaled", ", rescaled").replace("_", " ")
 
 
-def format_table(mean: dict) -> str:
-    """The mean scores as a small text table: method | r | L1 | SSIM."""
+def format_table(metrics: dict) -> str:
+    """The mean scores as a small text table: method | r [95 % CI] | L1 | SSIM, then the GAN's margin."""
     def cell(v: float | None) -> str:
         return f"{v:7.3f}" if v is not None else "      -"
 
-    lines = [f"{'method':<18} {'r':>7} {'L1':>7} {'SSIM':>7}"]
-    for m in METHODS:
-        s = mean[m]
-        lines.append(f"{_method_label(m, mean):<18} {cell(s['r'])} {cell(s['l1'])} {cell(s['ssim'])}")
+    labels = metrics["labels"]
+    lines = [f"{'method':<44} {'r':>7} {'95% CI':>16} {'L1':>7} {'SSIM':>7}"]
+    for m, s in metrics["mean"].items():
+        lo, hi = s["r_ci95"]
+        ci = f"[{lo:.3f}, {hi:.3f}]" if lo is not None else ""
+        lines.append(f"{labels[m]:<44} {cell(s['r'])} {ci:>16} {cell(s['l1'])} {cell(s['ssim'])}")
+    mg = metrics["margin"]
+    if mg["r"] is not None:
+        lo, hi = mg["r_ci95"]
+        lines.append(f"GAN r - {labels[mg['over']]} r: {mg['r']:+.3f}, 95% CI [{lo:.3f}, {hi:.3f}]")
     return "\n".join(lines)
 
 
@@ -484,7 +498,8 @@ def run(opts: Options, log: Log = print) -> tuple[Path, dict]:
         for sub in SUBDIRS:
             (folder.tmp / sub).mkdir()
         width = max(4, len(str(inp.count - 1)))
-        table, per_sample, sheet_rows, titles = ScoreTable(), [], [], []
+        choice = BaselineChoice.from_dict(pm.get("baselines"))
+        table, per_sample, sheet_rows, titles = ScoreTable(choice), [], [], []
         bar = tqdm(total=inp.count, desc=f"{opts.variant} inference", unit="img", disable=opts.quiet,
                    dynamic_ncols=True, file=sys.stderr)
         i = 0
@@ -495,7 +510,8 @@ def run(opts: Options, log: Log = print) -> tuple[Path, dict]:
             gan_scores = table.add(image, priors, target, pred)
             for j, rec in enumerate(batch.records):
                 cls = int(rec["explained"])
-                stem = f"{i:0{width}d}_{sanitize(inp.class_name(cls), f'class{cls}')}"
+                stem = output_stem(i, width, sanitize(inp.class_name(cls), f"class{cls}"),
+                                   batch.sources[j] if inp.kind == "images" else None)
                 g, t = pred[j, 0].numpy(), target[j, 0].numpy()
                 tiles = [rec["image"], colorize(t, opts.cmap), colorize(g, opts.cmap),
                          overlay(rec["image"], g, OVERLAY_ALPHA, opts.cmap)]
@@ -507,7 +523,8 @@ def run(opts: Options, log: Log = print) -> tuple[Path, dict]:
                                    "label": label if label >= 0 else None, "prob": _num(rec["prob"])})
                 if len(sheet_rows) < SHEET_ROWS:
                     sheet_rows.append(tiles)
-                    titles.append(f"#{i} {inp.class_name(cls)} r={gan_scores[j, 1]:.2f}")
+                    titles.append(f"#{i} {Path(batch.sources[j]).name}: {inp.class_name(cls)} "
+                                  f"r={gan_scores[j, 1]:.2f}")
                 i += 1
             bar.update(len(batch.records))
         bar.close()
@@ -526,18 +543,22 @@ def run(opts: Options, log: Log = print) -> tuple[Path, dict]:
         header = {"variant": opts.variant, "checkpoint": str(ckpt), "input": inp.kind, "dataset": inp.dataset,
                   "size": int(pm["size"]), "n": int(pm["n"]), "target": pm.get("target"), "method": pm.get("method"),
                   "provenance": prov}
-        metrics = build_metrics(scores, chosen, per_sample, header)
+        metrics = build_metrics(scores, chosen, per_sample, header, choice)
         (folder.tmp / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
         mean = metrics["mean"]
-        notes = [f"mean over {inp.count} samples, {_method_label(m, mean)}: r {mean[m]['r']}, L1 {mean[m]['l1']}, "
-                 f"SSIM {mean[m]['ssim']}" for m in METHODS] + [f"baseline {k}: {v}" for k, v in
+        labels = metrics["labels"]
+        raw = [m for m in mean if not m.endswith("_rescaled")]
+        notes = [f"mean over {inp.count} samples, {labels[m]}: r {mean[m]['r']} (95% CI {mean[m]['r_ci95']}), "
+                 f"L1 {mean[m]['l1']}, SSIM {mean[m]['ssim']}" for m in mean] + [
+                     f"GAN r - {labels[metrics['margin']['over']]} r: {metrics['margin']['r']} (95% CI "
+                     f"{metrics['margin']['r_ci95']})"] + [f"baseline {k}: {v}" for k, v in
                                                                   metrics["baselines"].items()] + inp.notes
-        rows = [[e["index"], e["file"], e["class"], "" if e["label"] is None else inp.class_name(e["label"]),
-                 e["prob"] if e["prob"] is not None else "", *(e[m]["r"] for m in METHODS), e["gan"]["l1"],
+        rows = [[e["index"], e["file"], e["source"], e["class"], "" if e["label"] is None else inp.class_name(e["label"]),
+                 e["prob"] if e["prob"] is not None else "", *(e[m]["r"] for m in raw), e["gan"]["l1"],
                  e["gan"]["ssim"] if e["gan"]["ssim"] is not None else ""] for e in metrics["per_image"]]
         write_index_html(folder.tmp / "index.html", f"{opts.variant.upper()} inference on {inp.dataset}", "sheet.png",
-                         ["#", "file", "class", "label", "prob", "r GAN", f"r best prior #{chosen['best_prior_index']}",
-                          "r mean prior", "r image", "L1 GAN", "SSIM GAN"], rows, prov, notes)
+                         ["#", "file", "source", "class", "label", "prob", *(f"r {labels[m]}" for m in raw),
+                          "L1 GAN", "SSIM GAN"], rows, prov, notes)
         final = folder.commit()
     except OSError as exc:
         folder.discard()
@@ -564,20 +585,26 @@ def build_parser(variant: str) -> argparse.ArgumentParser:
 
 output: a new folder {OUTPUTS}/{variant}-<dataset>-<YYYYmmdd-HHMMSS>/ (-2, -3... if taken; never reused),
 written under a hidden .partial name and renamed when complete, holding
-  inputs/ gradcam/ gan/ overlays/   one <NNNN>_<class>.png per sample in each (target and GAN maps coloured
-                                    with --cmap; overlay = GAN map over the input)
-  sheet.png                         first {SHEET_ROWS} samples: input | Grad-CAM | GAN | overlay
-  index.html                        the sheet, per-image scores and provenance (command, checkpoint sha256...)
+  inputs/ gradcam/ gan/ overlays/   one <NNNN>_<class>.png per sample in each (<NNNN>_<file stem>_<class>.png
+                                    with --images; target and GAN maps coloured with --cmap; overlay = GAN map
+                                    over the input)
+  sheet.png                         first {SHEET_ROWS} samples (each titled with its source file): input |
+                                    Grad-CAM | GAN | overlay
+  index.html                        the sheet, per-image source file and scores, provenance (command,
+                                    checkpoint sha256...)
   metrics.json                      L1, Pearson r, SSIM vs the Grad-CAM target per image and mean ("mean"),
-                                    for the GAN and baselines: best_prior (best single prior over the set),
-                                    mean_prior (mean of the n priors), image (grayscale input or its inverse)
+                                    with 95 % bootstrap CIs of r, for the GAN and the trivial baselines (raw and
+                                    min-max rescaled): best_prior (the single prior best on the validation
+                                    file), mean_prior (mean of the n priors), image (grayscale input, or its
+                                    inverse if that was better on validation); the GAN's margin over the best
+                                    baseline (on validation) with its paired 95 % CI
 
 examples:
   python {script}                                  # shipped model on the shipped test priors
   python {script} --num 64 --device cpu
   python {script} --checkpoint models/shapes_resnet18-{variant}-best.pt --priors npys/shapes_resnet18-test.npy
   python {script} --images photos/ shoe.jpg        # priors computed with the default CNN
-  python {script} --images photos/ --cnn models/fashion_densenet121-cnn.pt --cmap viridis
+  python {script} --images photos/ --cnn models/fashion_resnet18-cnn.pt --cmap viridis
   python {script} --out outputs/demo --overwrite --quiet
 
 exit status: 0 done, 2 user error (one line on stderr; nothing half-written is left)."""
@@ -627,5 +654,5 @@ def main(argv: list[str] | None = None, variant: str = "lsft") -> int:
         print(folder)
     else:
         print(f"wrote {folder}/ ({metrics['count']} samples: sheet.png, index.html, metrics.json)")
-        print(format_table(metrics["mean"]))
+        print(format_table(metrics))
     return 0

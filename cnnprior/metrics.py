@@ -110,6 +110,23 @@ def fidelity(pred: Tensor, target: Tensor) -> dict[str, Tensor]:
     return {"l1": l1(pred, target), "r": pearson(pred, target), "ssim": ssim(pred, target)}
 
 
+def bootstrap_ci(values: Tensor | np.ndarray | Sequence[float], level: float = 0.95, resamples: int = 2000,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of the mean of `values` (NaNs dropped); (nan, nan) if empty.
+
+    For a margin between two methods scored on the same images pass the per-image differences (paired).
+    """
+    v = np.asarray(values.detach().cpu() if isinstance(values, Tensor) else values, dtype=np.float64).ravel()
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, v.size, size=(resamples, v.size))].mean(1)
+    alpha = (1.0 - level) / 2.0
+    lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
+    return float(lo), float(hi)
+
+
 # ---------------------------------------------------------------------------------------------
 # Faithfulness: does the map point at what the classifier uses?
 # ---------------------------------------------------------------------------------------------

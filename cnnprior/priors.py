@@ -10,7 +10,7 @@ import math
 import os
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import partial
 from pathlib import Path
@@ -24,6 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cnnprior.errors import UserError, cli_main
+from cnnprior.layers import final_layer, named_module, within
 
 PRIORS_FORMAT = "cnnprior-priors/1"
 CAM_CLASSES = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "xgradcam": XGradCAM, "layercam": LayerCAM,
@@ -115,24 +116,44 @@ def _bilinear_matrix(n_in: int, n_out: int) -> torch.Tensor:
     return m.float()
 
 
+TARGETS = ("final", "last_conv", "first")
+TARGET_ALIASES = {"last": "last_conv"}  # `last` in files and configs written before `final` existed
+
+
 @dataclass
 class PriorSpec:
-    """How priors are formed from per-layer maps."""
+    """How priors and the target are formed from per-layer maps (recorded in every sidecar)."""
 
     size: int = 64
     n: int = 8
     method: str = "gradcam"
     order: str = "output_to_input"
-    target: str = "last"
+    target: str = "final"
     include_target_layer: bool = False
     explain: str = "predicted"
+    exclude: list = field(default_factory=list)
+    layer_outputs: str = "activated"
+    target_layer: str = ""
+
+    def __post_init__(self) -> None:
+        self.target = TARGET_ALIASES.get(self.target, self.target)
+        if self.target not in TARGETS:
+            raise UserError(f"priors.target: {self.target!r} is not one of {', '.join(TARGETS)}")
+        self.exclude = list(self.exclude or [])
 
     def as_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {k: list(v) if isinstance(v, list) else v for k, v in self.__dict__.items()}
 
 
 class PriorExtractor:
-    """One forward + one backward per batch -> every conv layer's CAM, cumulative priors and the target map."""
+    """One forward + one backward per batch -> every conv layer's CAM, cumulative priors and the target map.
+
+    `layers` are the per-layer map modules in forward order (`layers.cam_layers`). The target is, by
+    `spec.target`: `final` the CNN's final feature map (`layers.final_layer`, or `spec.target_layer` by name),
+    `last_conv` / `first` the last / first of `layers`. Without `include_target_layer`, every layer inside the
+    target module (for a ResNet target its whole last block; for a conv target the conv itself) is left out of
+    the priors, and so is every layer inside a module named in `spec.exclude`.
+    """
 
     def __init__(self, model: nn.Module, layers: Sequence[tuple[str, nn.Module]], spec: PriorSpec):
         if spec.method not in CAM_CLASSES:
@@ -143,24 +164,55 @@ class PriorExtractor:
         self.layer_names = [n for n, _ in layers]
         self.layers = [m for _, m in layers]
         self.cam = CAM_CLASSES[spec.method](model, target_layers=[])  # method-specific weighting only
-        self._copy_outputs = False  # set once a forward pass shows an in-place op after a conv
-        L = len(layers)
-        self.target_index = L - 1 if spec.target == "last" else 0
-        fwd = list(range(L))
-        pool = fwd if spec.include_target_layer else [i for i in fwd if i != self.target_index]
+        self._copy_outputs = False  # set once a forward pass shows an in-place op after a recorded output
+        L = self.conv_count = len(layers)
+        self.target_name, target = self._target(model, spec)
+        if spec.target == "first":
+            self.target_index = 0
+        elif spec.target == "last_conv":
+            self.target_index = L - 1
+        elif target in self.layers:
+            self.target_index = self.layers.index(target)
+        else:  # the final feature map is not a conv layer's output: recorded as one extra map
+            self.layers.append(target)
+            self.layer_names.append(self.target_name)
+            self.target_index = L
+        inside = [self.target_name] if not spec.include_target_layer else []
+        self.excluded = [i for i in range(L) if any(within(self.layer_names[i], p) for p in inside + spec.exclude)
+                         or (i == self.target_index and not spec.include_target_layer)]
+        unmatched = [p for p in spec.exclude if not any(within(n, p) for n in self.layer_names[:L])]
+        if unmatched:
+            raise UserError(f"priors.exclude: {unmatched[0]!r} names no CAM layer (layers are like "
+                            f"{self.layer_names[0]!r}, {self.layer_names[L - 1]!r})")
+        pool = [i for i in range(L) if i not in self.excluded]
+        if not pool:
+            raise UserError("priors.exclude / the target leave no layer for the priors")
         self.average_order = pool[::-1] if spec.order == "output_to_input" else pool
         self.positions = position_indices(spec.n, len(self.average_order) - 1)
 
+    def _target(self, model: nn.Module, spec: PriorSpec) -> tuple[str, nn.Module | None]:
+        if spec.target == "first":
+            return self.layer_names[0], self.layers[0]
+        if spec.target == "last_conv":
+            return self.layer_names[-1], self.layers[-1]
+        if spec.target_layer:
+            return named_module(model, spec.target_layer)
+        return final_layer(model)
+
     def describe(self) -> dict:
-        """Layer bookkeeping for the sidecar: which layers each prior averages."""
+        """Layer bookkeeping for the sidecar: which module each map reads and which layers each prior averages."""
         names = [self.layer_names[i] for i in self.average_order]
-        return {"layers": self.layer_names, "target_layer": self.layer_names[self.target_index],
+        return {"layers": self.layer_names[:self.conv_count], "target_layer": self.target_name,
+                "excluded_layers": [self.layer_names[i] for i in self.excluded],
                 "average_order": names, "positions": self.positions,
                 "prior_layers": [names[:p + 1] for p in self.positions]}
 
-    def layer_maps(self, images: torch.Tensor, labels: torch.Tensor | None = None
+    def layer_maps(self, images: torch.Tensor, labels: torch.Tensor | None = None,
+                   classes: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(maps (B,L,S,S) in forward layer order, explained class, its softmax prob, predicted class)."""
+        """(maps (B,L,S,S) in forward layer order (the target's last if it is no conv layer's), explained class,
+        its softmax prob, predicted class). `classes` fixes the explained class (sanity checks), else
+        `spec.explain` decides."""
         device = next(self.model.parameters()).device
         images = images.to(device)
         self.model.eval()
@@ -174,7 +226,9 @@ class PriorExtractor:
                     self._copy_outputs = rec.copy = True
                     logits = rec(images)
                 pred = logits.argmax(1)
-                if self.spec.explain == "label":
+                if classes is not None:
+                    cls = classes.to(device).long()
+                elif self.spec.explain == "label":
                     if labels is None:
                         raise UserError("priors.explain=label needs labels")
                     cls = labels.to(device)
@@ -182,7 +236,7 @@ class PriorExtractor:
                     cls = pred
                 missing = [self.layer_names[i] for i in range(len(self.layers)) if i not in rec.outputs]
                 if missing:
-                    raise UserError(f"conv layer(s) not run by the forward pass: {', '.join(missing[:3])}")
+                    raise UserError(f"layer(s) not run by the forward pass: {', '.join(missing[:3])}")
                 outs = [rec.outputs[i] for i in range(len(self.layers))]
                 # one target per image; autograd.grad leaves parameters' .grad untouched
                 score = logits.gather(1, cls.view(-1, 1)).sum()
@@ -219,8 +273,9 @@ class PriorExtractor:
             priors.append(running / (p + 1))
         return torch.stack(priors, 1), maps[:, self.target_index]
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
-        maps, cls, prob, pred = self.layer_maps(images, labels)
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor | None = None,
+                 classes: torch.Tensor | None = None) -> dict:
+        maps, cls, prob, pred = self.layer_maps(images, labels, classes)
         priors, target = self.priors_from_maps(maps)
         return {"priors": priors, "target": target, "explained": cls, "prob": prob, "pred": pred}
 
@@ -341,6 +396,17 @@ class PriorFile:
                 "explained": torch.from_numpy(np.asarray(r["explained"], dtype=np.int64))}
 
 
+def zero_map_fractions(pf: PriorFile, chunk: int = 1024) -> dict:
+    """Fraction of records whose prior k (and whose target) is all zero: an empty map tells the GAN nothing."""
+    n, count = pf.n, len(pf)
+    zero_priors, zero_target = np.zeros(n), 0
+    for s in range(0, count, chunk):
+        r = pf.records[s:s + chunk]
+        zero_priors += (np.asarray(r["priors"]).reshape(len(r), n, -1).max(2) == 0).sum(0)
+        zero_target += int((np.asarray(r["target"]).reshape(len(r), -1).max(1) == 0).sum())
+    return {"priors": (zero_priors / max(count, 1)).tolist(), "target": zero_target / max(count, 1)}
+
+
 def _pickled(exc: ValueError) -> bool:
     """Whether np.load(allow_pickle=False) refused an object array (mmap_mode says "Python objects in dtype")."""
     return any(s in str(exc) for s in ("allow_pickle", "Object arrays", "Python objects"))
@@ -415,7 +481,7 @@ def make_records(out: dict, images: torch.Tensor, labels: torch.Tensor, masks: t
 
 def extractor_for_checkpoint(cfg, device: torch.device):
     """Load the configured CNN checkpoint (checking its arch) and build the extractor."""
-    from cnnprior.cnn import cam_layers, load_cnn
+    from cnnprior.cnn import load_cnn
 
     ckpt_path = cfg.cnn_checkpoint
     if not Path(ckpt_path).is_file():
@@ -425,9 +491,37 @@ def extractor_for_checkpoint(cfg, device: torch.device):
     if meta["arch"] != cfg.cnn.arch:
         raise UserError(f"{ckpt_path}: checkpoint holds a {meta['arch']} but the config says cnn.arch: "
                         f"{cfg.cnn.arch}")
-    spec = PriorSpec(cfg.priors.size, cfg.priors.n, cfg.priors.method, cfg.priors.order, cfg.priors.target,
-                     cfg.priors.include_target_layer, cfg.priors.explain)
-    return PriorExtractor(model, cam_layers(model), spec), model, meta
+    return extractor_from(model, spec_from_config(cfg.priors)), model, meta
+
+
+def spec_from_config(pc) -> PriorSpec:
+    """PriorSpec from a `priors:` config section."""
+    return PriorSpec(pc.size, pc.n, pc.method, pc.order, pc.target, pc.include_target_layer, pc.explain,
+                     list(pc.exclude), pc.layer_outputs, pc.target_layer)
+
+
+def spec_from_sidecar(pm: dict, **changes) -> PriorSpec:
+    """The PriorSpec a prior file was written with (files without the newer keys: their old meaning)."""
+    keys = {f: pm[f] for f in ("size", "n", "method", "order", "target", "include_target_layer", "explain",
+                               "exclude", "target_layer") if f in pm}
+    keys.setdefault("target", "last_conv")
+    keys["layer_outputs"] = pm.get("layer_outputs", "raw")  # files from before activated outputs
+    if TARGET_ALIASES.get(keys["target"], keys["target"]) != "final":
+        keys["target_layer"] = ""
+    return PriorSpec(**{**keys, **changes})
+
+
+def target_module(model: nn.Module, pm: dict) -> tuple[str, nn.Module]:
+    """The module whose map is a prior file's target (by its sidecar), for live CAMs of the same layer."""
+    ex = extractor_from(model, spec_from_sidecar(pm))
+    return ex.target_name, ex.layers[ex.target_index]
+
+
+def extractor_from(model: nn.Module, spec: PriorSpec) -> PriorExtractor:
+    """The extractor for `model` with the CAM layers `spec.layer_outputs` selects."""
+    from cnnprior.layers import cam_layers
+
+    return PriorExtractor(model, cam_layers(model, outputs=spec.layer_outputs), spec)
 
 
 def write_prior_file(extractor: PriorExtractor, dataset, path: Path, meta: dict, batch_size: int,
@@ -447,49 +541,148 @@ def write_prior_file(extractor: PriorExtractor, dataset, path: Path, meta: dict,
     return writer.close()
 
 
+def split_dataset(cfg, split: str):
+    """The images of one split, capped by priors.train_limit / test_limit (stratified, seeded)."""
+    from torch.utils.data import Subset
+
+    from cnnprior.data import load_split, stratified_take
+
+    ds = load_split(cfg.data, split)
+    cap = cfg.priors.train_limit if split == "train" else cfg.priors.test_limit
+    if cap and cap < len(ds):
+        keep = stratified_take(ds.labels, cap, cfg.data.seed)
+        class_names, has_masks = ds.class_names, ds.has_masks
+        ds = Subset(ds, keep.tolist())
+        ds.class_names, ds.has_masks = class_names, has_masks
+    return ds
+
+
+def file_meta(cfg, extractor: PriorExtractor, cnn_meta: dict, ds, split: str, **extra) -> dict:
+    """The sidecar of a prior file the priors stage writes (spec, layer bookkeeping, data, CNN, config)."""
+    from cnnprior.config import to_dict
+    from cnnprior.runtime import file_sha256
+
+    return {"format": PRIORS_FORMAT, **extractor.spec.as_dict(), **extractor.describe(),
+            "split": split, "dataset": cfg.data.source, "class_names": list(ds.class_names),
+            "has_masks": bool(ds.has_masks),
+            "cnn": {"arch": cnn_meta["arch"], "checkpoint": str(cfg.cnn_checkpoint),
+                    "checkpoint_sha256": file_sha256(cfg.cnn_checkpoint), "image_size": cnn_meta["image_size"],
+                    "val_accuracy": cnn_meta.get("val_accuracy")},
+            "config": to_dict(cfg), **extra}
+
+
 def run_priors_stage(cfg, resume: bool = False, overwrite: bool = False, log=print) -> list[Path]:
     """`train.py --stage priors`: write <priors.out>-<split>.npy + .json for each configured split."""
-    from cnnprior.config import save_config, to_dict
-    from cnnprior.data import load_split, stratified_take
-    from cnnprior.runtime import file_sha256, resolve_device
+    from cnnprior.config import save_config
+    from cnnprior.runtime import resolve_device
 
     device = resolve_device(cfg.priors.device)
     extractor, model, cnn_meta = extractor_for_checkpoint(cfg, device)
+    if cnn_meta["image_size"] != cfg.data.image_size:
+        raise UserError(f"{cfg.cnn_checkpoint}: CNN input size {cnn_meta['image_size']} != data.image_size "
+                        f"{cfg.data.image_size}")
     written = []
     for split in cfg.priors.splits:
         path = Path(f"{cfg.priors_prefix}-{split}.npy")
         if path.exists() and not overwrite:
             raise UserError(f"{path}: prior file exists; use --overwrite to replace it")
-        data_cfg = cfg.data
-        if cnn_meta["image_size"] != data_cfg.image_size:
-            raise UserError(f"{cfg.cnn_checkpoint}: CNN input size {cnn_meta['image_size']} != data.image_size "
-                            f"{data_cfg.image_size}")
-        ds = load_split(data_cfg, split)
-        cap = cfg.priors.train_limit if split == "train" else cfg.priors.test_limit
-        if cap and cap < len(ds):
-            from torch.utils.data import Subset
-
-            keep = stratified_take(ds.labels, cap, data_cfg.seed)
-            class_names, has_masks = ds.class_names, ds.has_masks
-            ds = Subset(ds, keep.tolist())
-            ds.class_names, ds.has_masks = class_names, has_masks
-        meta = {"format": PRIORS_FORMAT, **extractor.spec.as_dict(), **extractor.describe(),
-                "split": split, "dataset": data_cfg.source, "class_names": list(ds.class_names),
-                "has_masks": bool(ds.has_masks),
-                "cnn": {"arch": cnn_meta["arch"], "checkpoint": str(cfg.cnn_checkpoint),
-                        "checkpoint_sha256": file_sha256(cfg.cnn_checkpoint), "image_size": cnn_meta["image_size"],
-                        "val_accuracy": cnn_meta.get("val_accuracy")},
-                "config": to_dict(cfg)}
-        log(f"priors: {split}: {len(ds)} images, {len(extractor.layers)} conv layers, target "
+        ds = split_dataset(cfg, split)
+        meta = file_meta(cfg, extractor, cnn_meta, ds, split)
+        log(f"priors: {split}: {len(ds)} images, {extractor.conv_count} conv layers, target "
             f"{meta['target_layer']}, positions {extractor.positions}")
         written.append(write_prior_file(extractor, ds, path, meta, cfg.priors.batch_size, resume, overwrite,
                                         cfg.data.num_workers))
         log(f"priors: wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
-    save_config(cfg, Path(f"{cfg.priors_prefix}.yaml"))
+    if written:
+        save_config(cfg, Path(f"{cfg.priors_prefix}.yaml"))
     return written
 
 
 # ----------------------------------------------------------------------------------------- import
+RELEASED_ROW = "[input image, n colour maps, colour target, label]"  # one row of the released layout
+
+
+def _released_rows(src: Path) -> np.ndarray:
+    """The pickled rows of a released file as an (N, 4) object array (loaded only after --trust-pickle)."""
+    try:
+        rows = np.load(src, allow_pickle=True)
+    except Exception as exc:  # noqa: BLE001 - any failure of a foreign pickle is reported as one line
+        raise UserError(f"{src}: could not load ({type(exc).__name__}: {str(exc)[:160]})") from None
+    if rows.ndim != 2 or rows.shape[1] != 4 or len(rows) == 0:
+        raise UserError(f"{src}: expected rows of {RELEASED_ROW}, got an array of shape {rows.shape}")
+    return rows
+
+
+def _released_label(value: object, row: int, src: Path) -> str | int:
+    """One row's label: a class name (the released npy_generation.py writes the class folder name) or an int."""
+    if isinstance(value, (list, tuple, np.ndarray)):
+        arr = np.asarray(value, dtype=object)
+        if arr.size != 1:
+            raise UserError(f"{src}: row {row}: label has {arr.size} values; expected one class name or integer")
+        value = arr.reshape(-1)[0]
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if isinstance(value, str):
+        if not value.strip():
+            raise UserError(f"{src}: row {row}: label is an empty class name")
+        return str(value).strip()
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        number = int(value)
+    elif isinstance(value, (float, np.floating)) and float(value).is_integer():
+        number = int(value)
+    else:
+        raise UserError(f"{src}: row {row}: label {value!r} is neither a class name nor an integer")
+    if not 0 <= number <= np.iinfo(np.int16).max:
+        raise UserError(f"{src}: row {row}: label {number} is outside 0..{np.iinfo(np.int16).max}")
+    return number
+
+
+def released_labels(values: Sequence, src: Path, class_names: Sequence[str] | None = None
+                    ) -> tuple[np.ndarray, list[str]]:
+    """Label indices and class names: names map to indices in sorted order (or --classes order); ints stay."""
+    labels = [_released_label(v, i, src) for i, v in enumerate(values)]
+    named = [i for i, v in enumerate(labels) if isinstance(v, str)]
+    if named and len(named) != len(labels):
+        number = next(i for i, v in enumerate(labels) if not isinstance(v, str))
+        raise UserError(f"{src}: row {number}: label {labels[number]!r} is a number but row {named[0]} has the class "
+                        f"name {labels[named[0]]!r}; labels must be all names or all integers")
+    if class_names is not None and len(set(class_names)) != len(class_names):
+        raise UserError(f"--classes: names repeat ({', '.join(class_names)})")
+    if named:
+        names = list(class_names) if class_names else sorted(set(labels))
+        lookup = {name: i for i, name in enumerate(names)}
+        missing = next((i for i, v in enumerate(labels) if v not in lookup), None)
+        if missing is not None:
+            raise UserError(f"{src}: row {missing}: class name {labels[missing]!r} is not among --classes")
+        return np.array([lookup[v] for v in labels], dtype=np.int64), names
+    top = max(labels)
+    if class_names and top >= len(class_names):
+        raise UserError(f"{src}: row {labels.index(top)}: label {top} but --classes names only {len(class_names)} "
+                        f"classes")
+    return np.array(labels, dtype=np.int64), list(class_names) if class_names else [str(i) for i in range(top + 1)]
+
+
+def _released_pixels(values: Sequence, first_row: int, shape: tuple[int, ...], what: str, src: Path) -> np.ndarray:
+    """Stack one column of rows as uint8, checking each row's shape and whole values in 0..255."""
+    out = np.empty((len(values), *shape), dtype=np.uint8)
+    for k, value in enumerate(values):
+        where = f"{src}: row {first_row + k}: {what}"
+        try:
+            arr = np.asarray(value)
+        except ValueError:  # a ragged nested list
+            raise UserError(f"{where} is not a regular array") from None
+        if arr.shape != shape:
+            raise UserError(f"{where} has shape {arr.shape}, expected {shape} (as in row 0)")
+        if arr.dtype.kind not in "uif":
+            raise UserError(f"{where} is not numeric (dtype {arr.dtype})")
+        if arr.dtype.kind == "f" and not (np.isfinite(arr).all() and np.array_equal(arr, np.rint(arr))):
+            raise UserError(f"{where} holds non-integer values; the released layout stores uint8 colour images")
+        if arr.size and (arr.min() < 0 or arr.max() > 255):
+            raise UserError(f"{where} has values outside 0..255")
+        out[k] = arr
+    return out
+
+
 def import_released(src: str | Path, out: str | Path, trust_pickle: bool = False, overwrite: bool = False,
                     cmap: str = "jet", class_names: Sequence[str] | None = None, chunk: int = 256) -> Path:
     """Convert the paper's released `Food_Resnet.npy` (pickled rows of jet-coloured maps) into a prior file."""
@@ -507,34 +700,38 @@ def import_released(src: str | Path, out: str | Path, trust_pickle: bool = False
             raise UserError(f"{src}: holds pickled Python objects; loading it can execute arbitrary code. Only if "
                             f"you trust its source, re-run with --trust-pickle") from None
         raise UserError(f"{src}: not in the released object layout (it loads without pickle: already numeric?)")
-    try:
-        rows = np.load(src, allow_pickle=True)
-    except Exception as exc:  # noqa: BLE001 - any failure of a foreign pickle is reported as one line
-        raise UserError(f"{src}: could not load ({type(exc).__name__}: {exc})") from None
-    if rows.ndim != 2 or rows.shape[1] != 4:
-        raise UserError(f"{src}: expected rows of [input, 8 maps, target, label], got shape {rows.shape}")
-    first = np.asarray(rows[0, 1])
-    if first.ndim != 4 or first.shape[-1] != 3:
-        raise UserError(f"{src}: maps must be (n, S, S, 3) colour images, got {first.shape}")
+    rows = _released_rows(src)
+    first = np.asarray(rows[0, 1]) if isinstance(rows[0, 1], (list, tuple, np.ndarray)) else np.empty(0)
+    if first.ndim != 4 or first.shape[-1] != 3 or first.shape[1] != first.shape[2]:
+        raise UserError(f"{src}: row 0: maps must be (n, S, S, 3) colour images, got shape {first.shape}")
     n, size = first.shape[0], first.shape[1]
-    labels = np.array([int(np.asarray(r).ravel()[0]) for r in rows[:, 3]])
-    names = list(class_names) if class_names else [str(i) for i in range(int(labels.max()) + 1)]
+    labels, names = released_labels(rows[:, 3], src, class_names)
     meta = {"format": PRIORS_FORMAT, "size": size, "n": n, "method": "released-guided-gradcam",
             "order": "output_to_input", "target": "first", "include_target_layer": True, "explain": "class0",
             "layers": [], "target_layer": "", "average_order": [], "positions": [], "prior_layers": [],
             "split": "imported", "dataset": src.stem, "class_names": names, "has_masks": False,
             "cnn": {"arch": "released", "checkpoint": str(src), "checkpoint_sha256": "", "image_size": size},
             "imported_from": str(src), "colormap": cmap}
+    taken = [p for p in (Path(out), sidecar_path(out)) if p.exists()]  # the sidecar is an output too
+    if taken and not overwrite:
+        raise UserError(f"{taken[0]}: prior file exists; use --overwrite to replace it (or another --out)")
     writer = PriorWriter(Path(out), len(rows), meta, overwrite=overwrite)
-    for s in tqdm(range(0, len(rows), chunk), desc="import", dynamic_ncols=True):
-        part = rows[s:s + chunk]
-        rec = np.zeros(len(part), dtype=record_dtype(size, n, with_mask=False))
-        rec["image"] = np.stack([np.asarray(r, dtype=np.uint8) for r in part[:, 0]])
-        rec["priors"] = to_u8(invert_colormap(np.stack([np.asarray(r, dtype=np.uint8) for r in part[:, 1]]), cmap))
-        rec["target"] = to_u8(invert_colormap(np.stack([np.asarray(r, dtype=np.uint8) for r in part[:, 2]]), cmap))
-        rec["label"] = rec["pred"] = rec["explained"] = labels[s:s + chunk]
-        rec["index"] = np.arange(s, s + len(part))
-        writer.write(rec)
+    try:
+        for s in tqdm(range(0, len(rows), chunk), desc="import", dynamic_ncols=True):
+            part = rows[s:s + chunk]
+            rec = np.zeros(len(part), dtype=record_dtype(size, n, with_mask=False))
+            rec["image"] = _released_pixels(part[:, 0], s, (size, size, 3), "input image", src)
+            maps = _released_pixels(part[:, 1], s, (n, size, size, 3), "maps", src)
+            rec["priors"] = to_u8(invert_colormap(maps, cmap))
+            rec["target"] = to_u8(invert_colormap(_released_pixels(part[:, 2], s, (size, size, 3), "target", src),
+                                                  cmap))
+            rec["label"] = rec["pred"] = rec["explained"] = labels[s:s + chunk]
+            rec["index"] = np.arange(s, s + len(part))
+            writer.write(rec)
+    except UserError:  # a malformed row: leave nothing half-written (an import is redone, never resumed)
+        writer.partial.unlink(missing_ok=True)
+        writer.progress.unlink(missing_ok=True)
+        raise
     return writer.close()
 
 
@@ -551,7 +748,8 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument("--trust-pickle", action="store_true",
                      help="allow loading the pickled object array (runs code from the file: trusted sources only)")
     imp.add_argument("--overwrite", action="store_true")
-    imp.add_argument("--classes", nargs="*", help="class names in label order")
+    imp.add_argument("--classes", nargs="*", help="class names in label order (default: the file's class-name "
+                                                  "labels sorted, or 0..max for integer labels)")
     args = p.parse_args(argv)
     if args.cmd == "info":
         pf = read_priors(args.file)
@@ -559,9 +757,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{pf.path}: {len(pf)} samples, S={m['size']}, n={m['n']}, method={m['method']}, target={m['target']}"
               f" ({m.get('target_layer')}), order={m['order']}, cnn={m['cnn']['arch']}, "
               f"{pf.records.dtype.itemsize} bytes/sample")
+        zeros = zero_map_fractions(pf)
+        print("all-zero maps: " + ", ".join(f"C{k} {z:.1%}" for k, z in enumerate(zeros["priors"]))
+              + f", target {zeros['target']:.1%}")
         return 0
     out = import_released(args.file, args.out, args.trust_pickle, args.overwrite, class_names=args.classes)
-    print(f"wrote {out}")
+    pf = read_priors(out, verify=False)
+    names = pf.meta["class_names"]
+    print(f"wrote {out}: {len(pf)} samples, S={pf.size}, n={pf.n}, {len(names)} classes: {', '.join(names[:10])}"
+          + (" ..." if len(names) > 10 else ""))
     return 0
 
 

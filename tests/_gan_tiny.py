@@ -61,7 +61,7 @@ def write_priors(path: Path, count: int, seed: int, size: int = SIZE, n: int = N
 def tiny_data(root: Path, train_count: int = 32, val_count: int = 16) -> tuple[Path, Path]:
     """Train and val prior files under root/npys."""
     return (write_priors(root / "npys" / "tiny-train.npy", train_count, seed=1),
-            write_priors(root / "npys" / "tiny-test.npy", val_count, seed=2, split="test"))
+            write_priors(root / "npys" / "tiny-val.npy", val_count, seed=2, split="val"))
 
 
 def gan_config(root: Path, train: list[Path] | Path, val: Path, **gan: object) -> Path:

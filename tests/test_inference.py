@@ -15,14 +15,16 @@ import torch
 from _gan_tiny import REPO, gan_config, subprocess_env, write_priors
 from PIL import Image
 
-from cnnprior import inference
-from cnnprior.cnn import build_cnn, conv_layers, load_cnn, save_cnn
+from cnnprior import inference, viz
+from cnnprior.baselines import choose
+from cnnprior.cnn import build_cnn, load_cnn, save_cnn
 from cnnprior.config import load_config
 from cnnprior.data import read_image, resize_uint8
 from cnnprior.gan import GAN_FORMAT, load_generator, priors_meta, run_gan_stage
+from cnnprior.layers import conv_layers
 from cnnprior.metrics import fidelity
 from cnnprior.models import build_generator
-from cnnprior.priors import PriorExtractor, PriorSpec, read_priors, to_u8
+from cnnprior.priors import PriorExtractor, PriorSpec, extractor_from, read_priors, to_u8
 from cnnprior.runtime import atomic_torch_save
 from cnnprior.viz import colorize
 
@@ -47,7 +49,10 @@ def world(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("inference")
     pri = write_priors(root / "npys" / "tiny-test.npy", COUNT, seed=3, split="test")
     pf = read_priors(pri)
+    val = write_priors(root / "npys" / "tiny-val.npy", COUNT, seed=5, split="val")
+    vt = read_priors(val).tensors()
     pm = priors_meta(pf, [str(pri)])
+    pm["baselines"] = choose(vt["image"], vt["priors"], vt["target"], chosen_on=str(val)).as_dict()
     ckpt = {v: save_generator(root / "models" / f"tiny-{v}.pt", v, pm) for v in ("lsft", "gsft")}
     other_n = write_priors(root / "npys" / "n3.npy", 4, seed=4, n=3)
     other_s = write_priors(root / "npys" / "s12.npy", 4, seed=4, size=12)
@@ -56,9 +61,9 @@ def world(tmp_path_factory) -> dict:
     cnn = build_cnn("resnet18", CLASSES, image_size=32)
     cnn_path = save_cnn(cnn, root / "models" / "tiny-cnn.pt", val_accuracy=0.5, epoch=0, config={}, dataset="shapes")
     spec = PriorSpec(size=16, n=4)
-    described = PriorExtractor(cnn, conv_layers(cnn), spec).describe()
-    img_pm = dict(pm, **spec.as_dict(), cnn_arch="resnet18", layers=described["layers"],
-                  target_layer=described["target_layer"], prior_layers=described["prior_layers"])
+    described = extractor_from(cnn, spec).describe()
+    img_pm = {**pm, **spec.as_dict(), "cnn_arch": "resnet18", "layers": described["layers"],
+              "target_layer": described["target_layer"], "prior_layers": described["prior_layers"]}
     img_ckpt = save_generator(root / "models" / "img-lsft.pt", "lsft", img_pm)
 
     imgs = root / "images"
@@ -74,7 +79,7 @@ def world(tmp_path_factory) -> dict:
     empty = root / "no_images"
     empty.mkdir()
     (empty / "bad.jpg").write_bytes(b"garbage")
-    return {"root": root, "priors": pri, "pf": pf, "ckpt": ckpt, "n3": other_n, "s12": other_s, "cnn": cnn_path,
+    return {"root": root, "priors": pri, "val": val, "pf": pf, "ckpt": ckpt, "n3": other_n, "s12": other_s, "cnn": cnn_path,
             "img_ckpt": img_ckpt, "images": imgs, "no_images": empty, "pm": pm}
 
 
@@ -111,9 +116,18 @@ def test_prior_file_run_writes_folders_and_scores(world, tmp_path, monkeypatch, 
 
     m = json.loads((run / "metrics.json").read_text())
     assert m["count"] == COUNT and len(m["per_image"]) == COUNT and (m["size"], m["n"]) == (16, 4)
-    for method in inference.METHODS:
-        assert set(inference.SCORES) <= set(m["mean"][method])
-    assert isinstance(m["mean"]["best_prior"]["index"], int) and isinstance(m["mean"]["image"]["inverted"], bool)
+    methods = ["gan", *(f"{b}{r}" for b in ("best_prior", "mean_prior", "image") for r in ("", "_rescaled"))]
+    assert sorted(m["mean"]) == sorted(methods) and sorted(m["labels"]) == sorted(methods)
+    for method in methods:
+        assert set(inference.SCORES) <= set(m["mean"][method]) and len(m["mean"][method]["r_ci95"]) == 2
+        lo, hi = m["mean"][method]["r_ci95"]
+        assert lo <= m["mean"][method]["r"] <= hi
+    choice = world["pm"]["baselines"]
+    assert m["baselines"]["best_prior_index"] == choice["best_prior"]  # chosen on the val file, not re-chosen here
+    assert m["baselines"]["image_inverted"] == choice["image_inverted"] and str(world["val"]) in m["baselines"]["choice"]
+    assert m["margin"]["over"] == choice["best_baseline"]
+    diff = [e["gan"]["r"] - e[choice["best_baseline"]]["r"] for e in m["per_image"]]
+    assert m["margin"]["r"] == pytest.approx(np.mean(diff), abs=1e-5)
 
     # Numbers against a direct computation.
     pf = world["pf"]
@@ -129,8 +143,8 @@ def test_prior_file_run_writes_folders_and_scores(world, tmp_path, monkeypatch, 
     assert m["mean"]["mean_prior"]["r"] == pytest.approx(mean_prior["r"].mean().item(), abs=1e-5)
     assert m["mean"]["mean_prior"]["r"] > 0.99  # the tiny target IS the mean of the priors (up to uint8 rounding)
     per_prior = [fidelity(t["priors"][:, k], t["target"][:, 0])["r"].mean().item() for k in range(4)]
-    assert m["mean"]["best_prior"]["index"] == int(np.argmax(per_prior))
-    assert m["mean"]["best_prior"]["r"] == pytest.approx(max(per_prior), abs=1e-5)
+    assert m["mean"]["best_prior"]["r"] == pytest.approx(per_prior[choice["best_prior"]], abs=1e-5)
+    assert [p["r"] for p in m["per_prior_mean"]] == pytest.approx(per_prior, abs=1e-5)
 
     # Pictures: inputs are the records' images, Grad-CAM the coloured target, GAN the coloured output.
     first = sorted((run / "inputs").iterdir())[0].name
@@ -143,7 +157,7 @@ def test_prior_file_run_writes_folders_and_scores(world, tmp_path, monkeypatch, 
     assert hashlib.sha256(Path(world["ckpt"]["lsft"]).read_bytes()).hexdigest() in html
     assert "lsft_inference.py --checkpoint" in html and str(world["priors"]) in html
     out = capsys.readouterr().out
-    assert f"outputs/{run.name}" in out and re.search(r"^gan\s+-?\d\.\d{3}", out, re.M)
+    assert f"outputs/{run.name}" in out and re.search(r"^GAN\s+-?\d\.\d{3}", out, re.M) and "GAN r - " in out
 
 
 def test_second_run_makes_a_new_folder_and_leaves_the_first_alone(world, tmp_path, monkeypatch) -> None:
@@ -204,7 +218,7 @@ def test_failure_mid_run_leaves_nothing(world, tmp_path, monkeypatch) -> None:
 def test_real_gan_stage_checkpoint_runs(world, tmp_path, monkeypatch) -> None:
     """A checkpoint written by gan.py's own training loop (not a mimic of its schema) is accepted."""
     train = write_priors(tmp_path / "npys" / "t-train.npy", 8, seed=1)
-    cfg = load_config(gan_config(tmp_path, train, world["priors"], epochs=1, variant="gsft"))
+    cfg = load_config(gan_config(tmp_path, train, world["val"], epochs=1, variant="gsft"))
     result = run_gan_stage(cfg, log=lambda _m: None)
     monkeypatch.chdir(tmp_path)
     assert run_main(["--checkpoint", result["best"], "--priors", world["priors"], "--quiet"], "gsft") == 0
@@ -214,25 +228,42 @@ def test_real_gan_stage_checkpoint_runs(world, tmp_path, monkeypatch) -> None:
 
 def test_default_checkpoint_falls_back_to_best(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(inference.UserError, match="train.py --config configs/fashion_densenet121.yaml"):
+    with pytest.raises(inference.UserError, match="train.py --config configs/fashion_resnet18.yaml"):
         inference.resolve_checkpoint(None, "lsft")
-    best = tmp_path / "models" / "fashion_densenet121-gsft-best.pt"
+    best = tmp_path / "models" / "fashion_resnet18-gsft-best.pt"
     best.parent.mkdir()
     best.write_bytes(b"x")
-    assert inference.resolve_checkpoint(None, "gsft") == Path("models/fashion_densenet121-gsft-best.pt")
+    assert inference.resolve_checkpoint(None, "gsft") == Path("models/fashion_resnet18-gsft-best.pt")
 
 
 def test_help_explains_and_examples(capsys) -> None:
     assert run_main(["--help"], "gsft") == 0
     text = capsys.readouterr().out
     for needle in ("--images", "--cnn", "--overwrite", "examples:", "python gsft_inference.py --images",
-                   "models/fashion_densenet121-gsft.pt", "metrics.json", "best_prior"):
+                   "models/fashion_resnet18-gsft.pt", "metrics.json", "best_prior"):
         assert needle in text
 
 
 # ----------------------------------------------------------------------------------------- --images
+def test_output_stem_keeps_the_input_stem() -> None:
+    assert inference.output_stem(7, 4, "Bag") == "0007_Bag"  # prior-file samples: index and class
+    assert inference.output_stem(7, 4, "Bag", "photos/my cat (2).JPG") == "0007_my_cat_2_Bag"
+    assert inference.output_stem(12345, 5, "x", "/a/b.c/IMG_0042.tar.png") == "12345_IMG_0042.tar_x"
+    long = inference.output_stem(0, 4, "x", "/d/" + "y" * 300 + ".png")
+    assert long == "0000_" + "y" * inference.STEM_CHARS + "_x"  # file names stay well under 255 bytes
+    assert inference.output_stem(1, 4, "x", "/d/....png") == "0001_image_x"  # nothing usable left: a fallback
+
+
 def test_images_folder_with_odd_modes_and_a_corrupt_file(world, tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
+    titles: list[str] = []
+    real_sheet = viz.make_sheet
+
+    def sheet(*args, **kwargs) -> None:
+        titles.extend(kwargs["titles"])
+        real_sheet(*args, **kwargs)
+
+    monkeypatch.setattr("cnnprior.viz.make_sheet", sheet)
     assert run_main(["--checkpoint", world["img_ckpt"], "--images", world["images"], "--cnn", world["cnn"]]) == 0
     err = capsys.readouterr().err
     warnings = [line for line in err.splitlines() if line.startswith("warning:")]
@@ -244,8 +275,20 @@ def test_images_folder_with_odd_modes_and_a_corrupt_file(world, tmp_path, monkey
     sources = [Path(e["source"]).name for e in m["per_image"]]
     assert sources == ["a_rgb.png", "b.jpg", "c_gray.png", "d16.png", "e_rgba.png"]  # sorted, recursive
     stems = [sorted(p.name for p in (run / sub).iterdir()) for sub in inference.SUBDIRS]
-    assert all(s == stems[0] for s in stems) and len(stems[0]) == 5 and all(STEM.match(s) for s in stems[0])
+    assert all(s == stems[0] for s in stems) and len(stems[0]) == 5
+    # each output keeps its input's stem: <NNNN>_<stem>_<class>.png, and metrics.json names it
+    assert stems[0] == [f"{i:04d}_{Path(src).stem}_{e['class']}.png"
+                        for i, (src, e) in enumerate(zip(sources, m["per_image"], strict=True))]
+    assert [e["file"] for e in m["per_image"]] == stems[0]
     assert all(e["label"] is None and e["class"] in CLASSES for e in m["per_image"])
+    # index.html shows each row's source file next to its output name
+    page = (run / "index.html").read_text()
+    assert "<th>source</th>" in page
+    for e in m["per_image"]:
+        assert f"<td>{e['file']}</td><td>{e['source']}</td>" in page
+    # and the sheet titles each row with its source file
+    assert [t.split(" r=")[0] for t in titles] == [f"#{i} {name}: {e['class']}"
+                                                    for i, (name, e) in enumerate(zip(sources, m["per_image"], strict=True))]
     gray = read_png(run / "inputs" / stems[0][2])
     assert gray.shape == (16, 16, 3) and np.array_equal(gray[..., 0], gray[..., 1])  # grayscale -> equal channels
     # The Grad-CAM picture is the target map the extractor computes for that image (through uint8, as stored).
@@ -333,12 +376,12 @@ def test_missing_defaults_say_how_to_make_them(world, tmp_path, monkeypatch, cap
     monkeypatch.chdir(tmp_path)
     assert run_main([], "gsft") == 2
     err = capsys.readouterr().err
-    assert "models/fashion_densenet121-gsft.pt" in err
+    assert "models/fashion_resnet18-gsft.pt" in err
     assert "python train.py --config configs/fashion_gsft_cpu.yaml --stage gan" in err
     assert run_main(["--checkpoint", world["ckpt"]["lsft"]]) == 2
     err = capsys.readouterr().err
-    assert "npys/fashion_densenet121-test.npy" in err and "--stage priors" in err
+    assert "npys/fashion_resnet18-test.npy" in err and "--stage priors" in err
     assert run_main(["--checkpoint", world["img_ckpt"], "--images", world["images"]]) == 2
     err = capsys.readouterr().err
-    assert "models/fashion_densenet121-cnn.pt" in err and "--stage classifier" in err
+    assert "models/fashion_resnet18-cnn.pt" in err and "--stage classifier" in err
     assert not (tmp_path / "outputs").exists()

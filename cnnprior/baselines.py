@@ -1,0 +1,87 @@
+"""Trivial baselines a learned explainer must beat: one prior, the mean of the priors, the image intensity.
+
+Which prior is "best" and whether the intensity is inverted are chosen once, on the *validation* prior file,
+by the GAN stage (stored in the generator checkpoint); scoring code only applies that choice, so no baseline
+is ever selected on the data it is scored on. Each baseline is also given min-max rescaled per map: Pearson r
+does not change under rescaling, L1 and SSIM do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor
+
+from cnnprior.metrics import pearson
+
+BASELINES = ("best_prior", "mean_prior", "image")
+
+
+def grayscale(image: Tensor) -> Tensor:
+    """ITU-R 601 luma of (B, 3, S, S) RGB in [0, 1] -> (B, 1, S, S)."""
+    w = torch.tensor([0.299, 0.587, 0.114], dtype=image.dtype, device=image.device).view(1, 3, 1, 1)
+    return (image * w).sum(1, keepdim=True)
+
+
+def rescale(maps: Tensor) -> Tensor:
+    """Per-map min-max to [0, 1] (a constant map becomes 0)."""
+    flat = maps.flatten(1)
+    lo, hi = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
+    return ((flat - lo) / (hi - lo).clamp_min(1e-12)).view_as(maps)
+
+
+@dataclass
+class BaselineChoice:
+    """What was chosen on validation data: the best single prior, the intensity sign, the best baseline."""
+
+    best_prior: int
+    image_inverted: bool
+    best_baseline: str
+    chosen_on: str
+    val_r: dict
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> BaselineChoice | None:
+        """The stored choice, or None for checkpoints written before baselines were chosen on validation."""
+        if not d:
+            return None
+        return cls(int(d["best_prior"]), bool(d["image_inverted"]), str(d["best_baseline"]), str(d["chosen_on"]),
+                   dict(d.get("val_r") or {}))
+
+
+def choose(image: Tensor, priors: Tensor, target: Tensor, chosen_on: str) -> BaselineChoice:
+    """Choose the best single prior (mean Pearson r), the intensity sign and the best baseline on validation data.
+
+    image (B,3,S,S), priors (B,n,S,S), target (B,1,S,S), floats in [0, 1].
+    """
+    b, n = priors.shape[:2]
+    t = target.expand(b, n, *target.shape[-2:]).reshape(b * n, *target.shape[-2:])
+    per_prior = pearson(priors.reshape(b * n, *priors.shape[-2:]), t).view(b, n).mean(0)
+    best = int(per_prior.argmax())
+    gray = grayscale(image)
+    r_gray, r_inv = pearson(gray, target).mean().item(), pearson(1.0 - gray, target).mean().item()
+    val_r = {"best_prior": float(per_prior[best]), "mean_prior": pearson(priors.mean(1, keepdim=True), target)
+             .mean().item(), "image": max(r_gray, r_inv), "per_prior": [float(v) for v in per_prior]}
+    best_baseline = max(BASELINES, key=lambda k: val_r[k])
+    return BaselineChoice(best, r_inv > r_gray, best_baseline, chosen_on, val_r)
+
+
+def baseline_maps(image: Tensor, priors: Tensor, choice: BaselineChoice) -> dict[str, Tensor]:
+    """The baselines' maps (B,1,S,S) under a validation choice, raw and `<name>_rescaled`."""
+    gray = grayscale(image)
+    raw = {"best_prior": priors[:, choice.best_prior:choice.best_prior + 1],
+           "mean_prior": priors.mean(1, keepdim=True),
+           "image": 1.0 - gray if choice.image_inverted else gray}
+    return {**raw, **{f"{k}_rescaled": rescale(v) for k, v in raw.items()}}
+
+
+def label(name: str, choice: BaselineChoice) -> str:
+    """A table label for a baseline name, with what was chosen on validation."""
+    base, _, suffix = name.partition("_rescaled")
+    text = {"best_prior": f"best single prior (C{choice.best_prior}, val)", "mean_prior": "mean of the priors",
+            "image": "image intensity" + (" (inverted, val)" if choice.image_inverted else " (val)")}[base]
+    return text + (", rescaled" if name.endswith("_rescaled") else "")
