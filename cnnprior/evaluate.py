@@ -36,15 +36,23 @@ class c of an image is its record's `explained` field; p(x) = softmax probabilit
       sparse linear system per image, percentile and order).
   Rows: LSFT, GSFT; Grad-CAM, Grad-CAM++ and LayerCAM at the CNN's last conv layer, computed live with
   pytorch-grad-cam at R x R on the upsampled image; the stored target map; a random map (uniform noise at
-  S x S from the seed, Gaussian-blurred with sigma = S/16, min-max scaled to [0, 1]).
+  S x S from the seed, Gaussian-blurred with sigma = S/16, min-max scaled to [0, 1]); matched smoothing: the
+  stored target Gaussian-blurred at S x S with sigma = 2, 4, 8 px, min-max scaled.
+  Option `faithfulness: {insertion: blurred, blur_sigma: 5}`: also the insertion AUC starting from the image
+  Gaussian-blurred with blur_sigma px at R x R (as RISE) instead of black.
 
 Localisation (only when the prior file has ground-truth masks), maps at R x R, masks upsampled (nearest):
   pointing game        = mean_i 1[the maximum of M_i (first in raster order) lies in mask_i]   (higher is better)
   energy pointing game = mean_i sum(M_i * mask_i) / sum(M_i), 0 for an all-zero map          (higher is better)
+  chance level         = mean_i |mask_i| / (R*R): a uniform random point's hit rate, and a uniform map's
+                         energy share (replaces the random map, whose maxima sit near the border)
 
 GAN interpretation: relevance of prior k to generator G =
   mean over images and pixels of |G(x, P) - G(x, P with prior k replaced by v)|,
   for v = 0 (zeros) and v = the mean map of prior k over the evaluated images (per pixel). 0 = G ignores C_k.
+
+Sanity sections (mprt, prior_swap, control, gridpg; cnnprior.sections, scores in cnnprior.sanity) state their
+definitions in their own report sections.
 
 Generalisation: the same generators' fidelity (L1, r, SSIM) on other held-out prior files (other CNNs or
 datasets) with the generators' S and n; the mean of that file's priors is shown beside them for reference.
@@ -76,6 +84,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cnnprior import metrics, viz
+from cnnprior.baselines import BaselineChoice, grayscale
 from cnnprior.config import (
     EVAL_SECTIONS,
     EvalConfig,
@@ -90,6 +99,7 @@ from cnnprior.errors import UserError, cli_main
 from cnnprior.inference import CAM_TITLES
 from cnnprior.priors import CAM_CLASSES, PriorFile, read_priors
 from cnnprior.runtime import file_sha256, resolve_device
+from cnnprior.sanity import SMOOTHING_SIGMAS, pointing_chance, smooth_maps
 
 EVAL_FORMAT = "cnnprior-eval/1"
 VARIANTS = ("lsft", "gsft")
@@ -99,11 +109,26 @@ Log = Callable[[str], Any]
 
 
 # ----------------------------------------------------------------------------------------- config
+def _registry() -> Any:
+    """The evaluation-section registry, `cnnprior.sections` (imported late: the sections import this module)."""
+    import cnnprior.sections as sections
+
+    return sections
+
+
+def known_sections() -> list[str]:
+    """Every section name `sections:` accepts: the built-in ones, then the registered classes."""
+    return list(EVAL_SECTIONS) + [s for s in _registry().section_names() if s not in EVAL_SECTIONS]
+
+
 def _fill_flat(obj: Any, values: dict, where: str, prefix: str = "") -> None:
     """Set a flat dataclass's fields from a mapping, with config.py's checks and messages."""
     fields = {f.name: f for f in dataclasses.fields(obj) if not f.metadata.get("internal")}
     for key, value in values.items():
         dotted = f"{prefix}{key}"
+        if isinstance(obj, EvalConfig) and key in _registry().OPTIONS:  # a section's options: `mprt: {num: 64}`
+            _registry().set_options(obj, key, value, where)
+            continue
         if key not in fields:
             raise UserError(f"{where}: unknown key '{dotted}'{_suggest(str(key), list(fields))}")
         loc = f"{where}: key '{dotted}'"
@@ -120,16 +145,18 @@ def _fill_flat(obj: Any, values: dict, where: str, prefix: str = "") -> None:
 
 
 def _sections(value: Any, loc: str) -> list[str]:
-    """`sections:` a list, or a comma-separated string (`--set sections=a,b`); blank = every section."""
+    """`sections:` a list, or a comma-separated string (`--set sections=a,b`); blank = the built-in sections
+    (the registered sanity sections run only when named)."""
     if value is None:
         return list(EVAL_SECTIONS)
     if isinstance(value, str):
         value = [s.strip() for s in value.split(",") if s.strip()]
     value = _coerce(value, list, loc)
+    known = known_sections()
     for s in value:
-        if s not in EVAL_SECTIONS:
-            close = difflib.get_close_matches(s, EVAL_SECTIONS, n=1, cutoff=0.6)
-            raise UserError(f"{loc}: {s!r} is not one of {', '.join(EVAL_SECTIONS)}"
+        if s not in known:
+            close = difflib.get_close_matches(s, known, n=1, cutoff=0.6)
+            raise UserError(f"{loc}: {s!r} is not one of {', '.join(known)}"
                             + (f" (did you mean '{close[0]}'?)" if close else "") + "; fidelity always runs")
     return list(dict.fromkeys(value))
 
@@ -165,8 +192,13 @@ def load_eval_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> 
     raw = read_yaml_mapping(p, "configs/eval_*.yaml", "keys (name, priors, lsft, gsft, ...)")
     for text in overrides:
         keys, value = parse_override(text)
+        if len(keys) == 2 and keys[0] in _registry().OPTIONS:  # a section option: --set mprt.num=16
+            node = raw.get(keys[0])
+            raw[keys[0]] = {**(node if isinstance(node, dict) else {}), keys[1]: value}
+            continue
         if len(keys) != 1:
-            raise UserError(f"--set {text!r}: evaluation keys are flat (e.g. --set num=64)")
+            raise UserError(f"--set {text!r}: evaluation keys are flat (e.g. --set num=64; section options: "
+                            f"--set mprt.num=16)")
         raw[keys[0]] = value
     cfg = EvalConfig()
     _fill_flat(cfg, raw, where)
@@ -204,13 +236,15 @@ def generate(generator: Callable[[Tensor, Tensor], Tensor], image: Tensor, prior
     return torch.cat(out)
 
 
-def intensity_baseline(image: Tensor, target: Tensor) -> tuple[str, Tensor]:
-    """Grayscale intensity or its inverse, whichever has the higher mean Pearson r with the target."""
-    gray = (0.299 * image[:, 0] + 0.587 * image[:, 1] + 0.114 * image[:, 2]).unsqueeze(1)
-    inverse = 1.0 - gray
-    if metrics.pearson(inverse, target).mean() > metrics.pearson(gray, target).mean():
-        return "intensity (1 - gray)", inverse
-    return "intensity (gray)", gray
+def intensity_rows(image: Tensor, choice: BaselineChoice | None) -> dict[str, Tensor]:
+    """The intensity baseline under the generators' validation choice of sign; without one, both signs (choosing
+    the sign on the evaluated data would select a baseline on test)."""
+    gray = grayscale(image)
+    if choice is None:
+        return {"intensity (gray)": gray, "intensity (1 - gray)": 1.0 - gray}
+    if choice.image_inverted:
+        return {"intensity (1 - gray, val)": 1.0 - gray}
+    return {"intensity (gray, val)": gray}
 
 
 def random_maps(count: int, size: int, seed: int) -> Tensor:
@@ -252,8 +286,10 @@ def fidelity_means(pred: Tensor, target: Tensor) -> dict[str, float]:
 
 
 def faithfulness_means(model: nn.Module, images: Tensor, maps: Tensor, classes: Tensor, p_orig: Tensor,
-                       steps: int, road_idx: Tensor, batch_size: int, seed: int) -> dict[str, float]:
-    """Average Drop %, Increase in Confidence %, deletion/insertion AUC, ROAD combined (subset) of one method."""
+                       steps: int, road_idx: Tensor, batch_size: int, seed: int,
+                       insertion_start: Tensor | None = None) -> dict[str, float]:
+    """Average Drop %, Increase in Confidence %, deletion/insertion AUC, ROAD combined (subset) of one method;
+    with `insertion_start` (e.g. blurred images, as RISE) also the insertion AUC starting from it."""
     maps = maps.to(images.device)
     p_expl = metrics.class_probs(model, metrics.explanation_masked(images, maps), classes, batch_size)
     dele, ins = metrics.deletion_insertion_auc(model, images, maps, classes, steps, None, batch_size)
@@ -261,9 +297,13 @@ def faithfulness_means(model: nn.Module, images: Tensor, maps: Tensor, classes: 
     if len(road_idx):
         idx = road_idx.to(images.device)
         road = float(metrics.road_scores(model, images[idx], maps[idx], classes[idx], seed=seed)["combined"].mean())
-    return {"average_drop": metrics.average_drop(p_orig, p_expl),
-            "increase_in_confidence": metrics.increase_in_confidence(p_orig, p_expl),
-            "deletion_auc": float(dele.mean()), "insertion_auc": float(ins.mean()), "road_combined": road}
+    out = {"average_drop": metrics.average_drop(p_orig, p_expl),
+           "increase_in_confidence": metrics.increase_in_confidence(p_orig, p_expl),
+           "deletion_auc": float(dele.mean()), "insertion_auc": float(ins.mean()), "road_combined": road}
+    if insertion_start is not None:
+        _, ins_b = metrics.deletion_insertion_auc(model, images, maps, classes, steps, insertion_start, batch_size)
+        out["insertion_auc_blurred"] = float(ins_b.mean())
+    return out
 
 
 def localisation_means(maps: Tensor, masks: Tensor) -> dict[str, float]:
@@ -575,7 +615,8 @@ def _load_gans(cfg: EvalConfig, pf: PriorFile, device: torch.device, notes: list
 
 
 def _load_target_cnn(cfg: EvalConfig, pf: PriorFile, device: torch.device, notes: list[str]):
-    from cnnprior.cnn import cam_layers, load_cnn
+    from cnnprior.cnn import load_cnn
+    from cnnprior.priors import target_module
 
     cmeta = pf.meta.get("cnn") or {}
     path = cfg.cnn or cmeta.get("checkpoint") or ""
@@ -587,7 +628,7 @@ def _load_target_cnn(cfg: EvalConfig, pf: PriorFile, device: torch.device, notes
     if want and want != file_sha256(path):
         notes.append(f"warning: {path} differs from the checkpoint the priors were computed with (sha256 "
                      f"mismatch): the stored target maps explain another CNN")
-    name, layer = cam_layers(model)[-1]
+    name, layer = target_module(model, pf.meta)
     return model, meta, path, name, layer
 
 
@@ -602,8 +643,8 @@ def _fidelity_rows(gans: list[_Gan], d: dict, pf: PriorFile) -> dict[str, Tensor
     for k in range(pf.n):
         rows[labels[k].split(":")[0]] = d["priors"][:, k:k + 1]
     rows["mean of priors"] = d["priors"].mean(1, keepdim=True)
-    name, maps = intensity_baseline(d["image"], d["target"])
-    rows[name] = maps
+    choices = [BaselineChoice.from_dict((g.meta.get("priors_meta") or {}).get("baselines")) for g in gans]
+    rows.update(intensity_rows(d["image"], next((c for c in choices if c is not None), None)))
     return rows
 
 
@@ -665,7 +706,7 @@ def run_evaluation(cfg: EvalConfig, out: str | None = None, log: Log = print) ->
     # 2. faithfulness (maps_r: every method's maps at the CNN's input size, also used by localisation)
     t = time.time()
     sections = set(cfg.sections)
-    skipped = [s for s in EVAL_SECTIONS if s not in sections]
+    skipped = [s for s in known_sections() if s not in sections]
     if skipped:
         notes.append(f"sections not run: {', '.join(skipped)} (sections: {', '.join(cfg.sections) or '[]'})")
     R = int(cnn_meta["image_size"])
@@ -678,14 +719,20 @@ def run_evaluation(cfg: EvalConfig, out: str | None = None, log: Log = print) ->
             maps_r[CAM_TITLES[method]] = live_cams(cnn, last_layer, images_r, classes, method, cfg.batch_size).cpu()
         maps_r[_target_label(pf.meta)] = resize_maps(d["target"], R)
         maps_r["random"] = resize_maps(random_maps(count, S, cfg.seed), R)
+        for sigma in SMOOTHING_SIGMAS:  # matched smoothing: the target blurred at the map size S
+            maps_r[f"{_target_label(pf.meta)} σ={sigma}px"] = resize_maps(smooth_maps(d["target"], sigma), R)
     road_n = min(cfg.road_num, count) if "faithfulness" in sections else 0
     road_idx = torch.randperm(count, generator=torch.Generator().manual_seed(cfg.seed))[:road_n].sort().values
     p_orig = metrics.class_probs(cnn, images_r, classes, cfg.batch_size) if "faithfulness" in sections else None
     faithfulness = {}
+    fopts = _registry().options_of(cfg, "faithfulness")
+    start = None
+    if fopts.insertion == "blurred" and "faithfulness" in sections:
+        start = _registry().faithfulness.blurred_images(images_r, fopts.blur_sigma)
     for name, m in (maps_r.items() if "faithfulness" in sections else ()):
         t_m = time.time()
         faithfulness[name] = faithfulness_means(cnn, images_r, m, classes, p_orig, cfg.steps, road_idx,
-                                                cfg.batch_size, cfg.seed)
+                                                cfg.batch_size, cfg.seed, start)
         log(f"evaluate: faithfulness {name} ({time.time() - t_m:.1f}s)")
     if "faithfulness" not in sections:
         pass
@@ -703,7 +750,11 @@ def run_evaluation(cfg: EvalConfig, out: str | None = None, log: Log = print) ->
     elif pf.meta.get("has_masks"):
         t = time.time()
         masks_r = F.interpolate(d["mask"].unsqueeze(1), size=(R, R), mode="nearest")
-        localisation = {name: localisation_means(m, masks_r) for name, m in maps_r.items()}
+        # the blurred-noise "random" map is no fair chance level (its maxima sit at the border): the chance of a
+        # uniform random point, = the mask-area fraction (also a uniform map's energy share), replaces it
+        localisation = {name: localisation_means(m, masks_r) for name, m in maps_r.items() if name != "random"}
+        chance = float(pointing_chance(masks_r).mean())
+        localisation["chance (uniform random point)"] = {"pointing_game": chance, "energy_pointing_game": chance}
         if float(d["mask"].flatten(1).amax(1).min()) == 0:
             notes.append("some evaluated images have an empty mask: they count as misses in the pointing game")
         runtime["localisation"] = time.time() - t
@@ -727,7 +778,11 @@ def run_evaluation(cfg: EvalConfig, out: str | None = None, log: Log = print) ->
         generalisation = [_generalise(s, gans, cfg, count, device) for s in cfg.generalisation]
         runtime["generalisation"] = time.time() - t
 
-    # 6-7. the report
+    # 6. the registered sections (sanity checks), one class each (cnnprior.sections)
+    ctx = _registry().EvalContext(cfg, pf, d, count, cnn, cnn_meta, gans, device, notes, log)
+    registered = _registry().run_sections(ctx, cfg.sections, runtime)
+
+    # 7-8. the report
     t = time.time()
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
@@ -735,7 +790,7 @@ def run_evaluation(cfg: EvalConfig, out: str | None = None, log: Log = print) ->
         result = {
             "format": EVAL_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "config": dataclasses.asdict(cfg), "device": str(device), "images": count,
-            "sections_run": ["fidelity"] + [s for s in EVAL_SECTIONS if s in sections],
+            "sections_run": ["fidelity"] + [s for s in known_sections() if s in sections],
             "prior_file": {"path": str(pf.path), "records": len(pf), "size": S, "n": n,
                            "dataset": pf.meta.get("dataset"), "split": pf.meta.get("split"),
                            "method": pf.meta.get("method"), "target": pf.meta.get("target"),
@@ -749,6 +804,7 @@ def run_evaluation(cfg: EvalConfig, out: str | None = None, log: Log = print) ->
             "relevance": {k: {"labels": labels, **v} for k, v in relevance.items()},
             "generalisation": generalisation, "road_images": road_idx.tolist(),
             "deletion_insertion": {"steps": cfg.steps, "baseline": "black (zeros in [0,1] RGB input space)"},
+            **registered,
         }
         report = _build_report(cfg, result, gans, labels, tmp, notes)
         runtime["report"] = time.time() - t
@@ -804,6 +860,7 @@ FAITH_COLS = (("average_drop", "Average Drop % ↓", "min", ".1f"),
               ("increase_in_confidence", "Increase in Confidence % ↑", "max", ".1f"),
               ("deletion_auc", "Deletion AUC ↓", "min", ".3f"), ("insertion_auc", "Insertion AUC ↑", "max", ".3f"),
               ("road_combined", "ROAD combined ↑", "max", ".4f"))
+BLUR_COL = ("insertion_auc_blurred", "Insertion AUC (blurred start) ↑", "max", ".3f")
 LOC_COLS = (("pointing_game", "Pointing game ↑", "max", ".3f"),
             ("energy_pointing_game", "Energy pointing game ↑", "max", ".3f"))
 
@@ -826,7 +883,7 @@ def _build_report(cfg: EvalConfig, res: dict, gans: list[_Gan], labels: list[str
     tables: dict[str, Table] = {}
 
     rep.h("1. Fidelity to the target map")
-    rep.p(f"Mean over the images; the target is the stored {CAM_TITLES.get(pf['method'], pf['method'])} map of "
+    rep.p(f"Mean over the **N = {res['images']} images**; the target is the stored {CAM_TITLES.get(pf['method'], pf['method'])} map of "
           f"`{pf['target_layer']}` (priors.target: {pf['target']}). Best per column in bold.")
     tables["fidelity"] = _metric_table("method", res["fidelity"], FID_COLS)
     rep.table(tables["fidelity"])
@@ -839,9 +896,15 @@ def _build_report(cfg: EvalConfig, res: dict, gans: list[_Gan], labels: list[str
     else:
         rep.p(f"Images and maps upsampled from {pf['size']}px to {cnn['image_size']}px; explained class = the "
               f"record's `explained`; masking / deletion / insertion baseline = black (zeros in [0,1] RGB input "
-              f"space); deletion/insertion with {cfg.steps} steps; ROAD on a seeded random subset of **{road_n} of "
-              f"{res['images']} images**.")
-        tables["faithfulness"] = _metric_table("method", res["faithfulness"], FAITH_COLS)
+              f"space); **N = {res['images']} images**; deletion/insertion with {cfg.steps} steps; ROAD on a seeded "
+              f"random subset of **{road_n} of {res['images']} images**. `random`: uniform noise blurred with sigma "
+              f"S/16 (its maxima sit near the border); the σ rows are the target blurred at the map size, so methods "
+              f"can be compared at matched smoothing (these metrics reward smooth maps).")
+        blurred = any("insertion_auc_blurred" in v for v in res["faithfulness"].values())
+        if blurred:
+            rep.p("Insertion AUC (blurred start): insertion starting from a Gaussian-blurred copy of the image "
+                  "(as RISE does) instead of black.")
+        tables["faithfulness"] = _metric_table("method", res["faithfulness"], FAITH_COLS + (BLUR_COL,) * blurred)
         rep.table(tables["faithfulness"])
 
     rep.h("3. Localisation")
@@ -850,8 +913,10 @@ def _build_report(cfg: EvalConfig, res: dict, gans: list[_Gan], labels: list[str
     elif res["localisation"] is None:
         rep.p("Skipped: the prior file has no ground-truth masks.")
     else:
-        rep.p(f"Against the records' ground-truth masks, at {cnn['image_size']}px (masks upsampled nearest); the "
-              f"pointing game counts a hit when the map's maximum lies in the mask (no tolerance).")
+        rep.p(f"**N = {res['images']} images**, against the records' ground-truth masks, at {cnn['image_size']}px "
+              f"(masks upsampled nearest); the pointing game counts a hit when the map's maximum lies in the mask "
+              f"(no tolerance). Chance: a uniform random point hits the mask with probability = its area fraction "
+              f"(a uniform map's energy share is the same); σ rows: the target blurred at the map size.")
         tables["localisation"] = _metric_table("method", res["localisation"], LOC_COLS)
         rep.table(tables["localisation"])
 
@@ -911,6 +976,8 @@ def _build_report(cfg: EvalConfig, res: dict, gans: list[_Gan], labels: list[str
             notes.append(f"{g.label}: its checkpoint holds no per-epoch validation history")
     if not curves:
         rep.p("No training history in the checkpoints.")
+    reg = _registry()
+    reg.render_sections(rep, {s: res[s] for s in res["sections_run"] if s in reg.SECTIONS}, folder, 7)
     return rep, tables
 
 
@@ -953,7 +1020,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 description="Evaluate LSFT/GSFT generators: fidelity, faithfulness, localisation, "
                                             "prior relevance, generalisation -> outputs/eval-<name>-<timestamp>/",
-                                epilog="config keys (override with --set key=value):\n" + _describe_keys())
+                                epilog="config keys (override with --set key=value):\n" + _describe_keys()
+                                + "\nsection options (a mapping under the section's name; --set section.key=value):\n"
+                                + _registry().describe_options())
     p.add_argument("--config", required=True, help="evaluation YAML (see configs/eval_*.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value (repeatable)")

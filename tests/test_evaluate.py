@@ -13,10 +13,12 @@ import torch
 import yaml
 
 from cnnprior import evaluate, metrics
-from cnnprior.cnn import build_cnn, conv_layers, save_cnn
+from cnnprior.baselines import BaselineChoice
+from cnnprior.cnn import build_cnn, save_cnn
 from cnnprior.config import load_config
 from cnnprior.evaluate import main, prior_relevance
 from cnnprior.gan import run_gan_stage
+from cnnprior.layers import conv_layers
 from cnnprior.models import build_generator
 from cnnprior.models.sft import SFTResBlock
 from cnnprior.priors import PRIORS_FORMAT, PriorExtractor, PriorSpec, PriorWriter, make_records, read_priors
@@ -39,13 +41,13 @@ def _shapes(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _write_real_priors(path: Path, cnn_path: Path, model, count: int = COUNT, n: int = N, seed: int = 0,
-                       has_masks: bool = True) -> Path:
+                       has_masks: bool = True, split: str = "test") -> Path:
     """A prior file made the way the priors stage makes it (real extractor, its sidecar keys)."""
     extractor = PriorExtractor(model, conv_layers(model), PriorSpec(size=SIZE, n=n))
     images, masks = _shapes(count, seed)
     labels = torch.arange(count) % len(CLASSES)
     out = extractor(images, labels)
-    meta = {"format": PRIORS_FORMAT, **extractor.spec.as_dict(), **extractor.describe(), "split": "test",
+    meta = {"format": PRIORS_FORMAT, **extractor.spec.as_dict(), **extractor.describe(), "split": split,
             "dataset": "shapes" if has_masks else "noise", "class_names": CLASSES, "has_masks": has_masks,
             "cnn": {"arch": "resnet18", "checkpoint": str(cnn_path), "checkpoint_sha256": file_sha256(cnn_path),
                     "image_size": 32, "val_accuracy": 0.5}, "config": {}}
@@ -65,9 +67,10 @@ def tiny(tmp_path_factory) -> dict:
     main_priors = _write_real_priors(root / "npys" / "tiny-test.npy", cnn_path, model)
     other = _write_real_priors(root / "npys" / "other-test.npy", cnn_path, model, count=6, seed=3, has_masks=False)
     wrong_n = _write_real_priors(root / "npys" / "n3-test.npy", cnn_path, model, count=4, n=3, seed=4)
+    val_priors = _write_real_priors(root / "npys" / "tiny-val.npy", cnn_path, model, seed=5, split="val")
     ckpts = {}
     for variant in ("lsft", "gsft"):
-        cfg = load_config(gan_config(root, main_priors, main_priors, variant=variant, epochs=2, depth=1))
+        cfg = load_config(gan_config(root, main_priors, val_priors, variant=variant, epochs=2, depth=1))
         ckpts[variant] = run_gan_stage(cfg, log=lambda _m: None)["last"]  # "last" holds both epochs
     config = root / "eval.yaml"
     config.write_text(yaml.safe_dump({
@@ -94,13 +97,19 @@ def test_end_to_end_tables_filled(report, tiny):
     m = report["metrics"]
     assert m["images"] == COUNT
     assert list(m["fidelity"]) == ["LSFT", "GSFT", "C0", "C1", "C2", "C3", "mean of priors", m_intensity(m)]
+    smoothed = [f"target (stored Grad-CAM) σ={s}px" for s in (2, 4, 8)]  # matched smoothing
     assert list(m["faithfulness"]) == ["LSFT", "GSFT", "Grad-CAM", "Grad-CAM++", "LayerCAM",
-                                       "target (stored Grad-CAM)", "random"]
-    assert list(m["localisation"]) == list(m["faithfulness"])
+                                       "target (stored Grad-CAM)", "random", *smoothed]
+    # the blurred-noise map is no chance level for the pointing game: a uniform random point is
+    assert list(m["localisation"]) == [k for k in m["faithfulness"] if k != "random"] + [
+        "chance (uniform random point)"]
     for section in ("fidelity", "faithfulness", "localisation"):
         assert _finite(m[section]), section
     # numbers, not just presence: the mean-of-priors row against a direct computation
     d = read_priors(tiny["priors"]).tensors()
+    chance = float(d["mask"].mean())  # the masks' area fraction (nearest 2x upsampling keeps it)
+    assert m["localisation"]["chance (uniform random point)"] == {"pointing_game": pytest.approx(chance),
+                                                                  "energy_pointing_game": pytest.approx(chance)}
     mean = d["priors"].mean(1, keepdim=True)
     assert m["fidelity"]["mean of priors"]["l1"] == pytest.approx(float(metrics.l1(mean, d["target"]).mean()), abs=1e-6)
     assert m["fidelity"]["C0"]["r"] == pytest.approx(float(metrics.pearson(d["priors"][:, :1], d["target"]).mean()),
@@ -252,13 +261,14 @@ def test_gan_that_does_not_fit_the_prior_file_is_a_user_error(tiny, tmp_path, ca
     assert rc == 2 and "n=4 priors but" in err and len(err.splitlines()) == 1
 
 
-def test_intensity_baseline_picks_the_better_sign():
+def test_intensity_baseline_uses_the_validation_sign():
     image = torch.rand(2, 3, 12, 12)
     gray = (0.299 * image[:, 0] + 0.587 * image[:, 1] + 0.114 * image[:, 2]).unsqueeze(1)
-    assert evaluate.intensity_baseline(image, gray)[0] == "intensity (gray)"
-    name, maps = evaluate.intensity_baseline(image, 1 - gray)
-    assert name == "intensity (1 - gray)" and torch.allclose(maps, 1 - gray)
+    inverted = BaselineChoice(0, True, "image", "val.npy", {})
+    ((name, maps),) = evaluate.intensity_rows(image, inverted).items()
+    assert name == "intensity (1 - gray, val)" and torch.allclose(maps, 1 - gray)
     assert np.isclose(float(metrics.pearson(maps, 1 - gray).mean()), 1.0)
+    assert list(evaluate.intensity_rows(image, None)) == ["intensity (gray)", "intensity (1 - gray)"]
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("eval_*.yaml")),
@@ -282,7 +292,8 @@ def test_no_masks_no_gans_no_road(tiny, tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     assert m["localisation"] is None and m["relevance"] == {} and m["images"] == 6
     assert all(row["road_combined"] is None for row in m["faithfulness"].values())
-    assert list(m["faithfulness"]) == ["Grad-CAM", "Grad-CAM++", "LayerCAM", "target (stored Grad-CAM)", "random"]
+    assert list(m["faithfulness"])[:5] == ["Grad-CAM", "Grad-CAM++", "LayerCAM", "target (stored Grad-CAM)", "random"]
+    assert len(m["faithfulness"]) == 8 and "insertion_auc_blurred" not in m["faithfulness"]["random"]
     md = (out / "report.md").read_text()
     assert "ROAD skipped (road_num: 0)" in md and "localisation skipped" in md and "no lsft checkpoint" in md
 
