@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import re
-import signal
 import sys
 import time
 import zipfile
@@ -23,7 +21,18 @@ from tqdm import tqdm
 from cnnprior.config import ARCHS, Config, save_config, to_dict
 from cnnprior.data import load_split
 from cnnprior.errors import UserError, cli_main
-from cnnprior.runtime import atomic_torch_save, file_sha256, load_checkpoint, resolve_device, seed_everything
+from cnnprior.runtime import (
+    Log,
+    atomic_torch_save,
+    epoch_order,
+    file_sha256,
+    load_checkpoint,
+    resolve_device,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
+from cnnprior.testhooks import TestHooks
 
 CNN_FORMAT = "cnnprior-cnn/1"
 CNN_STATE_FORMAT = "cnnprior-cnn-state/1"  # the classifier stage's full-state `-last.pt` (for --resume)
@@ -182,8 +191,6 @@ class EpochBatches:
         return self.batches - self.start
 
     def __iter__(self) -> Iterator[list[int]]:
-        from cnnprior.gan import epoch_order
-
         order = epoch_order(self.seed, self.epoch, self.count).tolist()
         for b in range(self.start, self.batches):
             yield order[b * self.batch_size:(b + 1) * self.batch_size]
@@ -239,8 +246,6 @@ class _ClassifierRun:
 
     def save_state(self, path: Path, seconds: float) -> None:
         """Atomically write the full state (weights, optimiser, scheduler, RNGs, progress) for --resume."""
-        from cnnprior.gan import rng_state
-
         atomic_torch_save({
             "format": CNN_STATE_FORMAT, "model": {k: v.detach().cpu() for k, v in self.model.net.state_dict().items()},
             "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "rng": rng_state(self.device),
@@ -250,8 +255,6 @@ class _ClassifierRun:
 
     def restore(self, state: dict, path: Path) -> None:
         """Continue from a `save_state` file (already checked against the config by prepare_cnn_outputs)."""
-        from cnnprior.gan import set_rng_state
-
         if state["class_names"] != list(self.model.class_names) or state["train_count"] != self.train_count:
             raise UserError(f"{path}: trained on {state['train_count']} images of classes {state['class_names']}, "
                             f"the data now gives {self.train_count} of {list(self.model.class_names)}; resume with "
@@ -265,10 +268,8 @@ class _ClassifierRun:
 
     def train_epoch(self, loader: DataLoader, sampler: EpochBatches, last: Path, elapsed: Callable[[], float]) -> None:
         """Train the rest of the current epoch; `last` every cnn.checkpoint_every steps (not at its end)."""
-        from cnnprior.gan import KILL_ENV
-
         p, every = self.progress, self.cfg.cnn.checkpoint_every
-        kill_at = int(os.environ.get(KILL_ENV, "0") or 0)
+        hooks = TestHooks()
         sampler.set_epoch(p["epoch"], p["batch"])
         self.model.train()
         bar = tqdm(total=sampler.batches, initial=p["batch"], desc=f"epoch {p['epoch'] + 1}/{self.cfg.cnn.epochs}",
@@ -291,8 +292,7 @@ class _ClassifierRun:
             p["batch"], p["step"] = p["batch"] + 1, p["step"] + 1
             bar.update(1)
             bar.set_postfix(loss=f"{p['loss']:.3f}", acc=f"{p['acc']:.3f}")
-            if kill_at and p["step"] == kill_at:
-                os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+            hooks.after_step(p["step"])
             if every and p["step"] % every == 0 and p["batch"] < sampler.batches:
                 self.save_state(last, elapsed())
         bar.close()
@@ -326,7 +326,7 @@ def _loaders(cfg: Config, train_set, val_set, device: torch.device) -> tuple[Dat
     return train, sampler, val
 
 
-def train_cnn(cfg: Config, resume: bool = False, overwrite: bool = False, log: Callable[[str], object] = print) -> dict:
+def train_cnn(cfg: Config, resume: bool = False, overwrite: bool = False, log: Log = print) -> dict:
     """The classifier stage: train the target CNN; keep the best-validation checkpoint and a full-state `last`."""
     state = prepare_cnn_outputs(cfg, resume, overwrite)
     device, paths, t0 = resolve_device(cfg.cnn.device), cnn_paths(cfg), time.time()

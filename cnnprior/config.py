@@ -347,12 +347,9 @@ def from_dict(d: dict, where: str = "saved config") -> Config:
 
 def save_config(cfg: Config, path: str | os.PathLike) -> Path:
     """Write the resolved config as YAML next to a run's outputs (atomically)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
-    os.replace(tmp, p)
-    return p
+    from cnnprior.runtime import atomic_write_text  # (imports torch: only when a config is saved)
+
+    return atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def describe_keys() -> str:

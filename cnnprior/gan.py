@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
-import random
-import signal
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -26,7 +23,17 @@ from cnnprior.errors import UserError
 from cnnprior.metrics import fidelity
 from cnnprior.models import GSFTGenerator, LSFTGenerator, build_discriminator, build_generator
 from cnnprior.priors import PriorFile, read_priors
-from cnnprior.runtime import atomic_torch_save, load_checkpoint, resolve_device, seed_everything
+from cnnprior.runtime import (
+    Log,
+    atomic_torch_save,
+    epoch_order,
+    load_checkpoint,
+    resolve_device,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
+from cnnprior.testhooks import TestHooks
 
 GAN_FORMAT = "cnnprior-gan/1"
 GENERATOR_CLASSES = {"lsft": LSFTGenerator, "gsft": GSFTGenerator}
@@ -40,13 +47,8 @@ SCHEMA_KEYS = frozenset({"format", "variant", "generator_config", "generator", "
 # Checkpoint entries that are training state, not description (left out of load_generator's meta).
 STATE_KEYS = ("generator", "discriminator", "optim_g", "optim_d", "rng", "data_order", "epoch_sums")
 EPOCH_STATS = ("d_real", "d_fake", "g_adv", "l1", "d_loss")
-# Test hooks: SIGKILL this process right after global step N is trained (before that step's checkpoint);
-# write each rank's final weight hashes into a folder.
-KILL_ENV = "CNNPRIOR_TEST_KILL_AT_STEP"
-DUMP_ENV = "CNNPRIOR_TEST_DUMP_DIR"
 
 T = TypeVar("T")
-Log = Callable[[str], Any]
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -168,12 +170,6 @@ def load_gan_data(cfg: Config) -> tuple[MapData, MapData, dict]:
     return train_data, val_data, meta
 
 
-def epoch_order(seed: int, epoch: int, count: int) -> Tensor:
-    """The shuffled sample order of one epoch: a function of (seed, epoch) only, never of earlier epochs."""
-    mixed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
-    return torch.randperm(count, generator=torch.Generator().manual_seed(mixed))
-
-
 def shard(order: Tensor, rank: int, world: int) -> Tensor:
     """DistributedSampler semantics: pad by wrapping to a multiple of `world`, then every world-th from rank."""
     if world == 1:
@@ -218,31 +214,6 @@ def state_sha256(state: dict[str, Tensor]) -> str:
         # reshape(-1) gives unit strides even where size-1 dims of a channels_last weight have odd ones
         h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def rng_state(device: torch.device) -> dict:
-    """Python, numpy and torch RNG states as tensors and primitives (loadable with weights_only=True)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    version, py_state, gauss_next = random.getstate()
-    state = {"torch": torch.get_rng_state(),
-             "numpy": {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-                       "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-             "python": {"version": int(version), "state": [int(x) for x in py_state], "gauss_next": gauss_next}}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    """Restore what `rng_state` saved."""
-    torch.set_rng_state(state["torch"])
-    npst = state["numpy"]
-    np.random.set_state((npst["name"], npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"],
-                         npst["cached_gaussian"]))
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 # ----------------------------------------------------------------------------------------- processes
@@ -584,7 +555,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, log: Log, ctx: _Dist, dev
     if epoch >= gc.epochs:
         log(f"gan: nothing to do ({epoch} of {gc.epochs} epochs done; raise gan.epochs to train on)")
 
-    kill_at = int(os.environ.get(KILL_ENV, "0") or 0)
+    hooks = TestHooks()
 
     def save(path: Path, batch_in_epoch: int, done_epochs: int, data_order: Tensor, epoch_sums: Tensor) -> None:
         atomic_torch_save({
@@ -615,8 +586,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, log: Log, ctx: _Dist, dev
             bar.update(1)
             if ctx.main and b % 10 == 0:
                 bar.set_postfix(l1=f"{stats[3].item():.3f}", d_real=f"{stats[0].item():.2f}")
-            if kill_at and step == kill_at:
-                os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+            hooks.after_step(step)
             if gc.checkpoint_every and step % gc.checkpoint_every == 0 and b + 1 < batches:
                 # every rank resumes with the ranks' mean partial sums, so the epoch's all-reduced total is right
                 partial = _all_sum(ctx, sums.clone()) / ctx.world
@@ -638,12 +608,8 @@ def _train(cfg: Config, resume: bool, overwrite: bool, log: Log, ctx: _Dist, dev
             save(paths["last"], 0, epoch, epoch_order(gc.seed, epoch, len(train_data)), sums)
         log(_fmt_epoch(epoch, gc.epochs, entry))
 
-    if os.environ.get(DUMP_ENV):
-        dump = Path(os.environ[DUMP_ENV])
-        dump.mkdir(parents=True, exist_ok=True)
-        (dump / f"rank{ctx.rank}.json").write_text(json.dumps(
-            {"generator": state_sha256(_cpu_state(tr.g)), "discriminator": state_sha256(_cpu_state(tr.d)),
-             "step": step, "world_size": ctx.world}))
+    hooks.dump(ctx.rank, lambda: {"generator": state_sha256(_cpu_state(tr.g)),
+                                  "discriminator": state_sha256(_cpu_state(tr.d)), "step": step, "world_size": ctx.world})
     best = max(history, key=lambda h: h["val_r"], default=None)
     if best is not None and ctx.rank == 0 and paths["best"].is_file():
         export_generator(paths["best"], paths["export"], history=history)

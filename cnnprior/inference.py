@@ -9,7 +9,6 @@ import re
 import shlex
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from cnnprior.baselines import BaselineChoice, baseline_maps, rescale
 from cnnprior.baselines import label as baseline_label
 from cnnprior.errors import UserError, cli_main
 from cnnprior.metrics import bootstrap_ci
+from cnnprior.runtime import Log, publish_folder, temp_folder
 
 DEFAULT_NAME = "fashion_resnet18"
 DEFAULT_CONFIG = f"configs/{DEFAULT_NAME}.yaml"
@@ -48,8 +48,6 @@ CAM_TITLES = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "xgradcam": "XGr
               "hirescam": "HiResCAM"}
 STEM_CHARS = 80  # an input's stem is cut to this many characters in output names
 RUN_MARKER = "metrics.json"  # a folder holding it is an inference run; only such a folder may be replaced
-
-Log = Callable[[str], None]
 
 
 def _warn(msg: str) -> None:
@@ -273,8 +271,7 @@ class RunFolder:
         if self.fixed is not None:
             self._check_fixed(overwrite)
         try:
-            parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.name}.", suffix=".partial", dir=parent))
+            self.tmp = temp_folder(parent / self.name)
         except OSError as exc:
             raise UserError(f"{self.fixed or parent}: cannot create the output folder ({exc.strerror or exc})") \
                 from None
@@ -294,21 +291,12 @@ class RunFolder:
 
     def commit(self) -> Path:
         """Rename the finished temp folder into place and return its final path."""
-        os.chmod(self.tmp, 0o755)  # mkdtemp makes it private; results are meant to be shared
         if self.fixed is not None:
+            os.chmod(self.tmp, 0o755)  # mkdtemp makes it private; results are meant to be shared
             self.final = self._commit_fixed()
-            return self.final
-        for k in range(1, 10_000):
-            cand = self.parent / (self.name if k == 1 else f"{self.name}-{k}")
-            if cand.exists():
-                continue
-            try:
-                os.rename(self.tmp, cand)
-            except OSError:  # created meanwhile by a concurrent run: try the next suffix
-                continue
-            self.final = cand
-            return cand
-        raise UserError(f"{self.parent}: no free name for {self.name}")  # pragma: no cover
+        else:
+            self.final = publish_folder(self.tmp, self.parent / self.name)
+        return self.final
 
     def _commit_fixed(self) -> Path:
         d = self.fixed

@@ -1,4 +1,5 @@
-"""Run-time plumbing shared by every stage: devices, seeding, atomic files, hashes, safe checkpoint loading."""
+"""Run-time plumbing shared by every stage: devices, seeding and RNG state, epoch orders, the output layer (atomic
+files and checkpoints, folders published by rename), hashes, safe checkpoint loading."""
 
 from __future__ import annotations
 
@@ -6,13 +7,16 @@ import hashlib
 import os
 import random
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 
 from cnnprior.errors import UserError
+
+Log = Callable[[str], Any]  # where a stage reports progress (print by default)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -31,6 +35,37 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def epoch_order(seed: int, epoch: int, count: int) -> torch.Tensor:
+    """The shuffled sample order of one epoch: a function of (seed, epoch) only, never of earlier epochs."""
+    mixed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+    return torch.randperm(count, generator=torch.Generator().manual_seed(mixed))
+
+
+def rng_state(device: torch.device) -> dict:
+    """Python, numpy and torch RNG states as tensors and primitives (loadable with weights_only=True)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, py_state, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                       "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "python": {"version": int(version), "state": [int(x) for x in py_state], "gauss_next": gauss_next}}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore what `rng_state` saved."""
+    torch.set_rng_state(state["torch"])
+    npst = state["numpy"]
+    np.random.set_state((npst["name"], npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"],
+                         npst["cached_gaussian"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 def atomic_path(path: str | os.PathLike) -> tuple[Path, Path]:
     """(final path, a temp path in the same folder) for write-then-rename."""
     p = Path(path)
@@ -41,31 +76,60 @@ def atomic_path(path: str | os.PathLike) -> tuple[Path, Path]:
     return p, Path(tmp)
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """torch.save to a temp file, fsync, then rename over `path`: a crash never leaves a half-written file."""
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any], fsync: bool = False) -> Path:
+    """write(file) into a temp file beside `path`, then rename it over `path`: readers never see half a file."""
     p, tmp = atomic_path(path)
     try:
         with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
+            write(fh)
+            if fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, p)
     finally:
         if tmp.exists():
             tmp.unlink()
     return p
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write a file's bytes atomically."""
+    return atomic_write(path, lambda fh: fh.write(data))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write a text file atomically."""
-    p, tmp = atomic_path(path)
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, p)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return p
+    """Write a UTF-8 text file atomically."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """torch.save to a temp file, fsync, then rename over `path`: a crash never leaves a half-written file."""
+    return atomic_write(path, lambda fh: torch.save(obj, fh), fsync=True)
+
+
+def temp_folder(final: str | os.PathLike) -> Path:
+    """A hidden `.<name>.*.partial` folder beside `final`, to be filled and then published by `publish_folder`."""
+    p = Path(final)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{p.name}.", suffix=".partial", dir=p.parent))
+
+
+def publish_folder(tmp: str | os.PathLike, final: str | os.PathLike, tries: int = 10_000) -> Path:
+    """Rename a finished temp folder to `final`, never over an existing one: then `final`-2, -3, ... is used.
+
+    The name is reserved with mkdir first (atomic), so two runs never publish into the same folder.
+    """
+    final = Path(final)
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; results are meant to be shared
+    for i in range(1, tries):
+        dest = final if i == 1 else final.with_name(f"{final.name}-{i}")
+        try:
+            dest.mkdir()
+        except FileExistsError:
+            continue
+        os.rename(tmp, dest)  # replaces our own empty folder
+        return dest
+    raise UserError(f"{final}: no free folder name")  # pragma: no cover
 
 
 def file_sha256(path: str | os.PathLike, limit: int | None = None) -> str:

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import html
 import os
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
-from typing import BinaryIO
+from collections.abc import Mapping, Sequence
 
 import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
+
+from cnnprior.runtime import atomic_write
 
 PathLike = str | os.PathLike
 
@@ -28,24 +27,6 @@ _MIN_FONT_SIZE = 8
 # Pixels handled per step in invert_colormap; bounds its temporary memory to a few tens of MB.
 _INVERT_CHUNK = 1 << 20
 _DIST_CHUNK = 1 << 14
-
-
-def _atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> None:
-    """Write a file through a temporary file in the same directory, then rename it into place."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        # mkstemp creates 0600; results are meant to be read by others (served HTML, shared runs).
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 @functools.lru_cache(maxsize=16)
@@ -165,7 +146,7 @@ def save_png(path: PathLike, array: np.ndarray) -> None:
     if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)):
         raise ValueError(f"save_png needs uint8 (H, W) or (H, W, 3), got {array.dtype} {array.shape}")
     img = Image.fromarray(np.ascontiguousarray(array))
-    _atomic_write(path, lambda f: img.save(f, format="PNG"))
+    atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
 def upscale(array: np.ndarray, factor: int) -> np.ndarray:
@@ -248,7 +229,7 @@ def make_sheet(
             tile = _cell_image(image, cell)
             sheet.paste(tile, (x_of(col) + (cell - tile.width) // 2, y + (cell - tile.height) // 2))
         y += cell + SHEET_PAD
-    _atomic_write(path, lambda f: sheet.save(f, format="PNG"))
+    atomic_write(path, lambda f: sheet.save(f, format="PNG"))
 
 
 def _cell_text(value: object) -> str:
@@ -309,13 +290,13 @@ def write_index_html(
         parts.append(f"<dt>{e(str(key))}</dt><dd>{e(str(value))}</dd>")
     parts.append("</dl></body></html>\n")
     text = "\n".join(parts).encode("utf-8")
-    _atomic_write(path, lambda f: f.write(text))
+    atomic_write(path, lambda f: f.write(text))
 
 
 def _save_figure(fig: Figure, path: PathLike) -> None:
     """Render a Figure with the Agg canvas to a PNG, atomically."""
     canvas = FigureCanvasAgg(fig)
-    _atomic_write(path, lambda f: canvas.print_png(f))
+    atomic_write(path, lambda f: canvas.print_png(f))
 
 
 def bar_chart(

@@ -34,8 +34,9 @@ from cnnprior.cnn import (
 from cnnprior.config import ARCHS, to_dict
 from cnnprior.data import SHAPE_CLASSES, load_split
 from cnnprior.errors import UserError
-from cnnprior.gan import KILL_ENV, epoch_order
 from cnnprior.layers import conv_layers
+from cnnprior.runtime import epoch_order
+from cnnprior.testhooks import KILL_ENV
 
 # conv layers per architecture: all of them run in a forward pass (numbers from torchvision's definitions)
 CONV_COUNTS = {"resnet18": 20, "resnet34": 36, "resnet50": 53, "vgg11": 8, "vgg11_bn": 8, "vgg16": 13, "vgg16_bn": 13,

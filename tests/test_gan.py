@@ -17,22 +17,18 @@ from cnnprior.cli import train_main
 from cnnprior.config import load_config
 from cnnprior.errors import UserError
 from cnnprior.gan import (
-    DUMP_ENV,
     GAN_FORMAT,
-    KILL_ENV,
     MapData,
-    epoch_order,
     load_generator,
-    rng_state,
     run_gan_stage,
-    set_rng_state,
     shard,
     state_sha256,
 )
 from cnnprior.metrics import fidelity
 from cnnprior.models import build_generator
 from cnnprior.priors import read_priors
-from cnnprior.runtime import seed_everything
+from cnnprior.runtime import epoch_order, rng_state, seed_everything, set_rng_state
+from cnnprior.testhooks import DUMP_ENV, KILL_ENV
 
 SCHEMA = {"format", "variant", "generator_config", "generator", "discriminator_config", "discriminator", "optim_g",
           "optim_d", "epoch", "step", "batch_in_epoch", "rng", "data_order", "config", "priors_meta", "metrics",
