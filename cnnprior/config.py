@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from cnnprior import cams
 from cnnprior.errors import UserError
 
 
@@ -28,7 +29,6 @@ def _opt(default: Any, *, choices: tuple | None = None, lo: float | None = None,
 SOURCES = ("shapes", "fashion_mnist", "cifar10", "imagefolder")
 ARCHS = ("resnet18", "resnet34", "resnet50", "vgg11", "vgg11_bn", "vgg16", "vgg16_bn", "densenet121",
          "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "inception_v3")
-CAM_METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam")
 
 
 @dataclass
@@ -78,7 +78,7 @@ class PriorsConfig:
 
     size: int = _opt(64, lo=8, hi=1024, help="prior/map size S in pixels")
     n: int = _opt(8, lo=1, hi=64, help="number of cumulative priors kept")
-    method: str = _opt("gradcam", choices=CAM_METHODS, help="CAM method for the per-layer maps")
+    method: str = _opt(cams.DEFAULT, choices=cams.NAMES, help="CAM method for the per-layer maps")
     order: str = _opt("output_to_input", choices=("output_to_input", "input_to_output"),
                       help="order in which per-layer maps are cumulatively averaged")
     target: str = _opt("final", choices=("final", "last_conv", "first", "last"),

@@ -83,7 +83,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cnnprior import metrics, viz
+from cnnprior import cams, metrics, viz
 from cnnprior.baselines import BaselineChoice, grayscale
 from cnnprior.config import (
     EVAL_SECTIONS,
@@ -96,14 +96,12 @@ from cnnprior.config import (
     read_yaml_mapping,
 )
 from cnnprior.errors import UserError, cli_main
-from cnnprior.inference import CAM_TITLES
-from cnnprior.priors import CAM_CLASSES, PriorFile, read_priors
+from cnnprior.priors import PriorFile, read_priors
 from cnnprior.runtime import file_sha256, resolve_device
 from cnnprior.sanity import SMOOTHING_SIGMAS, pointing_chance, smooth_maps
 
 EVAL_FORMAT = "cnnprior-eval/1"
 VARIANTS = ("lsft", "gsft")
-LIVE_CAMS = ("gradcam", "gradcam++", "layercam")  # computed live at the CNN's last conv layer
 SSIM_MIN = 11  # metrics.ssim's window
 Log = Callable[[str], Any]
 
@@ -264,7 +262,7 @@ def live_cams(model: nn.Module, layer: nn.Module, images: Tensor, classes: Tenso
     """CAM maps (B, 1, H, W) in [0, 1] of `layer` for each image's class, by pytorch-grad-cam's `method` class."""
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    cam = CAM_CLASSES[method](model=model, target_layers=[layer])
+    cam = cams.cam_class(method)(model=model, target_layers=[layer])
     out = []
     try:  # not `with cam:` — its __exit__ swallows IndexError
         for i in range(0, len(images), batch_size):
@@ -634,7 +632,7 @@ def _load_target_cnn(cfg: EvalConfig, pf: PriorFile, device: torch.device, notes
 
 def _target_label(meta: dict) -> str:
     method = meta.get("method") or "map"
-    return f"target (stored {CAM_TITLES.get(method, method)})"
+    return f"target (stored {cams.title(method)})"
 
 
 def _fidelity_rows(gans: list[_Gan], d: dict, pf: PriorFile) -> dict[str, Tensor]:
@@ -715,8 +713,8 @@ def run_evaluation(cfg: EvalConfig, out: str | None = None, log: Log = print) ->
     maps_r: dict[str, Tensor] = {}
     if "faithfulness" in sections or ("localisation" in sections and pf.meta.get("has_masks")):
         maps_r = {g.label: resize_maps(g.maps, R) for g in gans}
-        for method in LIVE_CAMS:
-            maps_r[CAM_TITLES[method]] = live_cams(cnn, last_layer, images_r, classes, method, cfg.batch_size).cpu()
+        for method in cams.LIVE:
+            maps_r[cams.title(method)] = live_cams(cnn, last_layer, images_r, classes, method, cfg.batch_size).cpu()
         maps_r[_target_label(pf.meta)] = resize_maps(d["target"], R)
         maps_r["random"] = resize_maps(random_maps(count, S, cfg.seed), R)
         for sigma in SMOOTHING_SIGMAS:  # matched smoothing: the target blurred at the map size S
@@ -883,7 +881,7 @@ def _build_report(cfg: EvalConfig, res: dict, gans: list[_Gan], labels: list[str
     tables: dict[str, Table] = {}
 
     rep.h("1. Fidelity to the target map")
-    rep.p(f"Mean over the **N = {res['images']} images**; the target is the stored {CAM_TITLES.get(pf['method'], pf['method'])} map of "
+    rep.p(f"Mean over the **N = {res['images']} images**; the target is the stored {cams.title(pf['method'])} map of "
           f"`{pf['target_layer']}` (priors.target: {pf['target']}). Best per column in bold.")
     tables["fidelity"] = _metric_table("method", res["fidelity"], FID_COLS)
     rep.table(tables["fidelity"])

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from cnnprior import cams
 from cnnprior.baselines import BaselineChoice, baseline_maps, rescale
 from cnnprior.baselines import label as baseline_label
 from cnnprior.errors import UserError, cli_main
@@ -44,8 +45,6 @@ SHEET_CELL = 128
 OVERLAY_ALPHA = 0.5
 SUBDIRS = ("inputs", "gradcam", "gan", "overlays")
 SCORES = ("l1", "r", "ssim")
-CAM_TITLES = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "xgradcam": "XGradCAM", "layercam": "LayerCAM",
-              "hirescam": "HiResCAM"}
 STEM_CHARS = 80  # an input's stem is cut to this many characters in output names
 RUN_MARKER = "metrics.json"  # a folder holding it is an inference run; only such a folder may be replaced
 
@@ -145,7 +144,7 @@ def prior_file_input(path: str | None, pm: dict, variant: str, checkpoint: Path,
 
 def _target_text(m: dict) -> str:
     layer = f" ({m['target_layer']})" if m.get("target_layer") else ""
-    return f"{CAM_TITLES.get(m.get('method'), m.get('method'))} of the {m.get('target')} conv layer{layer}"
+    return f"{cams.title(m.get('method'))} of the {m.get('target')} conv layer{layer}"
 
 
 def _priors_text(m: dict) -> str:
@@ -203,7 +202,7 @@ def _layer_differences(described: dict, pm: dict, cnn_arch: str) -> list[str]:
 def image_input(paths: Sequence[str], cnn_path: str | None, pm: dict, device: torch.device, limit: int) -> InputSet:
     """Samples from image files: priors and the target map computed on the fly from the CNN checkpoint."""
     from cnnprior.cnn import load_cnn
-    from cnnprior.priors import CAM_CLASSES, extractor_from, make_records, spec_from_sidecar
+    from cnnprior.priors import extractor_from, make_records, spec_from_sidecar
     from cnnprior.runtime import file_sha256
 
     if not cnn_path:
@@ -211,9 +210,9 @@ def image_input(paths: Sequence[str], cnn_path: str | None, pm: dict, device: to
         if not Path(cnn_path).is_file():
             raise _default_missing(cnn_path, "CNN checkpoint",
                                    f"python train.py --config {DEFAULT_CONFIG} --stage classifier")
-    if pm.get("method") not in CAM_CLASSES:
+    if pm.get("method") not in cams.METHODS:
         raise UserError(f"the generator was trained on {pm.get('method')!r} priors, which --images cannot compute "
-                        f"(known CAM methods: {', '.join(CAM_CLASSES)}); use --priors")
+                        f"(known CAM methods: {', '.join(cams.NAMES)}); use --priors")
     spec = spec_from_sidecar(pm, explain="predicted")
     notes = []
     if pm.get("explain") not in (None, "predicted"):
@@ -518,7 +517,7 @@ def run(opts: Options, log: Log = print) -> tuple[Path, dict]:
         bar.close()
 
         scores, chosen = table.resolve()
-        cam = CAM_TITLES.get(pm.get("method"), str(pm.get("method")))
+        cam = str(cams.title(pm.get("method")))
         make_sheet(sheet_rows, ["input", cam, opts.variant.upper() + " GAN", "overlay"], folder.tmp / "sheet.png",
                    cell=SHEET_CELL, titles=titles)
         gm = gmeta.get("metrics") or {}

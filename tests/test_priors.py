@@ -18,13 +18,13 @@ from pytorch_grad_cam.activations_and_gradients import ActivationsAndGradients
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
+from cnnprior import cams
 from cnnprior.cli import train_main
 from cnnprior.cnn import build_cnn, load_cnn, save_cnn
 from cnnprior.data import ShapesSource
 from cnnprior.errors import UserError
 from cnnprior.layers import cam_layers, conv_layers
 from cnnprior.priors import (
-    CAM_CLASSES,
     PRIORS_FORMAT,
     PriorExtractor,
     PriorSpec,
@@ -203,7 +203,7 @@ def test_other_cam_methods_equal_their_single_layer_grad_cam_class(zigzag: nn.Mo
     gradcam = PriorExtractor(zigzag, layers, PriorSpec(size=16)).layer_maps(x)[0]
     assert (maps - gradcam).abs().max() > 1e-2  # the method really changes the maps
     for i, (name, layer) in enumerate(layers):
-        with CAM_CLASSES[method](zigzag, target_layers=[layer]) as cam:
+        with cams.cam_class(method)(zigzag, target_layers=[layer]) as cam:
             ref = cam(x, None)
         assert np.abs(ref - maps[:, i].numpy()).max() < 1e-5, name
 

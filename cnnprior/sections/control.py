@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from cnnprior import metrics
+from cnnprior import cams, metrics
 from cnnprior.errors import UserError
 from cnnprior.evaluate import Table, generate, live_cams, resize_maps
 from cnnprior.sanity import format_ci, mean_ci, ssim_or_nan
@@ -67,8 +67,8 @@ def _speeds(ctx: EvalContext, controls: dict[str, Any], num: int) -> dict[str, f
     if layer is None:
         return speeds
     images_r, classes = resize_maps(images, ctx.image_size), d["explained"][:num].to(dev)
-    speeds["Grad-CAM (CNN forward + backward)"] = images_per_second(
-        lambda sl: live_cams(ctx.cnn, layer, images_r[sl], classes[sl], "gradcam", bs), num, bs)
+    speeds[f"{cams.title(cams.DEFAULT)} (CNN forward + backward)"] = images_per_second(
+        lambda sl: live_cams(ctx.cnn, layer, images_r[sl], classes[sl], cams.DEFAULT, bs), num, bs)
     return speeds
 
 

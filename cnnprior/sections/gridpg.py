@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
+from cnnprior import cams
 from cnnprior.evaluate import Table, generate, live_cams, resize_maps
-from cnnprior.inference import CAM_TITLES
 from cnnprior.priors import extractor_from, spec_from_sidecar
 from cnnprior.sanity import (
     GRID_CHANCE,
@@ -24,7 +24,7 @@ from cnnprior.sanity import (
     smooth_maps,
 )
 from cnnprior.sections.base import EvalContext, Section, option, register
-from cnnprior.sections.mprt import LIVE, target_label
+from cnnprior.sections.mprt import target_label
 
 
 @dataclass
@@ -48,8 +48,8 @@ def _grid_maps(ctx: EvalContext, grids_s: torch.Tensor, classes: torch.Tensor) -
     ref = target_label(ctx.pf.meta)
     maps[ref] = out["target"]
     layer = ex.layers[ex.target_index]
-    for method in LIVE:
-        maps[CAM_TITLES[method]] = live_cams(ctx.cnn, layer, grids_r, classes.to(dev), method, bs).cpu()
+    for method in cams.LIVE_BESIDES_DEFAULT:
+        maps[cams.title(method)] = live_cams(ctx.cnn, layer, grids_r, classes.to(dev), method, bs).cpu()
     for sigma in SMOOTHING_SIGMAS:
         maps[f"{ref} σ={sigma}px"] = smooth_maps(out["target"], sigma)
     return maps, out["pred"]

@@ -9,9 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from cnnprior import metrics
+from cnnprior import cams, metrics
 from cnnprior.evaluate import Table, generate, live_cams, resize_maps
-from cnnprior.inference import CAM_TITLES
 from cnnprior.priors import extractor_from, spec_from_sidecar
 from cnnprior.sanity import (
     MPRT_MARGIN,
@@ -23,8 +22,6 @@ from cnnprior.sanity import (
     verdict_sentence,
 )
 from cnnprior.sections.base import EvalContext, Section, option, register
-
-LIVE = ("gradcam++", "layercam")
 
 
 @dataclass
@@ -38,8 +35,7 @@ class MPRTOptions:
 
 def target_label(meta: dict) -> str:
     """'Grad-CAM (target)': the prior file's target map, named by its CAM method."""
-    method = meta.get("method") or "gradcam"
-    return f"{CAM_TITLES.get(method, method)} (target)"
+    return f"{cams.title(meta.get('method') or cams.DEFAULT)} (target)"
 
 
 def _maps_fn(ctx: EvalContext, n: int, first: dict) -> Any:
@@ -56,8 +52,8 @@ def _maps_fn(ctx: EvalContext, n: int, first: dict) -> Any:
         maps = {g.label: generate(g.model, images, out["priors"], bs, ctx.device) for g in ctx.gans}
         maps[target_label(ctx.pf.meta)] = out["target"]
         layer = ex.layers[ex.target_index]
-        for method in LIVE:
-            maps[CAM_TITLES[method]] = live_cams(model, layer, images_r, classes.to(ctx.device), method, bs).cpu()
+        for method in cams.LIVE_BESIDES_DEFAULT:
+            maps[cams.title(method)] = live_cams(model, layer, images_r, classes.to(ctx.device), method, bs).cpu()
         return maps
 
     return maps_of
