@@ -1,0 +1,85 @@
+"""Prior files from re-initialised copies of the target CNN, and mixing them into GAN training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cnnprior.cnn import build_cnn, load_cnn, save_cnn
+from cnnprior.config import load_config
+from cnnprior.errors import UserError
+from cnnprior.gan import MapData, with_randomised
+from cnnprior.priorfile import read_priors
+from cnnprior.priors import run_priors_stage
+from cnnprior.random_priors import random_prior_path, run_random_priors_stage, stage_steps
+from cnnprior.randomise import randomised_copy
+
+
+@pytest.fixture
+def stage_files(tiny_config, tmp_path: Path) -> dict:
+    cfg = tiny_config("priors.size=16", "priors.n=4", "priors.splits=[train]", "priors.train_limit=8",
+                      "priors.randomised_stages=[fc, layer3]", "priors.randomised_limit=6")
+    torch.manual_seed(0)
+    save_cnn(build_cnn("resnet18", ["circle", "square", "triangle", "cross", "star"], 32),
+             cfg.cnn_checkpoint, val_accuracy=0.2, epoch=0, config={}, dataset="shapes")
+    trained = run_priors_stage(cfg, log=lambda _m: None)
+    written = run_random_priors_stage(cfg, log=lambda _m: None)
+    return {"cfg": cfg, "trained": trained[0], "random": written}
+
+
+def test_random_prior_files_explain_the_trained_cnns_class_with_the_copys_maps(stage_files) -> None:
+    cfg = stage_files["cfg"]
+    assert stage_files["random"] == [random_prior_path(cfg.priors_prefix, "fc", 0),
+                                     random_prior_path(cfg.priors_prefix, "layer3", 0)]
+    model, _ = load_cnn(cfg.cnn_checkpoint)
+    trained = read_priors(stage_files["trained"])
+    for path, (step, stage) in zip(stage_files["random"], [(1, "fc"), (3, "layer3")], strict=True):
+        pf = read_priors(path)
+        assert len(pf) == 6 and pf.meta["randomised"] == {"steps": step, "stage": stage, "seed": 0,
+                                                           "explained": "the trained CNN's predicted class"}
+        images = pf.tensors()["image"]
+        with torch.no_grad():
+            trained_pred = model(images).argmax(1)
+            copy_pred = randomised_copy(model, step, 0)(images).argmax(1)
+        assert (pf.records["explained"] == trained_pred.numpy()).all()  # the class is the trained CNN's ...
+        assert (pf.records["pred"] == copy_pred.numpy()).all()  # ... the prediction is the copy's
+        shared = [(k, int(np.flatnonzero(trained.records["index"] == i)[0]))
+                  for k, i in enumerate(pf.records["index"]) if i in trained.records["index"]]
+        assert shared  # the same images as the trained CNN's file, with the copy's maps
+        assert max(np.abs(pf.records["priors"][k].astype(int) - trained.records["priors"][j]).max()
+                   for k, j in shared) > 10
+
+
+def test_randomised_stage_names_and_refusals(stage_files) -> None:
+    cfg = stage_files["cfg"]
+    model, _ = load_cnn(cfg.cnn_checkpoint)
+    assert stage_steps(model, ["all"]) == [(1, "fc"), (2, "layer4"), (3, "layer3"), (4, "layer2"), (5, "layer1"),
+                                           (6, "stem")]
+    with pytest.raises(UserError, match=r"priors.randomised_stages: 'layer9' is not a stage.*fc, layer4"):
+        stage_steps(model, ["layer9"])
+    with pytest.raises(UserError, match=r"prior file exists; use --overwrite"):
+        run_random_priors_stage(cfg, log=lambda _m: None)
+
+
+def test_gan_data_mixes_randomised_records_at_the_configured_share(stage_files, tiny_config) -> None:
+    cfg = stage_files["cfg"]
+    ref = read_priors(stage_files["trained"])
+    train = MapData.from_files([ref])
+    mix_cfg = load_config(None, [f"priors.out={cfg.priors.out}", "gan.randomised_share=0.5"])
+    mixed, info = with_randomised(mix_cfg, train, ref)
+    assert len(mixed) == 16 and info["count"] == 8 and info["files"] == [str(p) for p in stage_files["random"]]
+    assert torch.equal(mixed.image[:8], train.image)  # the trained CNN's records first, unchanged
+    pool = torch.cat([torch.from_numpy(np.ascontiguousarray(read_priors(p).records["target"])) for p in info["files"]])
+    extra = mixed.target[8:, 0]
+    assert all(any(torch.equal(t, p) for p in pool) for t in extra)  # the rest come from the random files
+    again, _ = with_randomised(mix_cfg, train, ref)
+    assert torch.equal(again.target, mixed.target)  # deterministic for gan.seed
+    too_much = load_config(None, [f"priors.out={cfg.priors.out}", "gan.randomised_share=0.9"])
+    with pytest.raises(UserError, match=r"needs 72 randomised-copy records but .* hold 12"):
+        with_randomised(too_much, train, ref)
+    none = load_config(None, [f"priors.out={cfg.priors.out}x", "gan.randomised_share=0.5"])
+    with pytest.raises(UserError, match=r"no randomised-copy prior files exist.*randomised_stages=\[all\]"):
+        with_randomised(none, train, ref)
