@@ -96,7 +96,7 @@ from cnnprior.config import (
     read_yaml_mapping,
 )
 from cnnprior.errors import UserError, cli_main
-from cnnprior.priors import PriorFile, read_priors
+from cnnprior.priorfile import PriorFile, read_priors
 from cnnprior.runtime import file_sha256, resolve_device
 from cnnprior.sanity import SMOOTHING_SIGMAS, pointing_chance, smooth_maps
 

@@ -22,7 +22,7 @@ from cnnprior.config import Config, save_config, to_dict
 from cnnprior.errors import UserError
 from cnnprior.metrics import fidelity
 from cnnprior.models import GSFTGenerator, LSFTGenerator, build_discriminator, build_generator
-from cnnprior.priors import PriorFile, read_priors
+from cnnprior.priorfile import PriorFile, read_priors
 from cnnprior.runtime import (
     Log,
     atomic_torch_save,

@@ -110,7 +110,7 @@ def resolve_checkpoint(path: str | None, variant: str) -> Path:
 
 def prior_file_input(path: str | None, pm: dict, variant: str, checkpoint: Path, limit: int) -> InputSet:
     """Samples from a prior file; it must have the generator's n and S (other differences are warned about)."""
-    from cnnprior.priors import read_priors
+    from cnnprior.priorfile import read_priors
 
     if not path:
         path = DEFAULT_PRIORS
@@ -202,7 +202,8 @@ def _layer_differences(described: dict, pm: dict, cnn_arch: str) -> list[str]:
 def image_input(paths: Sequence[str], cnn_path: str | None, pm: dict, device: torch.device, limit: int) -> InputSet:
     """Samples from image files: priors and the target map computed on the fly from the CNN checkpoint."""
     from cnnprior.cnn import load_cnn
-    from cnnprior.priors import extractor_from, make_records, spec_from_sidecar
+    from cnnprior.priorfile import make_records
+    from cnnprior.priors import extractor_from, spec_from_sidecar
     from cnnprior.runtime import file_sha256
 
     if not cnn_path:

@@ -1,15 +1,13 @@
-"""Conditional priors: all-layer CAMs in one pass, cumulative averages, and safe `.npy` prior files."""
+"""Conditional priors: all-layer CAMs in one pass, cumulative averages, the priors stage that writes prior files
+(their format: priorfile.py) and `python -m cnnprior.priors info|import`."""
 
 from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
-import json
 import math
-import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import partial
@@ -25,9 +23,7 @@ from tqdm import tqdm
 from cnnprior import cams
 from cnnprior.errors import UserError, cli_main
 from cnnprior.layers import final_layer, named_module, within
-
-PRIORS_FORMAT = "cnnprior-priors/1"
-RELEASED_PIXEL_BYTES = 64 * 64 * 3 + 8 * 64 * 64 * 3 + 64 * 64 * 3  # the released Food_Resnet.npy layout
+from cnnprior.priorfile import PRIORS_FORMAT, PriorWriter, make_records, read_priors, zero_map_fractions
 
 
 # ----------------------------------------------------------------------------------------- per-layer maps
@@ -77,11 +73,12 @@ def position_indices(n: int, last: int) -> list[int]:
     return [math.ceil(Fraction(math.ceil(Fraction(100, n - 1) * i)) * last / 100) for i in range(n)]
 
 
-def _minmax(cams: torch.Tensor) -> torch.Tensor:
-    flat = cams.flatten(1)
+def minmax(maps: torch.Tensor) -> torch.Tensor:
+    """Per-map min-max to [0, 1] as grad-cam scales a CAM: (m - min) / (1e-7 + max - min)."""
+    flat = maps.flatten(1)
     # amin/amax: on CPU ~25x faster than aminmax or min/max (which also find indices) for (32, 4096) rows
     lo, hi = flat.amin(dim=1, keepdim=True), flat.amax(dim=1, keepdim=True)
-    return ((flat - lo) / (1e-7 + (hi - lo))).view_as(cams)
+    return ((flat - lo) / (1e-7 + (hi - lo))).view_as(maps)
 
 
 def scale_and_resize(cams: torch.Tensor, size: int) -> torch.Tensor:
@@ -91,13 +88,13 @@ def scale_and_resize(cams: torch.Tensor, size: int) -> torch.Tensor:
     rescale), which matters: a half-pixel bilinear upsampling never hits the peak pixel, so without the second
     min-max a map's maximum would sit below 1.
     """
-    cams = _minmax(cams.clamp_min(0))
+    cams = minmax(cams.clamp_min(0))
     if cams.shape[-1] != size or cams.shape[-2] != size:
         if cams.is_cuda:
             cams = F.interpolate(cams.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False)[:, 0]
         else:  # the same bilinear weights as two small matmuls: ~3x faster than F.interpolate on CPU
             cams = _bilinear_matrix(cams.shape[-2], size) @ cams @ _bilinear_matrix(cams.shape[-1], size).T
-    return _minmax(cams.clamp_min(0))
+    return minmax(cams.clamp_min(0))
 
 
 @functools.lru_cache(maxsize=64)
@@ -275,205 +272,7 @@ class PriorExtractor:
         return {"priors": priors, "target": target, "explained": cls, "prob": prob, "pred": pred}
 
 
-# ----------------------------------------------------------------------------------------- prior files
-def record_dtype(size: int, n: int, with_mask: bool = True) -> np.dtype:
-    """Structured record: uint8 pixels/maps (maps quantised as round(255·m)), no object fields.
-
-    The ground-truth `mask` field exists only for sources that have masks (shapes).
-    """
-    fields = [("image", np.uint8, (size, size, 3)), ("priors", np.uint8, (n, size, size)),
-              ("target", np.uint8, (size, size))]
-    if with_mask:
-        fields.append(("mask", np.uint8, (size, size)))
-    fields += [("label", np.int16), ("pred", np.int16), ("explained", np.int16), ("prob", np.float32),
-               ("index", np.int64)]
-    return np.dtype(fields)
-
-
-def to_u8(x: torch.Tensor | np.ndarray) -> np.ndarray:
-    """[0,1] floats -> uint8 by rounding."""
-    x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-    return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
-
-
-def sidecar_path(npy: str | Path) -> Path:
-    return Path(npy).with_suffix(".json")
-
-
-def _content_hash(arr: np.ndarray) -> str:
-    h = hashlib.sha256()
-    step = max(1, (64 << 20) // max(1, arr.dtype.itemsize))
-    for i in range(0, len(arr), step):
-        h.update(np.ascontiguousarray(arr[i:i + step]).tobytes())
-    return h.hexdigest()
-
-
-class PriorWriter:
-    """Writes a prior file chunk by chunk into a temp memmap; `close()` renames it into place with its sidecar."""
-
-    def __init__(self, path: str | Path, count: int, meta: dict, resume: bool = False, overwrite: bool = False):
-        self.path = Path(path)
-        self.partial = self.path.with_name(self.path.name + ".partial")
-        self.progress = self.path.with_name(self.path.name + ".progress.json")
-        size, n = meta["size"], meta["n"]
-        self.meta = dict(meta, count=count)
-        if self.path.exists() and not overwrite:
-            raise UserError(f"{self.path}: prior file exists; use --overwrite to replace it (or another priors.out)")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.done = 0
-        if resume and self.partial.exists() and self.progress.exists():
-            state = json.loads(self.progress.read_text())
-            if state.get("meta") != json.loads(json.dumps(self.meta)):
-                raise UserError(f"{self.partial}: partial file was written with other settings; delete it or drop "
-                                f"--resume")
-            self.arr = np.lib.format.open_memmap(self.partial, mode="r+")
-            self.done = int(state["done"])
-        else:
-            self.arr = np.lib.format.open_memmap(self.partial, mode="w+",
-                                                 dtype=record_dtype(size, n, bool(meta.get("has_masks", True))),
-                                                 shape=(count,))
-            self._save_progress()
-
-    def _save_progress(self) -> None:
-        tmp = self.progress.with_name(self.progress.name + ".tmp")
-        tmp.write_text(json.dumps({"done": self.done, "meta": self.meta}))
-        os.replace(tmp, self.progress)
-
-    def write(self, records: np.ndarray) -> None:
-        self.arr[self.done:self.done + len(records)] = records
-        self.done += len(records)
-        self.arr.flush()
-        self._save_progress()
-
-    def close(self) -> Path:
-        if self.done != len(self.arr):
-            raise RuntimeError(f"prior file incomplete: {self.done}/{len(self.arr)}")
-        self.arr.flush()
-        meta = dict(self.meta, content_sha256=_content_hash(self.arr), dtype=str(self.arr.dtype.descr))
-        del self.arr
-        sc = sidecar_path(self.path)
-        tmp = sc.with_name(sc.name + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=1))
-        os.replace(self.partial, self.path)
-        os.replace(tmp, sc)
-        self.progress.unlink(missing_ok=True)
-        return self.path
-
-
-@dataclass
-class PriorFile:
-    """A validated prior file: `records` (memmapped structured array) and `meta` (its sidecar)."""
-
-    path: Path
-    records: np.ndarray
-    meta: dict
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    @property
-    def size(self) -> int:
-        return int(self.meta["size"])
-
-    @property
-    def n(self) -> int:
-        return int(self.meta["n"])
-
-    def tensors(self, idx: Iterable[int] | slice | None = None) -> dict[str, torch.Tensor]:
-        """Float tensors in [0,1]: image (B,3,S,S), priors (B,n,S,S), target (B,1,S,S); label, mask."""
-        r = self.records if idx is None else self.records[idx]
-        img = torch.from_numpy(np.ascontiguousarray(r["image"])).permute(0, 3, 1, 2).float() / 255.0
-        return {"image": img, "priors": torch.from_numpy(np.ascontiguousarray(r["priors"])).float() / 255.0,
-                "target": torch.from_numpy(np.ascontiguousarray(r["target"])).float().unsqueeze(1) / 255.0,
-                "mask": (torch.from_numpy(np.ascontiguousarray(r["mask"])).float() if "mask" in r.dtype.names
-                         else torch.zeros(len(r), self.size, self.size)),
-                "label": torch.from_numpy(np.asarray(r["label"], dtype=np.int64)),
-                "explained": torch.from_numpy(np.asarray(r["explained"], dtype=np.int64))}
-
-
-def zero_map_fractions(pf: PriorFile, chunk: int = 1024) -> dict:
-    """Fraction of records whose prior k (and whose target) is all zero: an empty map tells the GAN nothing."""
-    n, count = pf.n, len(pf)
-    zero_priors, zero_target = np.zeros(n), 0
-    for s in range(0, count, chunk):
-        r = pf.records[s:s + chunk]
-        zero_priors += (np.asarray(r["priors"]).reshape(len(r), n, -1).max(2) == 0).sum(0)
-        zero_target += int((np.asarray(r["target"]).reshape(len(r), -1).max(1) == 0).sum())
-    return {"priors": (zero_priors / max(count, 1)).tolist(), "target": zero_target / max(count, 1)}
-
-
-def _pickled(exc: ValueError) -> bool:
-    """Whether np.load(allow_pickle=False) refused an object array (mmap_mode says "Python objects in dtype")."""
-    return any(s in str(exc) for s in ("allow_pickle", "Object arrays", "Python objects"))
-
-
-def read_priors(path: str | Path, verify: bool = True) -> PriorFile:
-    """Open a prior file (allow_pickle=False, memmapped) and check it against its sidecar; one-line errors."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{p}: prior file not found")
-    # the .npy is opened first, so a pickled file (the released layout has no sidecar) is named as such
-    try:
-        arr = np.load(p, mmap_mode="r", allow_pickle=False)
-    except ValueError as exc:
-        if _pickled(exc):
-            raise UserError(f"{p}: holds pickled Python objects; loading it could run arbitrary code. If you trust "
-                            f"its source, convert it with `python -m cnnprior.priors import {p} --out NEW.npy "
-                            f"--trust-pickle`") from None
-        raise UserError(f"{p}: truncated or corrupt .npy ({exc})") from None
-    except (OSError, EOFError) as exc:
-        raise UserError(f"{p}: unreadable .npy ({exc})") from None
-    sc = sidecar_path(p)
-    if not sc.is_file():
-        raise UserError(f"{p}: sidecar {sc.name} missing (a prior file needs its .json; re-run --stage priors)")
-    try:
-        meta = json.loads(sc.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{sc}: sidecar is not valid JSON ({exc})") from None
-    if meta.get("format") != PRIORS_FORMAT:
-        raise UserError(f"{sc}: not a cnnprior prior sidecar (format {meta.get('format')!r}, "
-                        f"expected {PRIORS_FORMAT!r})")
-    try:
-        size, n, count = int(meta["size"]), int(meta["n"]), int(meta["count"])
-    except (KeyError, TypeError, ValueError):
-        raise UserError(f"{sc}: sidecar lacks size/n/count") from None
-    has_mask = "mask" in (arr.dtype.names or ())
-    if bool(meta.get("has_masks", has_mask)) != has_mask:
-        raise UserError(f"{p}: sidecar says has_masks={meta.get('has_masks')} but the records "
-                        f"{'have' if has_mask else 'lack'} a mask field")
-    expected = record_dtype(size, n, has_mask)
-    if arr.dtype != expected:
-        raise UserError(f"{p}: record layout {arr.dtype.descr} does not match the sidecar (S={size}, n={n})")
-    if arr.ndim != 1 or len(arr) != count:
-        raise UserError(f"{p}: holds {arr.shape[0] if arr.ndim else 0} records but the sidecar says {count}")
-    if verify and meta.get("content_sha256") and _content_hash(arr) != meta["content_sha256"]:
-        raise UserError(f"{p}: content hash differs from the sidecar (file modified or corrupt)")
-    return PriorFile(p, arr, meta)
-
-
 # ----------------------------------------------------------------------------------------- stage
-def _resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
-    if images.shape[-1] == size:
-        return images
-    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
-
-
-def make_records(out: dict, images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor, indices: torch.Tensor,
-                 size: int, n: int, with_mask: bool = True) -> np.ndarray:
-    """Pack one batch of extractor output into prior-file records."""
-    rec = np.zeros(len(images), dtype=record_dtype(size, n, with_mask))
-    rec["image"] = to_u8(_resize_images(images, size).permute(0, 2, 3, 1))
-    rec["priors"] = to_u8(out["priors"])
-    rec["target"] = to_u8(out["target"])
-    if with_mask:
-        if masks.shape[-1] != size:
-            masks = F.interpolate(masks.unsqueeze(1).float(), size=(size, size), mode="area")[:, 0]
-        rec["mask"] = (masks > 0.5).cpu().numpy().astype(np.uint8)
-    rec["label"], rec["pred"], rec["explained"] = labels.numpy(), out["pred"].numpy(), out["explained"].numpy()
-    rec["prob"], rec["index"] = out["prob"].numpy(), indices.numpy()
-    return rec
-
-
 def extractor_for_checkpoint(cfg, device: torch.device):
     """Load the configured CNN checkpoint (checking its arch) and build the extractor."""
     from cnnprior.cnn import load_cnn
@@ -594,142 +393,6 @@ def run_priors_stage(cfg, resume: bool = False, overwrite: bool = False, log=pri
 
 
 # ----------------------------------------------------------------------------------------- import
-RELEASED_ROW = "[input image, n colour maps, colour target, label]"  # one row of the released layout
-
-
-def _released_rows(src: Path) -> np.ndarray:
-    """The pickled rows of a released file as an (N, 4) object array (loaded only after --trust-pickle)."""
-    try:
-        rows = np.load(src, allow_pickle=True)
-    except Exception as exc:  # noqa: BLE001 - any failure of a foreign pickle is reported as one line
-        raise UserError(f"{src}: could not load ({type(exc).__name__}: {str(exc)[:160]})") from None
-    if rows.ndim != 2 or rows.shape[1] != 4 or len(rows) == 0:
-        raise UserError(f"{src}: expected rows of {RELEASED_ROW}, got an array of shape {rows.shape}")
-    return rows
-
-
-def _released_label(value: object, row: int, src: Path) -> str | int:
-    """One row's label: a class name (the released npy_generation.py writes the class folder name) or an int."""
-    if isinstance(value, (list, tuple, np.ndarray)):
-        arr = np.asarray(value, dtype=object)
-        if arr.size != 1:
-            raise UserError(f"{src}: row {row}: label has {arr.size} values; expected one class name or integer")
-        value = arr.reshape(-1)[0]
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", "replace")
-    if isinstance(value, str):
-        if not value.strip():
-            raise UserError(f"{src}: row {row}: label is an empty class name")
-        return str(value).strip()
-    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
-        number = int(value)
-    elif isinstance(value, (float, np.floating)) and float(value).is_integer():
-        number = int(value)
-    else:
-        raise UserError(f"{src}: row {row}: label {value!r} is neither a class name nor an integer")
-    if not 0 <= number <= np.iinfo(np.int16).max:
-        raise UserError(f"{src}: row {row}: label {number} is outside 0..{np.iinfo(np.int16).max}")
-    return number
-
-
-def released_labels(values: Sequence, src: Path, class_names: Sequence[str] | None = None
-                    ) -> tuple[np.ndarray, list[str]]:
-    """Label indices and class names: names map to indices in sorted order (or --classes order); ints stay."""
-    labels = [_released_label(v, i, src) for i, v in enumerate(values)]
-    named = [i for i, v in enumerate(labels) if isinstance(v, str)]
-    if named and len(named) != len(labels):
-        number = next(i for i, v in enumerate(labels) if not isinstance(v, str))
-        raise UserError(f"{src}: row {number}: label {labels[number]!r} is a number but row {named[0]} has the class "
-                        f"name {labels[named[0]]!r}; labels must be all names or all integers")
-    if class_names is not None and len(set(class_names)) != len(class_names):
-        raise UserError(f"--classes: names repeat ({', '.join(class_names)})")
-    if named:
-        names = list(class_names) if class_names else sorted(set(labels))
-        lookup = {name: i for i, name in enumerate(names)}
-        missing = next((i for i, v in enumerate(labels) if v not in lookup), None)
-        if missing is not None:
-            raise UserError(f"{src}: row {missing}: class name {labels[missing]!r} is not among --classes")
-        return np.array([lookup[v] for v in labels], dtype=np.int64), names
-    top = max(labels)
-    if class_names and top >= len(class_names):
-        raise UserError(f"{src}: row {labels.index(top)}: label {top} but --classes names only {len(class_names)} "
-                        f"classes")
-    return np.array(labels, dtype=np.int64), list(class_names) if class_names else [str(i) for i in range(top + 1)]
-
-
-def _released_pixels(values: Sequence, first_row: int, shape: tuple[int, ...], what: str, src: Path) -> np.ndarray:
-    """Stack one column of rows as uint8, checking each row's shape and whole values in 0..255."""
-    out = np.empty((len(values), *shape), dtype=np.uint8)
-    for k, value in enumerate(values):
-        where = f"{src}: row {first_row + k}: {what}"
-        try:
-            arr = np.asarray(value)
-        except ValueError:  # a ragged nested list
-            raise UserError(f"{where} is not a regular array") from None
-        if arr.shape != shape:
-            raise UserError(f"{where} has shape {arr.shape}, expected {shape} (as in row 0)")
-        if arr.dtype.kind not in "uif":
-            raise UserError(f"{where} is not numeric (dtype {arr.dtype})")
-        if arr.dtype.kind == "f" and not (np.isfinite(arr).all() and np.array_equal(arr, np.rint(arr))):
-            raise UserError(f"{where} holds non-integer values; the released layout stores uint8 colour images")
-        if arr.size and (arr.min() < 0 or arr.max() > 255):
-            raise UserError(f"{where} has values outside 0..255")
-        out[k] = arr
-    return out
-
-
-def import_released(src: str | Path, out: str | Path, trust_pickle: bool = False, overwrite: bool = False,
-                    cmap: str = "jet", class_names: Sequence[str] | None = None, chunk: int = 256) -> Path:
-    """Convert the paper's released `Food_Resnet.npy` (pickled rows of jet-coloured maps) into a prior file."""
-    from cnnprior.viz import invert_colormap
-
-    src = Path(src)
-    if not src.is_file():
-        raise UserError(f"{src}: file not found")
-    if not trust_pickle:
-        try:
-            np.load(src, mmap_mode="r", allow_pickle=False)
-        except ValueError as exc:
-            if not _pickled(exc):
-                raise UserError(f"{src}: truncated or corrupt .npy ({exc})") from None
-            raise UserError(f"{src}: holds pickled Python objects; loading it can execute arbitrary code. Only if "
-                            f"you trust its source, re-run with --trust-pickle") from None
-        raise UserError(f"{src}: not in the released object layout (it loads without pickle: already numeric?)")
-    rows = _released_rows(src)
-    first = np.asarray(rows[0, 1]) if isinstance(rows[0, 1], (list, tuple, np.ndarray)) else np.empty(0)
-    if first.ndim != 4 or first.shape[-1] != 3 or first.shape[1] != first.shape[2]:
-        raise UserError(f"{src}: row 0: maps must be (n, S, S, 3) colour images, got shape {first.shape}")
-    n, size = first.shape[0], first.shape[1]
-    labels, names = released_labels(rows[:, 3], src, class_names)
-    meta = {"format": PRIORS_FORMAT, "size": size, "n": n, "method": "released-guided-gradcam",
-            "order": "output_to_input", "target": "first", "include_target_layer": True, "explain": "class0",
-            "layers": [], "target_layer": "", "average_order": [], "positions": [], "prior_layers": [],
-            "split": "imported", "dataset": src.stem, "class_names": names, "has_masks": False,
-            "cnn": {"arch": "released", "checkpoint": str(src), "checkpoint_sha256": "", "image_size": size},
-            "imported_from": str(src), "colormap": cmap}
-    taken = [p for p in (Path(out), sidecar_path(out)) if p.exists()]  # the sidecar is an output too
-    if taken and not overwrite:
-        raise UserError(f"{taken[0]}: prior file exists; use --overwrite to replace it (or another --out)")
-    writer = PriorWriter(Path(out), len(rows), meta, overwrite=overwrite)
-    try:
-        for s in tqdm(range(0, len(rows), chunk), desc="import", dynamic_ncols=True):
-            part = rows[s:s + chunk]
-            rec = np.zeros(len(part), dtype=record_dtype(size, n, with_mask=False))
-            rec["image"] = _released_pixels(part[:, 0], s, (size, size, 3), "input image", src)
-            maps = _released_pixels(part[:, 1], s, (n, size, size, 3), "maps", src)
-            rec["priors"] = to_u8(invert_colormap(maps, cmap))
-            rec["target"] = to_u8(invert_colormap(_released_pixels(part[:, 2], s, (size, size, 3), "target", src),
-                                                  cmap))
-            rec["label"] = rec["pred"] = rec["explained"] = labels[s:s + chunk]
-            rec["index"] = np.arange(s, s + len(part))
-            writer.write(rec)
-    except UserError:  # a malformed row: leave nothing half-written (an import is redone, never resumed)
-        writer.partial.unlink(missing_ok=True)
-        writer.progress.unlink(missing_ok=True)
-        raise
-    return writer.close()
-
-
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     """`python -m cnnprior.priors`: inspect or import prior files."""
@@ -756,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
         print("all-zero maps: " + ", ".join(f"C{k} {z:.1%}" for k, z in enumerate(zeros["priors"]))
               + f", target {zeros['target']:.1%}")
         return 0
+    from cnnprior.released import import_released
+
     out = import_released(args.file, args.out, args.trust_pickle, args.overwrite, class_names=args.classes)
     pf = read_priors(out, verify=False)
     names = pf.meta["class_names"]

@@ -21,7 +21,8 @@ from cnnprior.gan import run_gan_stage
 from cnnprior.layers import conv_layers
 from cnnprior.models import build_generator
 from cnnprior.models.sft import SFTResBlock
-from cnnprior.priors import PRIORS_FORMAT, PriorExtractor, PriorSpec, PriorWriter, make_records, read_priors
+from cnnprior.priorfile import PRIORS_FORMAT, PriorWriter, make_records, read_priors
+from cnnprior.priors import PriorExtractor, PriorSpec
 from cnnprior.runtime import file_sha256
 from tests._gan_tiny import gan_config
 

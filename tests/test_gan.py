@@ -26,7 +26,7 @@ from cnnprior.gan import (
 )
 from cnnprior.metrics import fidelity
 from cnnprior.models import build_generator
-from cnnprior.priors import read_priors
+from cnnprior.priorfile import read_priors
 from cnnprior.runtime import epoch_order, rng_state, seed_everything, set_rng_state
 from cnnprior.testhooks import DUMP_ENV, KILL_ENV
 

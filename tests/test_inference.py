@@ -24,7 +24,8 @@ from cnnprior.gan import GAN_FORMAT, load_generator, priors_meta, run_gan_stage
 from cnnprior.layers import conv_layers
 from cnnprior.metrics import fidelity
 from cnnprior.models import build_generator
-from cnnprior.priors import PriorExtractor, PriorSpec, extractor_from, read_priors, to_u8
+from cnnprior.priorfile import read_priors, to_u8
+from cnnprior.priors import PriorExtractor, PriorSpec, extractor_from
 from cnnprior.runtime import atomic_torch_save
 from cnnprior.viz import colorize
 

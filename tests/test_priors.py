@@ -24,23 +24,17 @@ from cnnprior.cnn import build_cnn, load_cnn, save_cnn
 from cnnprior.data import ShapesSource
 from cnnprior.errors import UserError
 from cnnprior.layers import cam_layers, conv_layers
+from cnnprior.priorfile import PRIORS_FORMAT, PriorWriter, make_records, read_priors, record_dtype, sidecar_path, to_u8
 from cnnprior.priors import (
-    PRIORS_FORMAT,
     PriorExtractor,
     PriorSpec,
-    PriorWriter,
-    _minmax,
-    import_released,
     main,
-    make_records,
+    minmax,
     position_indices,
-    read_priors,
-    record_dtype,
     run_priors_stage,
     scale_and_resize,
-    sidecar_path,
-    to_u8,
 )
+from cnnprior.released import import_released
 from cnnprior.runtime import file_sha256
 from cnnprior.viz import colorize
 
@@ -166,9 +160,9 @@ def test_activated_cam_layers_read_each_conv_after_its_batch_norm_and_activation
                                          ((16, 16), 16)])
 def test_scale_and_resize_matches_interpolate(shape: tuple[int, int], size: int) -> None:
     cams = torch.randn(3, *shape, generator=torch.Generator().manual_seed(0))
-    ref = _minmax(cams.clamp_min(0)).unsqueeze(1)  # ReLU, min-max, bilinear (half-pixel), min-max
+    ref = minmax(cams.clamp_min(0)).unsqueeze(1)  # ReLU, min-max, bilinear (half-pixel), min-max
     ref = F.interpolate(ref, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
-    ref = _minmax(ref.clamp_min(0))
+    ref = minmax(ref.clamp_min(0))
     got = scale_and_resize(cams, size)
     assert got.shape == (3, size, size) and (got - ref).abs().max() < 1e-6
     assert torch.allclose(got.amax((1, 2)), torch.ones(3)) and (got.amin((1, 2)) == 0).all()

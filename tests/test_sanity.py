@@ -20,7 +20,8 @@ from cnnprior.config import load_config
 from cnnprior.errors import UserError
 from cnnprior.evaluate import live_cams, load_eval_config, main, resize_maps
 from cnnprior.gan import ImageOnlyGenerator, load_gan_data, load_generator, run_gan_stage
-from cnnprior.priors import PRIORS_FORMAT, PriorWriter, extractor_from, make_records, spec_from_sidecar
+from cnnprior.priorfile import PRIORS_FORMAT, PriorWriter, make_records
+from cnnprior.priors import extractor_from, spec_from_sidecar
 from cnnprior.runtime import file_sha256
 from cnnprior.sanity import (
     average_ranks,

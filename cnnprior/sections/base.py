@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from cnnprior.errors import UserError
-from cnnprior.priors import PriorFile
+from cnnprior.priorfile import PriorFile
 
 
 def option(default: Any, *, lo: float | None = None, hi: float | None = None, choices: tuple | None = None,
