@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
+from cnnprior.maps import rescale
 from cnnprior.metrics import pearson
 
 BASELINES = ("best_prior", "mean_prior", "image")
@@ -22,13 +23,6 @@ def grayscale(image: Tensor) -> Tensor:
     """ITU-R 601 luma of (B, 3, S, S) RGB in [0, 1] -> (B, 1, S, S)."""
     w = torch.tensor([0.299, 0.587, 0.114], dtype=image.dtype, device=image.device).view(1, 3, 1, 1)
     return (image * w).sum(1, keepdim=True)
-
-
-def rescale(maps: Tensor) -> Tensor:
-    """Per-map min-max to [0, 1] (a constant map becomes 0)."""
-    flat = maps.flatten(1)
-    lo, hi = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
-    return ((flat - lo) / (hi - lo).clamp_min(1e-12)).view_as(maps)
 
 
 @dataclass

@@ -7,6 +7,7 @@ import difflib
 import math
 import os
 import typing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -237,23 +238,37 @@ def _check_range(value: Any, meta: dict, where: str) -> None:
         raise UserError(f"{where}: {value!r} is above the maximum {hi}")
 
 
-def _fill(obj: Any, values: dict, where: str, prefix: str = "") -> None:
+def _fill(obj: Any, values: dict, where: str, prefix: str = "", blank_is_empty: bool = False,
+          extra: Callable[[str, Any], bool] | None = None) -> None:
+    """Set a config dataclass's fields from a mapping, checking keys, types and ranges (one-line errors).
+
+    A field whose value is a dataclass is a section, filled from a nested mapping; a field with a `parse` entry
+    in its metadata is converted by it; `blank_is_empty`: a blank string key (`lsft:`) means ''. `extra(key,
+    value)` may take keys that are not fields (it returns True when it did).
+    """
     fields = {f.name: f for f in dataclasses.fields(obj) if not f.metadata.get("internal")}
     for key, value in values.items():
         dotted = f"{prefix}{key}"
+        if extra is not None and extra(key, value):
+            continue
         if key not in fields:
             raise UserError(f"{where}: unknown key '{dotted}'{_suggest(str(key), list(fields))}")
         f = fields[key]
-        if not prefix and key in _SECTIONS:
+        loc = f"{where}: key '{dotted}'"
+        if dataclasses.is_dataclass(getattr(obj, key)):
             if value is None:  # a section whose keys are all commented out
                 value = {}
             if not isinstance(value, dict):
-                raise UserError(f"{where}: key '{dotted}': expected a mapping of keys, got {value!r}")
+                raise UserError(f"{loc}: expected a mapping of keys, got {value!r}")
             _fill(getattr(obj, key), value, where, f"{key}.")
             continue
-        loc = f"{where}: key '{dotted}'"
-        value = _coerce(value, f.type, loc)
-        _check_range(value, f.metadata, loc)
+        if "parse" in f.metadata:
+            value = f.metadata["parse"](value, loc, where)
+        else:
+            if blank_is_empty and value is None and f.type in ("str", str):
+                value = ""
+            value = _coerce(value, f.type, loc)
+            _check_range(value, f.metadata, loc)
         setattr(obj, key, value)
 
 
@@ -352,25 +367,72 @@ def save_config(cfg: Config, path: str | os.PathLike) -> Path:
     return atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def describe_keys() -> str:
-    """All config keys with their defaults, for --help."""
-    lines = []
-    for section, cls in [("", Config)] + list(_SECTIONS.items()):
-        for f in dataclasses.fields(cls):
-            if f.name in _SECTIONS or f.metadata.get("internal"):
-                continue
-            key = f"{section}.{f.name}" if section else f.name
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            extra = f.metadata.get("help", "")
-            ch = f.metadata.get("choices")
-            if ch:
-                extra = (extra + "; " if extra else "") + "|".join(map(str, ch))
-            lines.append(f"  {key} = {default!r}" + (f"  ({extra})" if extra else ""))
+def describe_keys(cls: type = Config, prefix: str = "") -> str:
+    """All keys of a config dataclass with their defaults (its keys first, then each section's), for --help."""
+    lines, sections = [], []
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("internal"):
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if dataclasses.is_dataclass(default):
+            sections.append((f.name, type(default)))
+            continue
+        extra = f.metadata.get("help", "")
+        ch = f.metadata.get("choices")
+        if ch:
+            extra = (extra + "; " if extra else "") + "|".join(map(str, ch))
+        lines.append(f"  {prefix}{f.name} = {default!r}" + (f"  ({extra})" if extra else ""))
+    lines += [describe_keys(section_cls, f"{prefix}{name}.") for name, section_cls in sections]
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------- evaluation
-EVAL_SECTIONS = ("faithfulness", "localisation", "relevance", "generalisation")
+def _eval_registry() -> Any:
+    """The evaluation-section registry (imported when needed: it imports torch and every section)."""
+    import cnnprior.sections as sections
+
+    return sections
+
+
+def parse_sections(value: Any, loc: str, where: str = "") -> list[str]:
+    """`sections:` a list, or a comma-separated string (`--set sections=a,b`); blank = the default sections
+    (the others, such as the sanity checks, run only when named)."""
+    if value is None:
+        return _eval_registry().default_names()
+    if isinstance(value, str):
+        value = [s.strip() for s in value.split(",") if s.strip()]
+    value = _coerce(value, list, loc)
+    known = _eval_registry().selectable_names()
+    for s in value:
+        if s not in known:
+            close = difflib.get_close_matches(s, known, n=1, cutoff=0.6)
+            raise UserError(f"{loc}: {s!r} is not one of {', '.join(known)}"
+                            + (f" (did you mean '{close[0]}'?)" if close else "") + "; fidelity always runs")
+    return list(dict.fromkeys(value))
+
+
+def parse_eval_sets(value: Any, loc: str, where: str) -> list[EvalSet]:
+    """`generalisation:` entries, each {name, priors} or just a prior-file path."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise UserError(f"{loc}: expected a list of {{name, priors}} entries, got {value!r}")
+    sets: list[EvalSet] = []
+    for i, item in enumerate(value):
+        entry = EvalSet()
+        if isinstance(item, str):
+            entry.priors = item
+        elif isinstance(item, dict):
+            _fill(entry, item, where, f"generalisation[{i}].", blank_is_empty=True)
+        else:
+            raise UserError(f"{loc}[{i}]: expected {{name, priors}} or a path, got {item!r}")
+        if not entry.priors:
+            raise UserError(f"{loc}[{i}]: 'priors' (a prior file) is required")
+        entry.name = entry.name or Path(entry.priors).stem
+        if entry.name in {s.name for s in sets}:
+            raise UserError(f"{loc}[{i}]: name {entry.name!r} is used twice")
+        sets.append(entry)
+    return sets
 
 
 @dataclass
@@ -383,7 +445,7 @@ class EvalSet:
 
 @dataclass
 class EvalConfig:
-    """The evaluation stage (`python -m cnnprior.evaluate`): its own flat YAML, loaded by cnnprior.evaluate."""
+    """The evaluation stage (`python -m cnnprior.evaluate`): its own flat YAML (`load_eval_config`)."""
 
     name: str = _opt("eval", help="report name: outputs/eval-<name>-<timestamp>")
     priors: str = _opt("", help="held-out prior file the GANs are evaluated on (required)")
@@ -396,7 +458,64 @@ class EvalConfig:
     steps: int = _opt(16, lo=1, hi=10_000, help="deletion/insertion steps")
     road_num: int = _opt(32, lo=0, help="ROAD on a seeded random subset of this many images (0 = skip ROAD)")
     seed: int = _opt(0, lo=0, help="seed of the random-map baseline, the ROAD subset and ROAD's noise")
-    generalisation: list = _opt([], help="extra prior files, a list of {name, priors} (fidelity only)")
-    sections: list = _opt(list(EVAL_SECTIONS), help="sections run besides fidelity, of " + "/".join(EVAL_SECTIONS)
-                          + " (e.g. [generalisation] for a quick cross-CNN table)")
+    generalisation: list = field(default_factory=list, metadata={
+        "help": "extra prior files, a list of {name, priors} (fidelity only)", "parse": parse_eval_sets})
+    sections: list = field(default_factory=lambda: _eval_registry().default_names(), metadata={
+        "help": "sections run besides fidelity (listed below; blank = the default ones), e.g. [generalisation] for "
+                "a quick cross-CNN table", "parse": parse_sections})
     source_file: str = field(default="", metadata={"internal": True})
+
+
+def _section_options(cfg: EvalConfig, where: str) -> Callable[[str, Any], bool]:
+    """The `extra` hook of `_fill` for an evaluation config: a section's options mapping (`mprt: {num: 64}`)."""
+
+    def take(key: str, value: Any) -> bool:
+        if key not in _eval_registry().OPTIONS:
+            return False
+        _eval_registry().set_options(cfg, key, value, where)
+        return True
+
+    return take
+
+
+def _apply_eval_overrides(raw: dict, overrides: Sequence[str]) -> None:
+    """`--set key=value` (flat keys) and `--set section.option=value` onto the raw YAML mapping."""
+    for text in overrides:
+        keys, value = parse_override(text)
+        if len(keys) == 2 and keys[0] in _eval_registry().OPTIONS:  # a section option: --set mprt.num=16
+            node = raw.get(keys[0])
+            raw[keys[0]] = {**(node if isinstance(node, dict) else {}), keys[1]: value}
+            continue
+        if len(keys) != 1:
+            raise UserError(f"--set {text!r}: evaluation keys are flat (e.g. --set num=64; section options: "
+                            f"--set mprt.num=16)")
+        raw[keys[0]] = value
+
+
+def _check_eval_files(cfg: EvalConfig, where: str) -> None:
+    """The prior file is required; every configured file must exist."""
+    if not cfg.priors:
+        raise UserError(f"{where}: key 'priors' is required (the held-out prior file, e.g. npys/<name>-test.npy)")
+    for key, kind in (("priors", "prior file"), ("lsft", "LSFT checkpoint"), ("gsft", "GSFT checkpoint"),
+                      ("cnn", "CNN checkpoint")):
+        value = getattr(cfg, key)
+        if value and not Path(value).is_file():
+            hint = {"priors": "write it with `python train.py --config <run config> --stage priors`",
+                    "cnn": "or leave cnn empty to use the prior file's CNN"}.get(key, "train it with --stage gan, or "
+                                                                                      "leave the key empty")
+            raise UserError(f"{where}: key '{key}': {value}: {kind} not found ({hint})")
+
+
+def load_eval_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> EvalConfig:
+    """Read an evaluation YAML, apply `--set key=value` overrides, validate keys, values and files."""
+    p = Path(path)
+    where = str(p)
+    raw = read_yaml_mapping(p, "configs/eval_*.yaml", "keys (name, priors, lsft, gsft, ...)")
+    _apply_eval_overrides(raw, overrides)
+    cfg = EvalConfig()
+    _fill(cfg, raw, where, blank_is_empty=True, extra=_section_options(cfg, where))
+    if not cfg.name or any(c in cfg.name for c in "/\\ "):
+        raise UserError(f"{where}: key 'name': {cfg.name!r} must be non-empty without spaces or slashes")
+    _check_eval_files(cfg, where)
+    cfg.source_file = str(p)
+    return cfg

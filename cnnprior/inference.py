@@ -20,9 +20,10 @@ import torch
 from tqdm import tqdm
 
 from cnnprior import cams
-from cnnprior.baselines import BaselineChoice, baseline_maps, rescale
+from cnnprior.baselines import BaselineChoice, baseline_maps
 from cnnprior.baselines import label as baseline_label
 from cnnprior.errors import UserError, cli_main
+from cnnprior.maps import rescale
 from cnnprior.metrics import bootstrap_ci
 from cnnprior.runtime import Log, publish_folder, temp_folder
 
@@ -323,10 +324,9 @@ class RunFolder:
 # ----------------------------------------------------------------------------------------- scores
 def _fidelity(pred: torch.Tensor, target: torch.Tensor) -> np.ndarray:
     """(B, 3) array of L1, Pearson r, SSIM per sample (SSIM NaN on maps under 11 px)."""
-    from cnnprior.metrics import l1, pearson, ssim
+    from cnnprior.metrics import l1, pearson, ssim_or_nan
 
-    s = ssim(pred, target) if min(pred.shape[-2:]) >= 11 else torch.full((len(pred),), float("nan"))
-    return torch.stack([l1(pred, target), pearson(pred, target), s], 1).double().numpy()
+    return torch.stack([l1(pred, target), pearson(pred, target), ssim_or_nan(pred, target)], 1).double().numpy()
 
 
 @dataclass

@@ -6,14 +6,13 @@ metric returns a per-sample tensor of shape (B,); averaging over a data set is t
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pytorch_grad_cam.metrics.road import ROADLeastRelevantFirstAverage, ROADMostRelevantFirstAverage
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
 from torch import Tensor, nn
 
 ROAD_PERCENTILES = (10, 20, 30, 40, 50, 60, 70, 80, 90)
@@ -65,6 +64,9 @@ def pearson(pred: Tensor, target: Tensor) -> Tensor:
     return torch.where(constant, torch.zeros_like(r), r.clamp(-1.0, 1.0))
 
 
+SSIM_WINDOW = 11  # ssim's window: maps must be at least this size
+
+
 def _gaussian_window(size: int, sigma: float, dtype: torch.dtype, device: torch.device) -> Tensor:
     """Normalised 2-D Gaussian window of shape (1, 1, size, size)."""
     x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
@@ -84,7 +86,7 @@ def ssim(pred: Tensor, target: Tensor, data_range: float = 1.0) -> Tensor:
     """
     pred, target = _as_maps(pred, "pred"), _as_maps(target, "target")
     _check_same_shape(pred, target)
-    size, sigma, k1, k2 = 11, 1.5, 0.01, 0.03
+    size, sigma, k1, k2 = SSIM_WINDOW, 1.5, 0.01, 0.03
     if pred.shape[-1] < size or pred.shape[-2] < size:
         raise ValueError(f"ssim needs maps of at least {size}x{size}, got {tuple(pred.shape[-2:])}")
     dtype = torch.promote_types(pred.dtype, target.dtype)
@@ -103,6 +105,13 @@ def ssim(pred: Tensor, target: Tensor, data_range: float = 1.0) -> Tensor:
     num = (2 * mu_x * mu_y + c1) * (2 * cov + c2)
     den = (mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2)
     return (num / den).flatten(1).mean(1)
+
+
+def ssim_or_nan(pred: Tensor, target: Tensor) -> Tensor:
+    """`ssim` per sample, (B,); NaN (in pred's dtype) when the maps are smaller than its window."""
+    if min(pred.shape[-2:]) < SSIM_WINDOW:
+        return torch.full((pred.shape[0],), math.nan, dtype=pred.dtype, device=pred.device)
+    return ssim(pred, target)
 
 
 def fidelity(pred: Tensor, target: Tensor) -> dict[str, Tensor]:
@@ -275,6 +284,9 @@ def road_scores(
     seed: the imputer adds Gaussian noise from torch's global CPU generator; with a seed the noise is
     reproducible and the caller's generator state is left untouched; None uses the global state.
     """
+    from pytorch_grad_cam.metrics.road import ROADLeastRelevantFirstAverage, ROADMostRelevantFirstAverage
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
+
     m = _as_maps(maps, "maps")
     b, _, h, w = inputs.shape
     if m.shape != (b, h, w):

@@ -15,12 +15,12 @@ import torch
 from torch import Tensor, nn
 
 from cnnprior import metrics
+from cnnprior.maps import blur, rescale
 from cnnprior.randomise import model_stages, randomised_copy
 
 SMOOTHING_SIGMAS = (2, 4, 8)  # matched smoothing: the target blurred by these sigmas (pixels at map size)
 MPRT_MARGIN = 0.10  # pass: at every step the mean Spearman similarity is at most this far above Grad-CAM's
 GRID_CHANCE = 0.25  # GridPG: the energy share of a uniform map in one of four cells
-SSIM_MIN = 11  # metrics.ssim's window
 
 
 # ----------------------------------------------------------------------------------------- statistics
@@ -62,13 +62,6 @@ def spearman_abs(a: Tensor, b: Tensor) -> Tensor:
     return metrics.pearson(ra.unsqueeze(1), rb.unsqueeze(1))
 
 
-def ssim_or_nan(a: Tensor, b: Tensor) -> Tensor:
-    """metrics.ssim per sample, (B,); NaN when the maps are smaller than its 11x11 window."""
-    if min(a.shape[-2:]) < SSIM_MIN:
-        return torch.full((a.shape[0],), math.nan, dtype=torch.float64)
-    return metrics.ssim(a.double(), b.double())
-
-
 def constant(maps: Tensor) -> Tensor:
     """Whether each map is constant (max == min), (B,) bool."""
     f = _flat(maps)
@@ -82,14 +75,7 @@ def quantise(maps: Tensor) -> Tensor:
 
 def smooth_maps(maps: Tensor, sigma: float) -> Tensor:
     """(B, 1, H, W) maps blurred by a Gaussian of `sigma` pixels (reflect padding), min-max scaled to [0, 1]."""
-    from torchvision.transforms.functional import gaussian_blur
-
-    size = min(maps.shape[-2:])
-    k = min(2 * math.ceil(3 * sigma) + 1, size - (size + 1) % 2)  # odd, and reflect padding needs k//2 < size
-    m = gaussian_blur(maps.float(), [k, k], [sigma, sigma]) if k > 1 else maps.float()
-    flat = m.flatten(1)
-    lo, hi = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
-    return ((flat - lo) / (hi - lo).clamp_min(1e-12)).view_as(m)
+    return rescale(blur(maps.float(), sigma))
 
 
 # ----------------------------------------------------------------------------------------- chance, cells
@@ -202,7 +188,7 @@ def mprt(model: nn.Module, maps_of: Callable[[nn.Module], dict[str, Tensor]], se
         rho = {m: spearman_abs(v, ref[m]) for m, v in maps.items()}
         rho = {m: torch.where(flat[m], torch.full_like(r, math.nan), r) for m, r in rho.items()}
         out.append({"step": s, "randomised": "none" if s == 0 else stages[s - 1], "spearman": rho,
-                    "ssim": {m: ssim_or_nan(v, ref[m]) for m, v in maps.items()}})
+                    "ssim": {m: metrics.ssim_or_nan(v.double(), ref[m].double()) for m, v in maps.items()}})
     return {"stages": stages, "steps": out}
 
 

@@ -13,6 +13,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
+from cnnprior.report import HTML_STYLE
 from cnnprior.runtime import atomic_write
 
 PathLike = str | os.PathLike
@@ -239,16 +240,6 @@ def _cell_text(value: object) -> str:
     return str(value)
 
 
-_HTML_STYLE = """
-body { font-family: sans-serif; margin: 1.5em; color: #222; }
-table { border-collapse: collapse; margin: 1em 0; }
-th, td { border: 1px solid #bbb; padding: 0.25em 0.6em; }
-th { background: #eee; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-dt { font-weight: bold; margin-top: 0.4em; }
-dd { margin-left: 1.5em; font-family: monospace; white-space: pre-wrap; }
-img { max-width: 100%; image-rendering: pixelated; }
-"""
 
 
 def write_index_html(
@@ -266,7 +257,7 @@ def write_index_html(
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{e(title)}</title>",
-        f"<style>{_HTML_STYLE}</style>",
+        f"<style>{HTML_STYLE}</style>",
         "</head><body>",
         f"<h1>{e(title)}</h1>",
         f'<p><img src="{e(sheet_rel_path)}" alt="{e(title)}"></p>',
@@ -299,29 +290,33 @@ def _save_figure(fig: Figure, path: PathLike) -> None:
     atomic_write(path, lambda f: canvas.print_png(f))
 
 
-def bar_chart(
-    values: Sequence[float],
+def grouped_bar_chart(
     labels: Sequence[str],
+    values: Mapping[str, Sequence[float]],
     path: PathLike,
     title: str,
-    ylabel: str,
-    errors: Sequence[float] | None = None,
+    xlabel: str,
 ) -> None:
-    """Write a labelled bar chart (optional error bars) as a PNG, atomically."""
-    if len(values) != len(labels) or (errors is not None and len(errors) != len(values)):
-        raise ValueError("values, labels and errors must have the same length")
-    fig = Figure(figsize=(max(4.0, 0.7 * len(values) + 2.0), 3.5), dpi=100, layout="constrained")
+    """Write horizontal grouped bars as a PNG, atomically: one group per label (top to bottom), one bar per
+    named series, each bar labelled with its value."""
+    for name, vals in values.items():
+        if len(vals) != len(labels):
+            raise ValueError(f"series {name!r} has {len(vals)} values for {len(labels)} labels")
+    fig = Figure(figsize=(8.0, 0.5 * len(labels) * max(1, len(values)) / 2 + 1.4), dpi=100, layout="constrained")
     ax = fig.add_subplot()
-    x = np.arange(len(values))
-    bars = ax.bar(x, values, yerr=errors, capsize=4 if errors is not None else 0, color="#4878b0")
-    ax.bar_label(bars, fmt="%.3f", fontsize=8)
-    crowded = len(values) > 6
-    ticks = [str(label) for label in labels]
-    ax.set_xticks(x, ticks, rotation=30 if crowded else 0, ha="right" if crowded else "center")
+    y = np.arange(len(labels))
+    h = 0.8 / max(1, len(values))
+    for i, (name, vals) in enumerate(values.items()):
+        bars = ax.barh(y + (i - (len(values) - 1) / 2) * h, vals, height=h, label=name)
+        ax.bar_label(bars, fmt="%.3g", fontsize=7, padding=2)
+    ax.set_yticks(y, list(labels), fontsize=8)
+    ax.invert_yaxis()  # the first label on top
+    ax.set_xlabel(xlabel)
     ax.set_title(title)
-    ax.set_ylabel(ylabel)
-    ax.grid(axis="y", alpha=0.3)
-    _save_figure(fig, path)
+    ax.grid(axis="x", alpha=0.3)
+    ax.margins(x=0.15)
+    ax.legend(fontsize=8, loc="lower right")
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
 
 
 def line_chart(

@@ -12,18 +12,21 @@ import pytest
 import torch
 import yaml
 
-from cnnprior import evaluate, metrics
+from cnnprior import metrics
 from cnnprior.baselines import BaselineChoice
 from cnnprior.cnn import build_cnn, save_cnn
-from cnnprior.config import load_config
-from cnnprior.evaluate import main, prior_relevance
+from cnnprior.config import load_config, load_eval_config, parse_sections
+from cnnprior.evaluate import main
 from cnnprior.gan import run_gan_stage
 from cnnprior.layers import conv_layers
+from cnnprior.maps import random_maps
 from cnnprior.models import build_generator
 from cnnprior.models.sft import SFTResBlock
 from cnnprior.priorfile import PRIORS_FORMAT, PriorWriter, make_records, read_priors
 from cnnprior.priors import PriorExtractor, PriorSpec
 from cnnprior.runtime import file_sha256
+from cnnprior.sections.fidelity import intensity_rows
+from cnnprior.sections.relevance import prior_labels, prior_relevance
 from tests._gan_tiny import gan_config
 
 SIZE, N, COUNT, CLASSES = 16, 4, 8, ["a", "b", "c", "d", "e"]
@@ -210,7 +213,7 @@ def test_relevance_zero_for_lsft_block_cut_off_from_its_prior():
 
 
 def test_random_maps_seeded_smooth_in_range():
-    a, b = evaluate.random_maps(3, 16, seed=5), evaluate.random_maps(3, 16, seed=5)
+    a, b = random_maps(3, 16, seed=5), random_maps(3, 16, seed=5)
     assert torch.equal(a, b) and a.shape == (3, 1, 16, 16)
     assert float(a.amin()) == 0 and float(a.amax()) == pytest.approx(1.0)
     raw = torch.rand(3, 1, 16, 16)
@@ -221,9 +224,9 @@ def test_prior_labels_shorten_layer_names():
     meta = {"layers": ["net.features.0.0", "net.features.17.conv.0.0", "net.features.17.conv.1.0", "net.features.18.0"],
             "prior_layers": [["net.features.17.conv.1.0"],
                              ["net.features.17.conv.1.0", "net.features.17.conv.0.0", "net.features.0.0"]]}
-    assert evaluate.prior_labels(meta, 3) == ["C0: 1 layer, features.17.conv.1.0",
+    assert prior_labels(meta, 3) == ["C0: 1 layer, features.17.conv.1.0",
                                                "C1: 3 layers, features.17.conv.1.0…features.0.0", "C2"]
-    assert evaluate.prior_labels({"prior_layers": [["a.very.long.module.name.conv1"]]}, 1) == [
+    assert prior_labels({"prior_layers": [["a.very.long.module.name.conv1"]]}, 1) == [
         "C0: 1 layer, …module.name.conv1"]
 
 
@@ -266,10 +269,10 @@ def test_intensity_baseline_uses_the_validation_sign():
     image = torch.rand(2, 3, 12, 12)
     gray = (0.299 * image[:, 0] + 0.587 * image[:, 1] + 0.114 * image[:, 2]).unsqueeze(1)
     inverted = BaselineChoice(0, True, "image", "val.npy", {})
-    ((name, maps),) = evaluate.intensity_rows(image, inverted).items()
+    ((name, maps),) = intensity_rows(image, inverted).items()
     assert name == "intensity (1 - gray, val)" and torch.allclose(maps, 1 - gray)
     assert np.isclose(float(metrics.pearson(maps, 1 - gray).mean()), 1.0)
-    assert list(evaluate.intensity_rows(image, None)) == ["intensity (gray)", "intensity (1 - gray)"]
+    assert list(intensity_rows(image, None)) == ["intensity (gray)", "intensity (1 - gray)"]
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("eval_*.yaml")),
@@ -277,7 +280,7 @@ def test_intensity_baseline_uses_the_validation_sign():
 def test_shipped_configs_are_valid(path, tiny):
     """Only known keys and valid values; the files they name are swapped for the tiny ones."""
     data = yaml.safe_load(tiny["config"].read_text())
-    cfg = evaluate.load_eval_config(path, [f"priors={tiny['priors']}", f"lsft={data['lsft']}",
+    cfg = load_eval_config(path, [f"priors={tiny['priors']}", f"lsft={data['lsft']}",
                                            f"gsft={data['gsft']}"])
     assert cfg.num == 256 and cfg.cnn == "" and cfg.steps >= 8 and cfg.road_num >= 8
     assert cfg.generalisation and all(s.name and s.priors.startswith("npys/") for s in cfg.generalisation)
@@ -321,12 +324,11 @@ def test_sections_subset_runs_only_what_was_asked(tiny, tmp_path):
 
 
 def test_sections_parsing():
-    from cnnprior.evaluate import EVAL_SECTIONS, _sections
-
-    assert _sections(None, "x") == list(EVAL_SECTIONS)  # `sections:` left blank = every section
-    assert _sections("relevance, generalisation", "x") == ["relevance", "generalisation"]
-    assert _sections("", "x") == [] and _sections([], "x") == []  # fidelity only
-    assert _sections(["relevance", "relevance"], "x") == ["relevance"]
+    # `sections:` left blank = every default section
+    assert parse_sections(None, "x") == ["faithfulness", "localisation", "relevance", "generalisation"]
+    assert parse_sections("relevance, generalisation", "x") == ["relevance", "generalisation"]
+    assert parse_sections("", "x") == [] and parse_sections([], "x") == []  # fidelity only
+    assert parse_sections(["relevance", "relevance"], "x") == ["relevance"]
 
 
 def test_module_entry_point_user_error(run_py, one_line_error, tmp_path):

@@ -16,10 +16,11 @@ import yaml
 
 from cnnprior import metrics, sanity
 from cnnprior.cnn import build_cnn, save_cnn
-from cnnprior.config import load_config
+from cnnprior.config import load_config, load_eval_config
 from cnnprior.errors import UserError
-from cnnprior.evaluate import live_cams, load_eval_config, main, resize_maps
+from cnnprior.evaluate import main
 from cnnprior.gan import ImageOnlyGenerator, load_gan_data, load_generator, run_gan_stage
+from cnnprior.maps import live_cams, resize_maps
 from cnnprior.priorfile import PRIORS_FORMAT, PriorWriter, make_records
 from cnnprior.priors import extractor_from, spec_from_sidecar
 from cnnprior.runtime import file_sha256

@@ -218,7 +218,8 @@ def test_write_index_html(tmp_path):
 def test_charts(tmp_path):
     bar = tmp_path / "bar.png"
     labels = ["layer1", "layer2", "layer3"]
-    viz.bar_chart([0.8, 0.6, 0.3], labels, bar, "Relevance per prior", "r", errors=[0.05, 0.1, 0.02])
+    viz.grouped_bar_chart(labels, {"zeros": [0.8, 0.6, 0.3], "mean": [0.5, 0.4, 0.1]}, bar, "Relevance per prior",
+                          "r")
     line = tmp_path / "line.png"
     series = {"D(real)": [0.9, 0.8, 0.7, 0.6], "D(fake)": [0.1, 0.2, 0.3, 0.4]}
     viz.line_chart([1, 2, 3, 4], series, line, "Training", "epoch", "p")
@@ -231,6 +232,6 @@ def test_charts(tmp_path):
             assert arr.max() == 255 and arr.min() < 80
     assert sorted(os.listdir(tmp_path)) == ["bar.png", "line.png"]
     with pytest.raises(ValueError):
-        viz.bar_chart([1.0], ["a", "b"], bar, "t", "y")
+        viz.grouped_bar_chart(["a", "b"], {"s": [1.0]}, bar, "t", "y")
     with pytest.raises(ValueError):
         viz.line_chart([1, 2], {"s": [1.0]}, line, "t", "x", "y")

@@ -1,10 +1,15 @@
-"""Evaluation sections as small classes: `run(ctx) -> results`, `render(report, results, folder)`, a registry.
+"""Evaluation sections as small classes: `run(ctx) -> results`, `render(report, results, folder, ctx)`, a registry.
 
-A section is one class registered by name; the evaluation config's `sections:` list names it, and an optional
-mapping under the same name holds its options (a dataclass the class declares), e.g.
+Every part of the evaluation report is one section class registered by name (`order` places it). The config's
+`sections:` list names the selectable ones (blank: the `default` ones); an optional mapping under a section's
+name holds its options (a dataclass the class declares), e.g.
 
     sections: [faithfulness, mprt]
     mprt: {num: 64, seed: 0}        # or --set mprt.num=16
+
+Fidelity and the training curves always run. The default sections have a heading in every report (saying when
+they were not run); the others appear only when run. To add a section, write one class in this package and
+import its module in `__init__.py`.
 """
 
 from __future__ import annotations
@@ -12,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -22,6 +26,8 @@ from torch import Tensor, nn
 
 from cnnprior.errors import UserError
 from cnnprior.priorfile import PriorFile
+from cnnprior.report import Report
+from cnnprior.runtime import Log
 
 
 def option(default: Any, *, lo: float | None = None, hi: float | None = None, choices: tuple | None = None,
@@ -42,8 +48,11 @@ class EvalContext:
     cnn_meta: dict
     gans: list  # the evaluated generators: .label, .variant, .model, .meta, .maps (on `data`)
     device: torch.device
-    notes: list[str]
-    log: Callable[[str], Any] = print
+    notes: list[str]  # the report's notes, in the order they arise
+    log: Log = print
+    target_layer: nn.Module | None = None  # the CNN module whose map is the prior file's target
+    road_images: list[int] = field(default_factory=list)  # ROAD's image subset (set by the faithfulness section)
+    cache: dict[str, Any] = field(default_factory=dict)  # values shared by sections (see `shared`)
 
     @property
     def image_size(self) -> int:
@@ -54,6 +63,12 @@ class EvalContext:
         """The options of section `name` (its defaults when the config sets none)."""
         return options_of(self.cfg, name)
 
+    def shared(self, key: str, make: Any) -> Any:
+        """make(), computed once per evaluation and shared by the sections that ask for `key`."""
+        if key not in self.cache:
+            self.cache[key] = make()
+        return self.cache[key]
+
 
 class Section:
     """One evaluation section; subclasses set `name`, `title` (report heading) and optionally `options`."""
@@ -62,18 +77,39 @@ class Section:
     title: ClassVar[str] = ""
     options: ClassVar[type | None] = None
     order: ClassVar[int] = 100  # place in the report and in listings (lower first)
+    selectable: ClassVar[bool] = True  # named in `sections:`; False: always runs
+    default: ClassVar[bool] = False  # runs when `sections:` is left blank; has a heading in every report
+    in_metrics: ClassVar[bool] = True  # its results are an entry of metrics.json
+    options_in_results: ClassVar[bool] = True  # its options are recorded with its results
+    announce: ClassVar[bool] = True  # log "<runtime key> done" after it ran
+    runtime_key: ClassVar[str] = ""  # its row in the report's runtime table (default: its name)
 
-    def run(self, ctx: EvalContext) -> dict:
-        """Compute the section's results (plain data: numbers, lists, dicts; tensors become lists)."""
+    @classmethod
+    def always_reported(cls) -> bool:
+        """Whether the report has this section's heading even when it did not run."""
+        return cls.default or not cls.selectable
+
+    @classmethod
+    def selected(cls, cfg: Any) -> bool:
+        """Whether this evaluation runs the section."""
+        return not cls.selectable or cls.name in cfg.sections
+
+    def empty(self) -> Any:
+        """The results recorded for a default section that was not run."""
+        return None
+
+    def run(self, ctx: EvalContext) -> Any:
+        """Compute the section's results (plain data: numbers, lists, dicts; tensors become lists); None: nothing
+        was computed (no runtime is recorded)."""
         raise NotImplementedError
 
-    def render(self, report: Any, results: dict, folder: Path) -> None:
+    def render(self, report: Report, results: Any, folder: Path, ctx: EvalContext) -> None:
         """Add the section's text, tables and charts (written into `folder`) to the report."""
         raise NotImplementedError
 
 
 SECTIONS: dict[str, type[Section]] = {}
-OPTIONS: dict[str, type] = {}  # section name -> its options dataclass (also for sections not yet classes)
+OPTIONS: dict[str, type] = {}  # section name -> its options dataclass
 
 
 def register(cls: type[Section]) -> type[Section]:
@@ -91,10 +127,14 @@ def section_names() -> list[str]:
     return sorted(SECTIONS, key=lambda n: SECTIONS[n].order)
 
 
-def register_options(name: str, cls: type) -> type:
-    """Declare the options of a section that is not (yet) a registered class."""
-    OPTIONS[name] = cls
-    return cls
+def selectable_names() -> list[str]:
+    """The names `sections:` accepts, in report order."""
+    return [n for n in section_names() if SECTIONS[n].selectable]
+
+
+def default_names() -> list[str]:
+    """The sections run when `sections:` is left blank."""
+    return [n for n in section_names() if SECTIONS[n].selectable and SECTIONS[n].default]
 
 
 def _check_option(value: Any, f: dataclasses.Field, loc: str) -> Any:
@@ -149,8 +189,9 @@ def options_of(cfg: Any, name: str) -> Any:
 
 def describe_options() -> str:
     """The registered sections and every section option with its default, for --help."""
-    lines = [f"  registered sections (name them in `sections:`): {', '.join(section_names())}"]
-    for name in sorted(OPTIONS, key=lambda n: SECTIONS[n].order if n in SECTIONS else 0):
+    lines = [f"  sections (name them in `sections:`): {', '.join(selectable_names())}; default: "
+             f"{', '.join(default_names())}"]
+    for name in sorted(OPTIONS, key=lambda n: SECTIONS[n].order):
         cls = OPTIONS[name]
         for f in dataclasses.fields(cls):
             extra = f.metadata.get("help", "")
@@ -158,24 +199,56 @@ def describe_options() -> str:
     return "\n".join(lines)
 
 
-def run_sections(ctx: EvalContext, names: list[str], runtime: dict[str, float]) -> dict[str, dict]:
-    """Run the registered sections among `names`, in report order; their results by name (options included)."""
-    results: dict[str, dict] = {}
+def run_sections(ctx: EvalContext, runtime: dict[str, float]) -> dict[str, Any]:
+    """Run the sections the config selects, in report order; their results by name (a default section that was
+    not run: its empty results). Each section's seconds go to runtime[its runtime key]."""
+    results: dict[str, Any] = {}
     for name in section_names():
-        if name not in names:
+        section = SECTIONS[name]()
+        if not section.selected(ctx.cfg):
+            if section.default:
+                results[name] = section.empty()
             continue
         t = time.time()
-        res = SECTIONS[name]().run(ctx)
-        if name in OPTIONS:
+        res = results[name] = section.run(ctx)
+        if res is None:
+            continue
+        if section.options is not None and section.options_in_results:
             res["options"] = dataclasses.asdict(ctx.options(name))
-        results[name] = res
-        runtime[name] = time.time() - t
-        ctx.log(f"evaluate: {name} done ({runtime[name]:.1f}s)")
+        key = section.runtime_key or name
+        runtime[key] = time.time() - t
+        if section.announce:
+            ctx.log(f"evaluate: {key} done ({runtime[key]:.1f}s)")
     return results
 
 
-def render_sections(report: Any, results: dict[str, dict], folder: Path, first: int) -> None:
-    """Numbered headings (from `first`) and the body of each section that ran."""
-    for i, (name, res) in enumerate(results.items()):
-        report.h(f"{first + i}. {SECTIONS[name].title}")
-        SECTIONS[name]().render(report, res, folder)
+def render_sections(report: Report, results: dict[str, Any], folder: Path, ctx: EvalContext) -> dict[str, dict]:
+    """Numbered headings and the body of every section that ran or is always reported; returns the winners of
+    each section's scored table (one whose columns say which value is best)."""
+    winners: dict[str, dict] = {}
+    number = 0
+    for name in section_names():
+        section = SECTIONS[name]()
+        if name not in results and not section.always_reported():
+            continue
+        number += 1
+        report.h(f"{number}. {section.title}")
+        first = len(report.blocks)
+        section.render(report, results.get(name), folder, ctx)
+        for block in report.blocks[first:]:
+            if block[0] == "table" and any(block[1].better):
+                winners[name] = block[1].winners()
+    return winners
+
+
+def metrics_entries(results: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """metrics.json entries of the sections: (those always reported, the others that ran), each in report order."""
+    entries = {n: r for n, r in results.items() if SECTIONS[n].in_metrics}
+    always = {n: r for n, r in entries.items() if SECTIONS[n].always_reported()}
+    return always, {n: r for n, r in entries.items() if n not in always}
+
+
+def not_run_note(report: Report) -> None:
+    """The body of a default section the config did not select."""
+    report.p("Not run (`sections`).")
+

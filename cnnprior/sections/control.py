@@ -12,8 +12,9 @@ import torch
 
 from cnnprior import cams, metrics
 from cnnprior.errors import UserError
-from cnnprior.evaluate import Table, generate, live_cams, resize_maps
-from cnnprior.sanity import format_ci, mean_ci, ssim_or_nan
+from cnnprior.maps import generate, live_cams, resize_maps
+from cnnprior.report import Report, Table
+from cnnprior.sanity import format_ci, mean_ci
 from cnnprior.sections.base import EvalContext, Section, option, register
 
 
@@ -96,7 +97,7 @@ class ControlSection(Section):
             maps = generate(model, d["image"], torch.zeros_like(d["priors"]), ctx.cfg.batch_size, ctx.device)
             r_of[label] = metrics.pearson(maps, d["target"])
             fid[label] = {"path": path, "r": mean_ci(r_of[label]), "l1": mean_ci(metrics.l1(maps, d["target"])),
-                          "ssim": mean_ci(ssim_or_nan(maps, d["target"]))}
+                          "ssim": mean_ci(metrics.ssim_or_nan(maps.double(), d["target"].double()))}
         margins = {}
         for g in ctx.gans:
             r_gan = metrics.pearson(g.maps, d["target"])
@@ -106,7 +107,7 @@ class ControlSection(Section):
         return {"images": ctx.count, "controls": fid, "margins": margins,
                 "speed": _speeds(ctx, controls, min(opts.speed_num, ctx.count)), "device": str(ctx.device)}
 
-    def render(self, report: Any, results: dict, folder: Path) -> None:
+    def render(self, report: Report, results: Any, folder: Path, ctx: EvalContext) -> None:
         if not results["controls"]:
             report.p("No image-only control generator configured (`control: {lsft: …, gsft: …}`, trained with "
                      "`--set gan.priors=none`).")
@@ -117,11 +118,11 @@ class ControlSection(Section):
                  f"margins are paired per image.")
         rows = [[label, format_ci(s["r"]), format_ci(s["l1"]), format_ci(s["ssim"])]
                 for label, s in results["controls"].items()]
-        report.table(Table(["control", "r ↑", "L1 ↓", "SSIM ↑"], rows, [None] * 4, [None] * 4))
+        report.table(Table.plain(["control", "r ↑", "L1 ↓", "SSIM ↑"], rows))
         if results["margins"]:
             rows = [[name, format_ci(s["gan_r"]), format_ci(s["control_r"]), format_ci(s["margin"])]
                     for name, s in results["margins"].items()]
-            report.table(Table(["GAN − control", "GAN r", "control r", "margin r"], rows, [None] * 4, [None] * 4))
+            report.table(Table.plain(["GAN − control", "GAN r", "control r", "margin r"], rows))
         report.p(f"Speed on {results['device']}, images/s (context only: the control never queries the CNN, so "
                  f"its map is **not an explanation of the CNN**; the number only sizes a future one-pass "
                  f"explainer): " + "; ".join(f"{k} {v:,.0f}" for k, v in results["speed"].items()) + ".")

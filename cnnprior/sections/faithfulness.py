@@ -1,13 +1,27 @@
-"""Options of the existing `faithfulness` section (its code is still in cnnprior.evaluate)."""
+"""Section `faithfulness`: does the CNN's confidence follow each method's map (masking, deletion/insertion, ROAD)?"""
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
-from cnnprior.sections.base import option, register_options
+from cnnprior import cams, metrics
+from cnnprior.maps import blur, live_cams, random_maps, resize_maps
+from cnnprior.report import Report, Table
+from cnnprior.sanity import SMOOTHING_SIGMAS, smooth_maps
+from cnnprior.sections.base import EvalContext, Section, not_run_note, option, register
+
+COLUMNS = (("average_drop", "Average Drop % ↓", "min", ".1f"),
+           ("increase_in_confidence", "Increase in Confidence % ↑", "max", ".1f"),
+           ("deletion_auc", "Deletion AUC ↓", "min", ".3f"), ("insertion_auc", "Insertion AUC ↑", "max", ".3f"),
+           ("road_combined", "ROAD combined ↑", "max", ".4f"))
+BLURRED_COLUMN = ("insertion_auc_blurred", "Insertion AUC (blurred start) ↑", "max", ".3f")
 
 
 @dataclass
@@ -21,13 +35,108 @@ class FaithfulnessOptions:
                                                             "input size (RISE: 5 at 224 px)")
 
 
-register_options("faithfulness", FaithfulnessOptions)
+def stored_target_label(meta: dict) -> str:
+    """'target (stored Grad-CAM)': the row of the prior file's target map."""
+    return f"target (stored {cams.title(meta.get('method') or 'map')})"
 
 
-def blurred_images(images: Tensor, sigma: float) -> Tensor:
-    """(B, 3, R, R) images blurred by a Gaussian of `sigma` pixels (reflect padding): insertion's start."""
-    from torchvision.transforms.functional import gaussian_blur
+def _input_size_maps(ctx: EvalContext) -> dict[str, Tensor]:
+    d, size, count = ctx.data, ctx.pf.size, ctx.count
+    r = ctx.image_size
+    maps = {g.label: resize_maps(g.maps, r) for g in ctx.gans}
+    for method in cams.LIVE:
+        maps[cams.title(method)] = live_cams(ctx.cnn, ctx.target_layer, images_at_input_size(ctx),
+                                             ctx.data["explained"].to(ctx.device), method, ctx.cfg.batch_size).cpu()
+    target = stored_target_label(ctx.pf.meta)
+    maps[target] = resize_maps(d["target"], r)
+    maps["random"] = resize_maps(random_maps(count, size, ctx.cfg.seed), r)
+    for sigma in SMOOTHING_SIGMAS:  # matched smoothing: the target blurred at the map size S
+        maps[f"{target} σ={sigma}px"] = resize_maps(smooth_maps(d["target"], sigma), r)
+    return maps
 
-    size = min(images.shape[-2:])
-    k = min(2 * math.ceil(3 * sigma) + 1, size - (size + 1) % 2)
-    return gaussian_blur(images, [k, k], [sigma, sigma]) if k > 1 else images
+
+def input_size_maps(ctx: EvalContext) -> dict[str, Tensor]:
+    """Every method's maps at the CNN's input size R (GANs, live CAMs at the target layer, the stored target, a
+    random map, the target at matched smoothing); shared with the localisation section."""
+    return ctx.shared("input_size_maps", lambda: _input_size_maps(ctx))
+
+
+def images_at_input_size(ctx: EvalContext) -> Tensor:
+    """The evaluated images upsampled to the CNN's input size, on the device."""
+    return ctx.shared("images_r", lambda: resize_maps(ctx.data["image"], ctx.image_size).to(ctx.device))
+
+
+def faithfulness_means(model: nn.Module, images: Tensor, maps: Tensor, classes: Tensor, p_orig: Tensor,
+                       steps: int, road_idx: Tensor, batch_size: int, seed: int,
+                       insertion_start: Tensor | None = None) -> dict[str, float]:
+    """Average Drop %, Increase in Confidence %, deletion/insertion AUC, ROAD combined (subset) of one method;
+    with `insertion_start` (e.g. blurred images, as RISE) also the insertion AUC starting from it."""
+    maps = maps.to(images.device)
+    p_expl = metrics.class_probs(model, metrics.explanation_masked(images, maps), classes, batch_size)
+    dele, ins = metrics.deletion_insertion_auc(model, images, maps, classes, steps, None, batch_size)
+    road = math.nan
+    if len(road_idx):
+        idx = road_idx.to(images.device)
+        road = float(metrics.road_scores(model, images[idx], maps[idx], classes[idx], seed=seed)["combined"].mean())
+    out = {"average_drop": metrics.average_drop(p_orig, p_expl),
+           "increase_in_confidence": metrics.increase_in_confidence(p_orig, p_expl),
+           "deletion_auc": float(dele.mean()), "insertion_auc": float(ins.mean()), "road_combined": road}
+    if insertion_start is not None:
+        _, ins_b = metrics.deletion_insertion_auc(model, images, maps, classes, steps, insertion_start, batch_size)
+        out["insertion_auc_blurred"] = float(ins_b.mean())
+    return out
+
+
+@register
+class FaithfulnessSection(Section):
+    """Average Drop, Increase in Confidence, deletion/insertion AUC and ROAD of every method's map."""
+
+    name = "faithfulness"
+    title = "Faithfulness to the CNN"
+    options = FaithfulnessOptions
+    order = 2
+    default = True
+    options_in_results = False  # its results are the table of methods
+    announce = False  # it logs each method
+
+    def empty(self) -> dict:
+        return {}
+
+    def run(self, ctx: EvalContext) -> dict:
+        cfg, count = ctx.cfg, ctx.count
+        road_n = min(cfg.road_num, count)
+        road_idx = torch.randperm(count, generator=torch.Generator().manual_seed(cfg.seed))[:road_n].sort().values
+        ctx.road_images = road_idx.tolist()
+        images, classes = images_at_input_size(ctx), ctx.data["explained"].to(ctx.device)
+        maps = input_size_maps(ctx)
+        p_orig = metrics.class_probs(ctx.cnn, images, classes, cfg.batch_size)
+        opts = ctx.options(self.name)
+        start = blur(images, opts.blur_sigma) if opts.insertion == "blurred" else None
+        results = {}
+        for name, m in maps.items():
+            t = time.time()
+            results[name] = faithfulness_means(ctx.cnn, images, m, classes, p_orig, cfg.steps, road_idx,
+                                               cfg.batch_size, cfg.seed, start)
+            ctx.log(f"evaluate: faithfulness {name} ({time.time() - t:.1f}s)")
+        if road_n == 0:
+            ctx.notes.append("ROAD skipped (road_num: 0)")
+        elif road_n < count:
+            ctx.notes.append(f"ROAD is computed on a seeded random subset of {road_n} of the {count} images "
+                             f"(road_num)")
+        return results
+
+    def render(self, report: Report, results: Any, folder: Path, ctx: EvalContext) -> None:
+        if not self.selected(ctx.cfg):
+            not_run_note(report)
+            return
+        report.p(f"Images and maps upsampled from {ctx.pf.size}px to {ctx.image_size}px; explained class = the "
+                 f"record's `explained`; masking / deletion / insertion baseline = black (zeros in [0,1] RGB input "
+                 f"space); **N = {ctx.count} images**; deletion/insertion with {ctx.cfg.steps} steps; ROAD on a "
+                 f"seeded random subset of **{len(ctx.road_images)} of {ctx.count} images**. `random`: uniform noise "
+                 f"blurred with sigma S/16 (its maxima sit near the border); the σ rows are the target blurred at the "
+                 f"map size, so methods can be compared at matched smoothing (these metrics reward smooth maps).")
+        blurred = any("insertion_auc_blurred" in v for v in results.values())
+        if blurred:
+            report.p("Insertion AUC (blurred start): insertion starting from a Gaussian-blurred copy of the image "
+                     "(as RISE does) instead of black.")
+        report.table(Table.of_metrics("method", results, COLUMNS + (BLURRED_COLUMN,) * blurred))

@@ -9,8 +9,9 @@ from typing import Any
 import torch
 
 from cnnprior import cams
-from cnnprior.evaluate import Table, generate, live_cams, resize_maps
+from cnnprior.maps import generate, live_cams, resize_maps
 from cnnprior.priors import extractor_from, spec_from_sidecar
+from cnnprior.report import Report, Table
 from cnnprior.sanity import (
     GRID_CHANCE,
     SMOOTHING_SIGMAS,
@@ -84,7 +85,7 @@ class GridPGSection(Section):
         res["grid_prediction_is_explained"] = mean_ci((pred == classes).double())
         return res
 
-    def render(self, report: Any, results: dict, folder: Path) -> None:
+    def render(self, report: Report, results: Any, folder: Path, ctx: EvalContext) -> None:
         report.p(f"2×2 grids of evaluated images of four different classes, each cell classified correctly with "
                  f"p ≥ {results['min_prob']} when shown alone ({results['kept_images']} of "
                  f"{results['pool']} images, {results['kept_classes']} classes); **N = {results['grids']} grids**, "
@@ -101,4 +102,4 @@ class GridPGSection(Section):
                  f"{format_ci(results['grid_prediction_is_explained'])} of the grids.")
         rows = [[name, format_ci(s)] for name, s in results["methods"].items()]
         rows.append(["chance (uniform map)", f"{results['chance']:.3f}"])
-        report.table(Table(["method", "energy in the explained cell ↑"], rows, [None, None], [None, None]))
+        report.table(Table.plain(["method", "energy in the explained cell ↑"], rows))

@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from cnnprior import cams, metrics
-from cnnprior.evaluate import Table, generate, live_cams, resize_maps
+from cnnprior.maps import generate, live_cams, resize_maps
 from cnnprior.priors import extractor_from, spec_from_sidecar
+from cnnprior.report import Report, Table
 from cnnprior.sanity import (
     MPRT_MARGIN,
     explain_batched,
@@ -89,7 +90,7 @@ class MPRTSection(Section):
                 "steps": steps, "verdicts": verdicts, "margin": MPRT_MARGIN,
                 "step0_target_l1": mean_ci(metrics.l1(first["target"], stored))}
 
-    def render(self, report: Any, results: dict, folder: Path) -> None:
+    def render(self, report: Report, results: Any, folder: Path, ctx: EvalContext) -> None:
         report.p(f"Cascading randomisation on **N = {results['images']} images** (the first evaluated records): "
                  f"step k re-initialises the CNN's first k stages from the classifier down "
                  f"({', '.join(f'`{s}`' for s in results['stages'])}); at every step the priors and the target are "
@@ -111,7 +112,7 @@ class MPRTSection(Section):
         header = ["step", "randomised down to"] + [f"{m} ρ" for m in methods] + [f"{m} SSIM" for m in methods]
         rows = [[s["step"], s["randomised"]] + [format_ci(s["spearman"][m]) for m in methods]
                 + [format_ci(s["ssim"][m]) for m in methods] for s in results["steps"]]
-        report.table(Table(header, rows, [None] * len(header), [None] * len(header)))
+        report.table(Table.plain(header, rows))
 
 
 def mprt_chart(results: dict, path: Path) -> None:

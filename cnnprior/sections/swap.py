@@ -9,7 +9,8 @@ from typing import Any
 import torch
 
 from cnnprior import metrics
-from cnnprior.evaluate import Table, generate
+from cnnprior.maps import generate
+from cnnprior.report import Report, Table
 from cnnprior.sanity import format_ci, mean_ci, swap_donors
 from cnnprior.sections.base import EvalContext, Section, option, register
 
@@ -69,7 +70,7 @@ class PriorSwapSection(Section):
         n = ctx.count if opts.num == 0 else min(opts.num, ctx.count)
         return {"images": n, "donors": {kind: _donor_kind(ctx, n, same, opts.seed) for kind, same in DONORS}}
 
-    def render(self, report: Any, results: dict, folder: Path) -> None:
+    def render(self, report: Report, results: Any, folder: Path, ctx: EvalContext) -> None:
         report.p(f"Each of **N = {results['images']} images** x_i is given the stored priors P_j of a donor image "
                  f"j ≠ i (seeded; same class: a donor with the same explained class; any class: any other image). "
                  f"Pearson r of G(x_i, P_j) with the image's own target T_i and with the donor's target T_j; mean "
@@ -86,4 +87,4 @@ class PriorSwapSection(Section):
                 rows.append([kind, label, e["pairs"], format_ci(s["unswapped_r"]), format_ci(s["r_own"]),
                              format_ci(s["r_donor"]), format_ci(s["donor_minus_own"]), format_ci(e["targets_r"]),
                              _follows(s["donor_minus_own"])])
-        report.table(Table(header, rows, [None] * len(header), [None] * len(header)))
+        report.table(Table.plain(header, rows))

@@ -1,0 +1,93 @@
+"""Section `generalisation`: the same generators' fidelity on other held-out prior files (other CNNs or data)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cnnprior.config import EvalSet
+from cnnprior.errors import UserError
+from cnnprior.maps import generate
+from cnnprior.priorfile import read_priors
+from cnnprior.report import Report, Table
+from cnnprior.sections.base import EvalContext, Section, not_run_note, register
+from cnnprior.sections.fidelity import COLUMNS, fidelity_means
+
+
+def _skip_reason(gans: list, fit: list, size: int, n: int) -> str:
+    if not gans:
+        return "no GAN checkpoints configured"
+    if not fit:
+        return (f"S={size}, n={n} do not match the GANs' "
+                + ", ".join(f"{g.label} S={g.size_n[0]}, n={g.size_n[1]}" for g in gans))
+    return ""
+
+
+def generalise(s: EvalSet, ctx: EvalContext) -> dict:
+    """Fidelity of each GAN on one extra prior file; a skipped file gets a reason instead of results."""
+    entry: dict[str, Any] = {"name": s.name, "priors": s.priors, "status": "skipped", "reason": "", "results": {}}
+    if not Path(s.priors).is_file():
+        entry["reason"] = f"{s.priors}: file not found"
+        return entry
+    try:
+        pf = read_priors(s.priors)
+    except UserError as exc:
+        entry["reason"] = str(exc)
+        return entry
+    fit = [g for g in ctx.gans if g.size_n == (pf.size, pf.n)]
+    entry.update(dataset=pf.meta.get("dataset"), cnn_arch=(pf.meta.get("cnn") or {}).get("arch"), size=pf.size,
+                 n=pf.n)
+    entry["reason"] = _skip_reason(ctx.gans, fit, pf.size, pf.n)
+    if entry["reason"]:
+        return entry
+    m = len(pf) if ctx.cfg.num == 0 else min(ctx.count, len(pf))
+    if m == 0:
+        entry["reason"] = "the prior file holds no samples"
+        return entry
+    d = pf.tensors(slice(0, m))
+    for g in fit:
+        entry["results"][g.label] = fidelity_means(generate(g.model, d["image"], d["priors"], ctx.cfg.batch_size,
+                                                            ctx.device), d["target"])
+    entry["results"]["mean of priors"] = fidelity_means(d["priors"].mean(1, keepdim=True), d["target"])
+    entry.update(status="ok", images=m)
+    skipped = [g.label for g in ctx.gans if g not in fit]
+    if skipped:
+        entry["reason"] = f"{', '.join(skipped)} skipped: S/n differ"
+    return entry
+
+
+@register
+class GeneralisationSection(Section):
+    """Fidelity (L1, r, SSIM) of the generators on each `generalisation:` prior file with their S and n."""
+
+    name = "generalisation"
+    title = "Generalisation to other prior files"
+    order = 5
+    default = True
+    announce = False
+
+    def empty(self) -> list:
+        return []
+
+    def run(self, ctx: EvalContext) -> list[dict]:
+        return [generalise(s, ctx) for s in ctx.cfg.generalisation]
+
+    def render(self, report: Report, results: Any, folder: Path, ctx: EvalContext) -> None:
+        if not self.selected(ctx.cfg):
+            not_run_note(report)
+        elif not ctx.cfg.generalisation:
+            report.p("No extra prior files configured (`generalisation`).")
+        rows, skipped = [], []
+        for e in results:
+            if e["status"] != "ok":
+                skipped.append(f"{e['name']} (`{e['priors']}`): skipped: {e['reason']}")
+                continue
+            if e["reason"]:
+                skipped.append(f"{e['name']}: {e['reason']}")
+            for method, vals in e["results"].items():
+                rows.append([e["name"], e.get("dataset"), e.get("cnn_arch"), e["images"], method]
+                            + [vals[c[0]] for c in COLUMNS])
+        if rows:
+            report.table(Table(["set", "dataset", "CNN", "images", "method"] + [c[1] for c in COLUMNS], rows,
+                               [None] * 8, [None] * 5 + [c[3] for c in COLUMNS]))
+        report.ul(skipped)

@@ -1,0 +1,64 @@
+"""Section `localisation`: do the maps point at the object (prior files with ground-truth masks only)?"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from cnnprior import metrics
+from cnnprior.report import Report, Table
+from cnnprior.sanity import pointing_chance
+from cnnprior.sections.base import EvalContext, Section, not_run_note, register
+from cnnprior.sections.faithfulness import input_size_maps
+
+COLUMNS = (("pointing_game", "Pointing game ↑", "max", ".3f"),
+           ("energy_pointing_game", "Energy pointing game ↑", "max", ".3f"))
+
+
+def localisation_means(maps: Tensor, masks: Tensor) -> dict[str, float]:
+    """Mean pointing-game hit rate and energy-based pointing game."""
+    return {"pointing_game": float(metrics.pointing_game(maps, masks).mean()),
+            "energy_pointing_game": float(metrics.energy_pointing_game(maps, masks).mean())}
+
+
+@register
+class LocalisationSection(Section):
+    """Pointing game and energy pointing game of every method's map against the records' masks."""
+
+    name = "localisation"
+    title = "Localisation"
+    order = 3
+    default = True
+    announce = False
+
+    def run(self, ctx: EvalContext) -> dict | None:
+        d = ctx.data
+        if not ctx.pf.meta.get("has_masks"):
+            ctx.notes.append("localisation skipped: the prior file has no ground-truth masks (has_masks: false)")
+            return None
+        r = ctx.image_size
+        masks_r = F.interpolate(d["mask"].unsqueeze(1), size=(r, r), mode="nearest")
+        # the blurred-noise "random" map is no fair chance level (its maxima sit at the border): the chance of a
+        # uniform random point, = the mask-area fraction (also a uniform map's energy share), replaces it
+        results = {name: localisation_means(m, masks_r) for name, m in input_size_maps(ctx).items() if name != "random"}
+        chance = float(pointing_chance(masks_r).mean())
+        results["chance (uniform random point)"] = {"pointing_game": chance, "energy_pointing_game": chance}
+        if float(d["mask"].flatten(1).amax(1).min()) == 0:
+            ctx.notes.append("some evaluated images have an empty mask: they count as misses in the pointing game")
+        return results
+
+    def render(self, report: Report, results: Any, folder: Path, ctx: EvalContext) -> None:
+        if not self.selected(ctx.cfg):
+            not_run_note(report)
+        elif results is None:
+            report.p("Skipped: the prior file has no ground-truth masks.")
+        else:
+            report.p(f"**N = {ctx.count} images**, against the records' ground-truth masks, at {ctx.image_size}px "
+                     f"(masks upsampled nearest); the pointing game counts a hit when the map's maximum lies in the "
+                     f"mask (no tolerance). Chance: a uniform random point hits the mask with probability = its area "
+                     f"fraction (a uniform map's energy share is the same); σ rows: the target blurred at the map "
+                     f"size.")
+            report.table(Table.of_metrics("method", results, COLUMNS))
