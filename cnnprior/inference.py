@@ -1,4 +1,5 @@
-"""Inference: run a trained LSFT/GSFT generator on a prior file or on image files; write a run folder."""
+"""Inference: run a trained LSFT/GSFT generator on a prior file or on image files (inputs.py); score it (scores.py);
+write a run folder; the `<variant>_inference.py` command line."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import shlex
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -20,38 +20,27 @@ import torch
 from tqdm import tqdm
 
 from cnnprior import cams
-from cnnprior.baselines import BaselineChoice, baseline_maps
-from cnnprior.baselines import label as baseline_label
+from cnnprior.baselines import BaselineChoice
 from cnnprior.errors import UserError, cli_main
-from cnnprior.maps import rescale
-from cnnprior.metrics import bootstrap_ci
-from cnnprior.runtime import Log, publish_folder, temp_folder
+from cnnprior.inputs import (
+    DEFAULT_CHECKPOINT,
+    DEFAULT_CNN,
+    DEFAULT_PRIORS,
+    InputSet,
+    image_input,
+    prior_file_input,
+    produce_command,
+)
+from cnnprior.runtime import publish_folder, temp_folder
+from cnnprior.scores import ScoreTable, build_metrics, format_table, rounded
 
-DEFAULT_NAME = "fashion_resnet18"
-DEFAULT_CONFIG = f"configs/{DEFAULT_NAME}.yaml"
-
-
-def produce_command(variant: str) -> str:
-    """The commands that produce the shipped default files for `variant`."""
-    return (f"python train.py --config {DEFAULT_CONFIG} --stage classifier && python train.py --config "
-            f"{DEFAULT_CONFIG} --stage priors && python train.py --config configs/fashion_{variant}_cpu.yaml --stage gan")
-
-
-DEFAULT_CHECKPOINT = {"lsft": f"models/{DEFAULT_NAME}-lsft.pt", "gsft": f"models/{DEFAULT_NAME}-gsft.pt"}
-DEFAULT_PRIORS = f"npys/{DEFAULT_NAME}-test.npy"
-DEFAULT_CNN = f"models/{DEFAULT_NAME}-cnn.pt"
 OUTPUTS = "outputs"
 SHEET_ROWS = 16
 SHEET_CELL = 128
 OVERLAY_ALPHA = 0.5
 SUBDIRS = ("inputs", "gradcam", "gan", "overlays")
-SCORES = ("l1", "r", "ssim")
 STEM_CHARS = 80  # an input's stem is cut to this many characters in output names
 RUN_MARKER = "metrics.json"  # a folder holding it is an inference run; only such a folder may be replaced
-
-
-def _warn(msg: str) -> None:
-    print(f"warning: {msg}", file=sys.stderr)
 
 
 def output_stem(index: int, width: int, class_name: str, source: str | None = None) -> str:
@@ -66,35 +55,6 @@ def sanitize(name: str, fallback: str = "x") -> str:
     return safe or fallback
 
 
-# ----------------------------------------------------------------------------------------- inputs
-@dataclass
-class Batch:
-    """One batch of samples in the prior-file record layout, with where each sample came from."""
-
-    records: np.ndarray
-    sources: list[str]
-
-
-@dataclass
-class InputSet:
-    """What the generator runs on: a count, class names, provenance, and a lazy batch iterator."""
-
-    kind: str  # "priors" or "images"
-    dataset: str
-    count: int
-    class_names: list[str]
-    provenance: dict[str, str]
-    batches: Callable[[int], Iterator[Batch]]
-    notes: list[str] = field(default_factory=list)
-
-    def class_name(self, index: int) -> str:
-        return self.class_names[index] if 0 <= index < len(self.class_names) else str(index)
-
-
-def _default_missing(path: str, what: str, how: str) -> UserError:
-    return UserError(f"{path}: default {what} not found; produce it with `{how}` (or pass the file explicitly)")
-
-
 def resolve_checkpoint(path: str | None, variant: str) -> Path:
     """The generator checkpoint: --checkpoint, else the shipped default (or the `-best.pt` train.py writes)."""
     if path:
@@ -107,154 +67,6 @@ def resolve_checkpoint(path: str | None, variant: str) -> Path:
     how = produce_command(variant)
     raise UserError(f"{default}: default {variant.upper()} generator checkpoint not found (nor {best.name}); produce "
                     f"it with `{how}`, or pass --checkpoint FILE")
-
-
-def prior_file_input(path: str | None, pm: dict, variant: str, checkpoint: Path, limit: int) -> InputSet:
-    """Samples from a prior file; it must have the generator's n and S (other differences are warned about)."""
-    from cnnprior.priorfile import read_priors
-
-    if not path:
-        path = DEFAULT_PRIORS
-        if not Path(path).is_file():
-            raise _default_missing(path, "prior file", f"python train.py --config {DEFAULT_CONFIG} --stage priors")
-    pf = read_priors(path)
-    size, n = int(pm["size"]), int(pm["n"])
-    if (pf.n, pf.size) != (n, size):
-        raise UserError(f"{pf.path}: priors have n={pf.n}, S={pf.size} but the {variant} generator {checkpoint} was "
-                        f"trained on n={n}, S={size}; use a prior file written with the same priors settings")
-    for key in ("order", "target", "method"):
-        if pm.get(key) is not None and pf.meta.get(key) != pm.get(key):
-            _warn(f"{pf.path}: priors {key} is {pf.meta.get(key)!r} but the generator was trained on {pm.get(key)!r}")
-    count = len(pf) if not limit else min(limit, len(pf))
-    if count == 0:
-        raise UserError(f"{pf.path}: prior file holds no samples")
-
-    def batches(batch_size: int) -> Iterator[Batch]:
-        for s in range(0, count, batch_size):
-            rec = np.array(pf.records[s:min(count, s + batch_size)])
-            yield Batch(rec, [f"{pf.path}#{int(i)}" for i in rec["index"]])
-
-    m = pf.meta
-    prov = {"input": f"prior file {pf.path} ({count} of {len(pf)} samples, split {m.get('split')}, content sha256 "
-                     f"{m.get('content_sha256', '?')})",
-            "CNN": f"{(m.get('cnn') or {}).get('arch')} ({(m.get('cnn') or {}).get('checkpoint')})",
-            "target": _target_text(m), "priors": _priors_text(m)}
-    names = [str(c) for c in m.get("class_names") or []]
-    return InputSet("priors", str(m.get("dataset") or pf.path.stem), count, names, prov, batches)
-
-
-def _target_text(m: dict) -> str:
-    layer = f" ({m['target_layer']})" if m.get("target_layer") else ""
-    return f"{cams.title(m.get('method'))} of the {m.get('target')} conv layer{layer}"
-
-
-def _priors_text(m: dict) -> str:
-    return (f"n={m.get('n')}, S={m.get('size')}, order={m.get('order')}, include_target_layer="
-            f"{m.get('include_target_layer')}, explain={m.get('explain')}, positions={m.get('positions')}")
-
-
-def collect_images(paths: Sequence[str]) -> tuple[list[Path], list[str]]:
-    """Image files named by `paths` (folders searched recursively by extension) and paths not found."""
-    from cnnprior.data import IMAGE_EXTENSIONS
-
-    files: list[Path] = []
-    missing: list[str] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
-        elif p.is_file():
-            files.append(p)
-        else:
-            missing.append(f"{p} (not found)")
-    return files, missing
-
-
-def read_images(files: Sequence[Path], size: int, limit: int) -> tuple[list[np.ndarray], list[Path], list[str]]:
-    """Decode (any mode: grayscale, palette, RGBA, 16-bit) and resize to size; returns images, their paths, skips."""
-    from cnnprior.data import read_image, resize_uint8
-
-    images, used, skipped = [], [], []
-    for f in files:
-        if limit and len(images) >= limit:
-            break
-        try:
-            images.append(resize_uint8(read_image(f), size))
-        except Exception as exc:  # noqa: BLE001 - any failure to decode a user's file means "skip it"
-            skipped.append(f"{f} ({type(exc).__name__})")
-            continue
-        used.append(f)
-    return images, used, skipped
-
-
-def _layer_differences(described: dict, pm: dict, cnn_arch: str) -> list[str]:
-    """How the CNN's conv layers differ from those recorded with the generator's training priors."""
-    diffs = []
-    if pm.get("cnn_arch") and pm["cnn_arch"] != cnn_arch:
-        diffs.append(f"arch {cnn_arch} vs {pm['cnn_arch']}")
-    if pm.get("layers") and list(pm["layers"]) != described["layers"]:
-        diffs.append(f"{len(described['layers'])} conv layers vs {len(pm['layers'])}")
-    if pm.get("target_layer") and pm["target_layer"] != described["target_layer"]:
-        diffs.append(f"target layer {described['target_layer']} vs {pm['target_layer']}")
-    if pm.get("prior_layers") and [list(x) for x in pm["prior_layers"]] != described["prior_layers"]:
-        diffs.append("the layers averaged into the priors differ")
-    return diffs
-
-
-def image_input(paths: Sequence[str], cnn_path: str | None, pm: dict, device: torch.device, limit: int) -> InputSet:
-    """Samples from image files: priors and the target map computed on the fly from the CNN checkpoint."""
-    from cnnprior.cnn import load_cnn
-    from cnnprior.priorfile import make_records
-    from cnnprior.priors import extractor_from, spec_from_sidecar
-    from cnnprior.runtime import file_sha256
-
-    if not cnn_path:
-        cnn_path = DEFAULT_CNN
-        if not Path(cnn_path).is_file():
-            raise _default_missing(cnn_path, "CNN checkpoint",
-                                   f"python train.py --config {DEFAULT_CONFIG} --stage classifier")
-    if pm.get("method") not in cams.METHODS:
-        raise UserError(f"the generator was trained on {pm.get('method')!r} priors, which --images cannot compute "
-                        f"(known CAM methods: {', '.join(cams.NAMES)}); use --priors")
-    spec = spec_from_sidecar(pm, explain="predicted")
-    notes = []
-    if pm.get("explain") not in (None, "predicted"):
-        notes.append(f"the generator was trained explaining the {pm['explain']} class; image files have no labels, "
-                     f"so the CNN's predicted class is explained")
-        _warn(notes[-1])
-    files, skipped = collect_images(paths)
-    model, cnn_meta = load_cnn(cnn_path, device)
-    images, used, unreadable = read_images(files, int(cnn_meta["image_size"]), limit)
-    skipped += unreadable
-    shown = ", ".join(skipped[:10]) + (f" and {len(skipped) - 10} more" if len(skipped) > 10 else "")
-    if not images:
-        raise UserError(f"no usable images in {' '.join(map(str, paths))}: found {len(files)} image file(s)"
-                        + (f"; skipped {shown}" if skipped else "") + " (readable: png, jpeg, bmp, gif, tiff, webp, "
-                        "ppm/pgm)")
-    if skipped:
-        notes.append(f"skipped {len(skipped)} unusable path(s): {shown}")
-        _warn(notes[-1])
-    extractor = extractor_from(model, spec)
-    diffs = _layer_differences(extractor.describe(), pm, cnn_meta["arch"])
-    if diffs:
-        notes.append(f"{cnn_path}: its conv layers differ from those of the CNN the generator's priors came from "
-                     f"({'; '.join(diffs)})")
-        _warn(notes[-1] + "; maps may not match")
-
-    def batches(batch_size: int) -> Iterator[Batch]:
-        for s in range(0, len(images), batch_size):
-            x = torch.from_numpy(np.stack(images[s:s + batch_size])).permute(0, 3, 1, 2).float() / 255.0
-            out = extractor(x)
-            b = len(x)
-            rec = make_records(out, x, torch.full((b,), -1, dtype=torch.int64), torch.zeros(b, spec.size, spec.size),
-                               torch.arange(s, s + b), spec.size, spec.n)
-            yield Batch(rec, [str(f) for f in used[s:s + b]])
-
-    meta = {**spec.as_dict(), **extractor.describe()}
-    prov = {"input": f"{len(images)} image file(s) from {' '.join(map(str, paths))}",
-            "CNN": f"{cnn_meta['arch']} ({cnn_path}, sha256 {file_sha256(cnn_path)}, input "
-                   f"{cnn_meta['image_size']} px)",
-            "target": _target_text(meta), "priors": _priors_text(meta)}
-    return InputSet("images", "images", len(images), [str(c) for c in cnn_meta["class_names"]], prov, batches, notes)
 
 
 # ----------------------------------------------------------------------------------------- output folder
@@ -321,109 +133,6 @@ class RunFolder:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-# ----------------------------------------------------------------------------------------- scores
-def _fidelity(pred: torch.Tensor, target: torch.Tensor) -> np.ndarray:
-    """(B, 3) array of L1, Pearson r, SSIM per sample (SSIM NaN on maps under 11 px)."""
-    from cnnprior.metrics import l1, pearson, ssim_or_nan
-
-    return torch.stack([l1(pred, target), pearson(pred, target), ssim_or_nan(pred, target)], 1).double().numpy()
-
-
-@dataclass
-class ScoreTable:
-    """Per-sample scores of the GAN map and the trivial baselines (under the generator's validation choice)."""
-
-    choice: BaselineChoice | None
-    rows: dict[str, list[np.ndarray]] = field(default_factory=dict)
-    priors: list[np.ndarray] = field(default_factory=list)  # (B, n, 3)
-
-    def add(self, image: torch.Tensor, priors: torch.Tensor, target: torch.Tensor, pred: torch.Tensor) -> np.ndarray:
-        """Score one batch (all (B, ., S, S) floats in [0, 1]); returns the GAN's (B, 3) scores."""
-        t = target[:, 0]
-        b, n = priors.shape[:2]
-        maps = {"gan": pred}
-        if self.choice is not None:
-            maps.update(baseline_maps(image, priors, self.choice))
-        else:  # no validation choice recorded: only the baselines that need none
-            mean = priors.mean(1, keepdim=True)
-            maps.update({"mean_prior": mean, "mean_prior_rescaled": rescale(mean)})
-        for name, m in maps.items():
-            self.rows.setdefault(name, []).append(_fidelity(m[:, 0], t))
-        per = _fidelity(priors.reshape(b * n, *priors.shape[2:]), t.repeat_interleave(n, 0))
-        self.priors.append(per.reshape(b, n, 3))
-        return self.rows["gan"][-1]
-
-    def resolve(self) -> tuple[dict[str, np.ndarray], dict]:
-        """Per-method (N, 3) scores and the validation choice they were made under."""
-        prior_means = np.nanmean(np.concatenate(self.priors), 0)  # (n, 3)
-        c = self.choice
-        chosen = {"best_prior_index": c.best_prior if c else None, "image_inverted": c.image_inverted if c else None,
-                  "best_baseline": c.best_baseline if c else "mean_prior", "chosen_on": c.chosen_on if c else None,
-                  "val_r": c.val_r if c else None,
-                  "priors": [{"index": k, **_score_dict(prior_means[k])} for k in range(len(prior_means))]}
-        return {k: np.concatenate(v) for k, v in self.rows.items()}, chosen
-
-
-def _num(x: float) -> float | None:
-    return None if not np.isfinite(x) else round(float(x), 6)
-
-
-def _score_dict(row: np.ndarray) -> dict:
-    return {k: _num(v) for k, v in zip(SCORES, row, strict=True)}
-
-
-def _ci(values: np.ndarray) -> list[float | None]:
-    return [_num(v) for v in bootstrap_ci(values)]
-
-
-def build_metrics(scores: dict[str, np.ndarray], chosen: dict, per_sample: list[dict], header: dict,
-                  choice: BaselineChoice | None = None) -> dict:
-    """metrics.json: count, mean per method with the 95 % bootstrap CI of r, the GAN's margin over the best
-    baseline (chosen on validation), the choice itself, per_image entries."""
-    mean = {m: {**_score_dict(np.nanmean(v, 0)), "r_ci95": _ci(v[:, 1])} if len(v) else {} for m, v in scores.items()}
-    best = chosen["best_baseline"]
-    diff = scores["gan"][:, 1] - scores[best][:, 1] if len(scores["gan"]) else np.zeros(0)
-    margin = {"over": best, "r": _num(diff.mean()) if len(diff) else None, "r_ci95": _ci(diff)}
-    per_image = [{**entry, **{m: _score_dict(scores[m][i]) for m in scores}} for i, entry in enumerate(per_sample)]
-    note = (f"chosen on the validation file {chosen['chosen_on']}" if chosen["chosen_on"] else
-            "this generator checkpoint records no validation choice: best-prior and intensity baselines are left "
-            "out (they would be selected on the scored data)")
-    return {**header, "count": len(per_sample), "mean": mean, "margin": margin,
-            "labels": {m: method_label(m, choice) for m in scores},
-            "per_prior_mean": chosen["priors"],
-            "baselines": {"choice": note, "best_prior_index": chosen["best_prior_index"],
-                          "image_inverted": chosen["image_inverted"], "best_baseline": best, "val_r": chosen["val_r"],
-                          "rescaled": "min-max rescaled per map (changes L1 and SSIM, not r)"},
-            "per_image": per_image}
-
-
-def method_label(method: str, choice: BaselineChoice | None) -> str:
-    """A display name for a metrics key."""
-    if method == "gan":
-        return "GAN"
-    if choice is not None:
-        return baseline_label(method, choice)
-    return method.replace("_rescaled", ", rescaled").replace("_", " ")
-
-
-def format_table(metrics: dict) -> str:
-    """The mean scores as a small text table: method | r [95 % CI] | L1 | SSIM, then the GAN's margin."""
-    def cell(v: float | None) -> str:
-        return f"{v:7.3f}" if v is not None else "      -"
-
-    labels = metrics["labels"]
-    lines = [f"{'method':<44} {'r':>7} {'95% CI':>16} {'L1':>7} {'SSIM':>7}"]
-    for m, s in metrics["mean"].items():
-        lo, hi = s["r_ci95"]
-        ci = f"[{lo:.3f}, {hi:.3f}]" if lo is not None else ""
-        lines.append(f"{labels[m]:<44} {cell(s['r'])} {ci:>16} {cell(s['l1'])} {cell(s['ssim'])}")
-    mg = metrics["margin"]
-    if mg["r"] is not None:
-        lo, hi = mg["r_ci95"]
-        lines.append(f"GAN r - {labels[mg['over']]} r: {mg['r']:+.3f}, 95% CI [{lo:.3f}, {hi:.3f}]")
-    return "\n".join(lines)
-
-
 # ----------------------------------------------------------------------------------------- run
 def _to_float(records: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Records -> image (B,3,S,S), priors (B,n,S,S), target (B,1,S,S) floats in [0,1] (as in training)."""
@@ -431,10 +140,6 @@ def _to_float(records: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Te
         return torch.from_numpy(np.ascontiguousarray(a)).float() / 255.0
 
     return f(records["image"]).permute(0, 3, 1, 2), f(records["priors"]), f(records["target"]).unsqueeze(1)
-
-
-def _map_u8(m: torch.Tensor) -> np.ndarray:
-    return np.clip(np.rint(m.numpy() * 255.0), 0, 255).astype(np.uint8)
 
 
 @dataclass
@@ -456,97 +161,137 @@ class Options:
     command: str = ""
 
 
-def run(opts: Options, log: Log = print) -> tuple[Path, dict]:
-    """Load the generator and the inputs, write the run folder, return (folder, metrics)."""
-    import matplotlib
+@dataclass
+class Written:
+    """What the sample loop wrote: per-sample entries for metrics.json, the sheet's rows and their titles."""
 
-    from cnnprior.gan import load_generator
-    from cnnprior.runtime import file_sha256, resolve_device
-    from cnnprior.viz import colorize, make_sheet, overlay, save_png, write_index_html
+    per_sample: list[dict] = field(default_factory=list)
+    sheet_rows: list[list[np.ndarray]] = field(default_factory=list)
+    titles: list[str] = field(default_factory=list)
+
+
+def load_inputs(opts: Options, pm: dict, ckpt: Path, device: torch.device) -> InputSet:
+    """The samples: image files (--images) or a prior file (--priors, or the default one)."""
+    if opts.images:
+        return image_input(opts.images, opts.cnn, pm, device, opts.num)
+    return prior_file_input(opts.priors, pm, opts.variant, ckpt, opts.num)
+
+
+def _write_sample(folder: Path, stem: str, rec: np.ndarray, target: np.ndarray, pred: np.ndarray,
+                  cmap: str) -> list[np.ndarray]:
+    """One sample's four tiles (input, target, GAN map, overlay), written into the run folder's SUBDIRS."""
+    from cnnprior.viz import colorize, overlay, save_png
+
+    tiles = [rec["image"], colorize(target, cmap), colorize(pred, cmap), overlay(rec["image"], pred, OVERLAY_ALPHA, cmap)]
+    for sub, tile in zip(SUBDIRS, tiles, strict=True):
+        save_png(folder / sub / f"{stem}.png", tile)
+    return tiles
+
+
+def write_samples(folder: Path, inp: InputSet, gen: torch.nn.Module, device: torch.device, opts: Options,
+                  table: ScoreTable) -> Written:
+    """Run the generator batch by batch, score every sample and write its pictures."""
+    out = Written()
+    width = max(4, len(str(inp.count - 1)))
+    bar = tqdm(total=inp.count, desc=f"{opts.variant} inference", unit="img", disable=opts.quiet,
+               dynamic_ncols=True, file=sys.stderr)
+    for batch in inp.batches(opts.batch_size):
+        image, priors, target = _to_float(batch.records)
+        with torch.no_grad():
+            pred = gen(image.to(device), priors.to(device)).float().clamp(0, 1).cpu()
+        gan_scores = table.add(image, priors, target, pred)
+        for j, rec in enumerate(batch.records):
+            i, cls = len(out.per_sample), int(rec["explained"])
+            stem = output_stem(i, width, sanitize(inp.class_name(cls), f"class{cls}"),
+                               batch.sources[j] if inp.kind == "images" else None)
+            tiles = _write_sample(folder, stem, rec, target[j, 0].numpy(), pred[j, 0].numpy(), opts.cmap)
+            label = int(rec["label"])
+            out.per_sample.append({"index": i, "file": f"{stem}.png", "source": batch.sources[j],
+                                   "class": inp.class_name(cls), "explained": cls, "pred": int(rec["pred"]),
+                                   "label": label if label >= 0 else None, "prob": rounded(rec["prob"])})
+            if len(out.sheet_rows) < SHEET_ROWS:
+                out.sheet_rows.append(tiles)
+                out.titles.append(f"#{i} {Path(batch.sources[j]).name}: {inp.class_name(cls)} "
+                                  f"r={gan_scores[j, 1]:.2f}")
+        bar.update(len(batch.records))
+    bar.close()
+    return out
+
+
+def provenance(opts: Options, ckpt: Path, gmeta: dict, inp: InputSet, device: torch.device, stamp: datetime) -> dict:
+    """How the run was produced (command, checkpoint, generator, inputs), for metrics.json and index.html."""
+    from cnnprior.runtime import file_sha256
+
+    pm, gm = gmeta.get("priors_meta") or {}, gmeta.get("metrics") or {}
+    return {"command": opts.command, "working directory": os.getcwd(), "date": stamp.isoformat(timespec="seconds"),
+            "variant": opts.variant, "checkpoint": str(ckpt), "checkpoint sha256": file_sha256(ckpt),
+            "generator": json.dumps(gmeta.get("generator_config", {})),
+            "generator trained on": f"{pm.get('dataset')} priors, {pm.get('cnn_arch')}, epochs "
+                                    f"{gmeta.get('epoch')}, val {json.dumps(gm)}",
+            **inp.provenance, "colormap": opts.cmap, "device": str(device), "samples": str(inp.count)}
+
+
+def write_index(path: Path, opts: Options, inp: InputSet, metrics: dict, prov: dict) -> None:
+    """index.html: the sheet, per-sample sources and scores, the mean scores, the provenance."""
+    from cnnprior.viz import write_index_html
+
+    mean, labels = metrics["mean"], metrics["labels"]
+    raw = [m for m in mean if not m.endswith("_rescaled")]
+    notes = [f"mean over {inp.count} samples, {labels[m]}: r {mean[m]['r']} (95% CI {mean[m]['r_ci95']}), "
+             f"L1 {mean[m]['l1']}, SSIM {mean[m]['ssim']}" for m in mean] + [
+                 f"GAN r - {labels[metrics['margin']['over']]} r: {metrics['margin']['r']} (95% CI "
+                 f"{metrics['margin']['r_ci95']})"] + [f"baseline {k}: {v}" for k, v in
+                                                      metrics["baselines"].items()] + inp.notes
+    rows = [[e["index"], e["file"], e["source"], e["class"], "" if e["label"] is None else inp.class_name(e["label"]),
+             e["prob"] if e["prob"] is not None else "", *(e[m]["r"] for m in raw), e["gan"]["l1"],
+             e["gan"]["ssim"] if e["gan"]["ssim"] is not None else ""] for e in metrics["per_image"]]
+    write_index_html(path, f"{opts.variant.upper()} inference on {inp.dataset}", "sheet.png",
+                     ["#", "file", "source", "class", "label", "prob", *(f"r {labels[m]}" for m in raw),
+                      "L1 GAN", "SSIM GAN"], rows, prov, notes)
+
+
+def _check_options(opts: Options) -> None:
+    import matplotlib
 
     if opts.cmap not in matplotlib.colormaps:
         raise UserError(f"--cmap: unknown matplotlib colormap {opts.cmap!r} (e.g. jet, viridis, inferno, turbo)")
     if opts.cnn and not opts.images:
         raise UserError("--cnn only applies with --images (a prior file already holds its priors)")
+
+
+def run(opts: Options) -> tuple[Path, dict]:
+    """Load the generator and the inputs, write the run folder, return (folder, metrics)."""
+    from cnnprior.gan import load_generator
+    from cnnprior.runtime import resolve_device
+    from cnnprior.viz import make_sheet
+
+    _check_options(opts)
     device = resolve_device(opts.device)
     ckpt = resolve_checkpoint(opts.checkpoint, opts.variant)
     gen, gmeta = load_generator(ckpt, expect_variant=opts.variant, device=device)
     pm = gmeta.get("priors_meta") or {}
     if "size" not in pm or "n" not in pm:
         raise UserError(f"{ckpt}: checkpoint lacks priors_meta size/n; re-save it with this version of train.py")
-    if opts.images:
-        inp = image_input(opts.images, opts.cnn, pm, device, opts.num)
-    else:
-        inp = prior_file_input(opts.priors, pm, opts.variant, ckpt, opts.num)
-
+    inp = load_inputs(opts, pm, ckpt, device)
     stamp = datetime.now()
     folder = RunFolder(f"{opts.variant}-{sanitize(inp.dataset, 'data')}-{stamp:%Y%m%d-%H%M%S}", opts.out,
                        opts.overwrite)
     try:
         for sub in SUBDIRS:
             (folder.tmp / sub).mkdir()
-        width = max(4, len(str(inp.count - 1)))
         choice = BaselineChoice.from_dict(pm.get("baselines"))
-        table, per_sample, sheet_rows, titles = ScoreTable(choice), [], [], []
-        bar = tqdm(total=inp.count, desc=f"{opts.variant} inference", unit="img", disable=opts.quiet,
-                   dynamic_ncols=True, file=sys.stderr)
-        i = 0
-        for batch in inp.batches(opts.batch_size):
-            image, priors, target = _to_float(batch.records)
-            with torch.no_grad():
-                pred = gen(image.to(device), priors.to(device)).float().clamp(0, 1).cpu()
-            gan_scores = table.add(image, priors, target, pred)
-            for j, rec in enumerate(batch.records):
-                cls = int(rec["explained"])
-                stem = output_stem(i, width, sanitize(inp.class_name(cls), f"class{cls}"),
-                                   batch.sources[j] if inp.kind == "images" else None)
-                g, t = pred[j, 0].numpy(), target[j, 0].numpy()
-                tiles = [rec["image"], colorize(t, opts.cmap), colorize(g, opts.cmap),
-                         overlay(rec["image"], g, OVERLAY_ALPHA, opts.cmap)]
-                for sub, tile in zip(SUBDIRS, tiles, strict=True):
-                    save_png(folder.tmp / sub / f"{stem}.png", tile)
-                label = int(rec["label"])
-                per_sample.append({"index": i, "file": f"{stem}.png", "source": batch.sources[j],
-                                   "class": inp.class_name(cls), "explained": cls, "pred": int(rec["pred"]),
-                                   "label": label if label >= 0 else None, "prob": _num(rec["prob"])})
-                if len(sheet_rows) < SHEET_ROWS:
-                    sheet_rows.append(tiles)
-                    titles.append(f"#{i} {Path(batch.sources[j]).name}: {inp.class_name(cls)} "
-                                  f"r={gan_scores[j, 1]:.2f}")
-                i += 1
-            bar.update(len(batch.records))
-        bar.close()
-
+        table = ScoreTable(choice)
+        written = write_samples(folder.tmp, inp, gen, device, opts, table)
         scores, chosen = table.resolve()
-        cam = str(cams.title(pm.get("method")))
-        make_sheet(sheet_rows, ["input", cam, opts.variant.upper() + " GAN", "overlay"], folder.tmp / "sheet.png",
-                   cell=SHEET_CELL, titles=titles)
-        gm = gmeta.get("metrics") or {}
-        prov = {"command": opts.command, "working directory": os.getcwd(), "date": stamp.isoformat(timespec="seconds"),
-                "variant": opts.variant, "checkpoint": str(ckpt), "checkpoint sha256": file_sha256(ckpt),
-                "generator": json.dumps(gmeta.get("generator_config", {})),
-                "generator trained on": f"{pm.get('dataset')} priors, {pm.get('cnn_arch')}, epochs "
-                                        f"{gmeta.get('epoch')}, val {json.dumps(gm)}",
-                **inp.provenance, "colormap": opts.cmap, "device": str(device), "samples": str(inp.count)}
+        make_sheet(written.sheet_rows, ["input", str(cams.title(pm.get("method"))), opts.variant.upper() + " GAN",
+                                        "overlay"], folder.tmp / "sheet.png", cell=SHEET_CELL, titles=written.titles)
+        prov = provenance(opts, ckpt, gmeta, inp, device, stamp)
         header = {"variant": opts.variant, "checkpoint": str(ckpt), "input": inp.kind, "dataset": inp.dataset,
                   "size": int(pm["size"]), "n": int(pm["n"]), "target": pm.get("target"), "method": pm.get("method"),
                   "provenance": prov}
-        metrics = build_metrics(scores, chosen, per_sample, header, choice)
+        metrics = build_metrics(scores, chosen, written.per_sample, header, choice)
         (folder.tmp / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
-        mean = metrics["mean"]
-        labels = metrics["labels"]
-        raw = [m for m in mean if not m.endswith("_rescaled")]
-        notes = [f"mean over {inp.count} samples, {labels[m]}: r {mean[m]['r']} (95% CI {mean[m]['r_ci95']}), "
-                 f"L1 {mean[m]['l1']}, SSIM {mean[m]['ssim']}" for m in mean] + [
-                     f"GAN r - {labels[metrics['margin']['over']]} r: {metrics['margin']['r']} (95% CI "
-                     f"{metrics['margin']['r_ci95']})"] + [f"baseline {k}: {v}" for k, v in
-                                                                  metrics["baselines"].items()] + inp.notes
-        rows = [[e["index"], e["file"], e["source"], e["class"], "" if e["label"] is None else inp.class_name(e["label"]),
-                 e["prob"] if e["prob"] is not None else "", *(e[m]["r"] for m in raw), e["gan"]["l1"],
-                 e["gan"]["ssim"] if e["gan"]["ssim"] is not None else ""] for e in metrics["per_image"]]
-        write_index_html(folder.tmp / "index.html", f"{opts.variant.upper()} inference on {inp.dataset}", "sheet.png",
-                         ["#", "file", "source", "class", "label", "prob", *(f"r {labels[m]}" for m in raw),
-                          "L1 GAN", "SSIM GAN"], rows, prov, notes)
+        write_index(folder.tmp / "index.html", opts, inp, metrics, prov)
         final = folder.commit()
     except OSError as exc:
         folder.discard()
@@ -558,14 +303,9 @@ def run(opts: Options, log: Log = print) -> tuple[Path, dict]:
 
 
 # ----------------------------------------------------------------------------------------- CLI
-def build_parser(variant: str) -> argparse.ArgumentParser:
-    """The `<variant>_inference.py` argument parser (--help explains inputs, outputs and examples)."""
-    script = f"{variant}_inference.py"
-    other = "gsft" if variant == "lsft" else "lsft"
-    desc = (f"Run a trained {variant.upper()} generator: (image, n priors) -> explanation map, scored against the\n"
-            f"Grad-CAM target map. Input: a prior file (default), or image files (--images) whose priors and\n"
-            f"target are computed on the fly from the CNN. {other.upper()} checkpoints belong to {other}_inference.py.")
-    epilog = f"""defaults (paths relative to the current folder):
+def _epilog(variant: str, script: str) -> str:
+    """The --help text after the options: defaults, what the run folder holds, examples, exit status."""
+    return f"""defaults (paths relative to the current folder):
   checkpoint  {DEFAULT_CHECKPOINT[variant]} (or {Path(DEFAULT_CHECKPOINT[variant]).stem}-best.pt as train.py writes it)
   priors      {DEFAULT_PRIORS}
   cnn         {DEFAULT_CNN} (with --images)
@@ -596,6 +336,16 @@ examples:
   python {script} --out outputs/demo --overwrite --quiet
 
 exit status: 0 done, 2 user error (one line on stderr; nothing half-written is left)."""
+
+
+def build_parser(variant: str) -> argparse.ArgumentParser:
+    """The `<variant>_inference.py` argument parser (--help explains inputs, outputs and examples)."""
+    script = f"{variant}_inference.py"
+    other = "gsft" if variant == "lsft" else "lsft"
+    desc = (f"Run a trained {variant.upper()} generator: (image, n priors) -> explanation map, scored against the\n"
+            f"Grad-CAM target map. Input: a prior file (default), or image files (--images) whose priors and\n"
+            f"target are computed on the fly from the CNN. {other.upper()} checkpoints belong to {other}_inference.py.")
+    epilog = _epilog(variant, script)
     p = argparse.ArgumentParser(prog=script, description=desc, epilog=epilog,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", metavar="FILE", help=f"{variant.upper()} generator checkpoint (a GAN .pt)")

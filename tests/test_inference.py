@@ -15,7 +15,7 @@ import torch
 from _gan_tiny import REPO, gan_config, subprocess_env, write_priors
 from PIL import Image
 
-from cnnprior import inference, viz
+from cnnprior import inference, scores, viz
 from cnnprior.baselines import choose
 from cnnprior.cnn import build_cnn, load_cnn, save_cnn
 from cnnprior.config import load_config
@@ -120,7 +120,7 @@ def test_prior_file_run_writes_folders_and_scores(world, tmp_path, monkeypatch, 
     methods = ["gan", *(f"{b}{r}" for b in ("best_prior", "mean_prior", "image") for r in ("", "_rescaled"))]
     assert sorted(m["mean"]) == sorted(methods) and sorted(m["labels"]) == sorted(methods)
     for method in methods:
-        assert set(inference.SCORES) <= set(m["mean"][method]) and len(m["mean"][method]["r_ci95"]) == 2
+        assert set(scores.SCORES) <= set(m["mean"][method]) and len(m["mean"][method]["r_ci95"]) == 2
         lo, hi = m["mean"][method]["r_ci95"]
         assert lo <= m["mean"][method]["r"] <= hi
     choice = world["pm"]["baselines"]
