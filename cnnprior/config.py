@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from cnnprior import cams
+from cnnprior import cams, generators
 from cnnprior.errors import UserError
 
 
@@ -110,7 +110,7 @@ class PriorsConfig:
 class GANConfig:
     """The conditional GAN: generator variant, sizes and training."""
 
-    variant: str = _opt("lsft", choices=("lsft", "gsft"))
+    variant: str = _opt(generators.DEFAULT, choices=generators.NAMES)
     width: int = _opt(64, lo=4, hi=1024, help="trunk channels")
     depth: int = _opt(7, lo=0, hi=256, help="lsft: plain residual blocks; gsft: SFT residual blocks")
     cond_channels: int = _opt(32, lo=1, hi=1024)
@@ -496,8 +496,9 @@ def _check_eval_files(cfg: EvalConfig, where: str) -> None:
     """The prior file is required; every configured file must exist."""
     if not cfg.priors:
         raise UserError(f"{where}: key 'priors' is required (the held-out prior file, e.g. npys/<name>-test.npy)")
-    for key, kind in (("priors", "prior file"), ("lsft", "LSFT checkpoint"), ("gsft", "GSFT checkpoint"),
-                      ("cnn", "CNN checkpoint")):
+    files = (("priors", "prior file"), *((v, f"{v.upper()} checkpoint") for v in generators.NAMES),
+             ("cnn", "CNN checkpoint"))
+    for key, kind in files:
         value = getattr(cfg, key)
         if value and not Path(value).is_file():
             hint = {"priors": "write it with `python train.py --config <run config> --stage priors`",

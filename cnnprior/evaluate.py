@@ -26,11 +26,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from cnnprior import metrics, sections
+from cnnprior import generators, metrics, sections
 from cnnprior.config import EvalConfig, describe_keys, load_eval_config
 from cnnprior.errors import UserError, cli_main
 from cnnprior.maps import generate
-from cnnprior.models import VARIANTS
 from cnnprior.priorfile import PriorFile, read_priors
 from cnnprior.report import Report, Table
 from cnnprior.runtime import Log, file_sha256, publish_folder, resolve_device, temp_folder
@@ -131,7 +130,7 @@ def _load_generator(cfg: EvalConfig, variant: str, path: str, pf: PriorFile, dev
 def load_generators(cfg: EvalConfig, pf: PriorFile, device: torch.device, notes: list[str]) -> list[EvalGenerator]:
     """The configured generators (one per variant key), checked against the prior file."""
     gans = []
-    for variant in VARIANTS:
+    for variant in generators.NAMES:
         path = getattr(cfg, variant)
         if not path:
             notes.append(f"no {variant} checkpoint configured: {variant.upper()} rows are left out")

@@ -4,25 +4,24 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from cnnprior.baselines import choose
+from cnnprior import generators
 from cnnprior.config import Config, save_config, to_dict
+from cnnprior.distributed import Dist, all_sum, everywhere, from_main, init_distributed, shard
 from cnnprior.errors import UserError
+from cnnprior.gan_data import AGREE_KEYS, MapData, load_gan_data
 from cnnprior.metrics import fidelity
-from cnnprior.models import GSFTGenerator, LSFTGenerator, build_discriminator, build_generator
-from cnnprior.priorfile import PriorFile, read_priors
+from cnnprior.models import build_discriminator, build_generator
 from cnnprior.runtime import (
     Log,
     atomic_torch_save,
@@ -36,9 +35,6 @@ from cnnprior.runtime import (
 from cnnprior.testhooks import TestHooks
 
 GAN_FORMAT = "cnnprior-gan/1"
-GENERATOR_CLASSES = {"lsft": LSFTGenerator, "gsft": GSFTGenerator}
-# Prior files trained on together must agree on these sidecar keys.
-AGREE_KEYS = ("size", "n", "order", "target", "method")
 # Config keys that shape the networks: a resumed run must keep them.
 ARCH_KEYS = ("variant", "width", "depth", "cond_channels", "cond_hidden", "disc_width", "disc_layers")
 SCHEMA_KEYS = frozenset({"format", "variant", "generator_config", "generator", "discriminator_config",
@@ -49,134 +45,6 @@ STATE_KEYS = ("generator", "discriminator", "optim_g", "optim_d", "rng", "data_o
 EPOCH_STATS = ("d_real", "d_fake", "g_adv", "l1", "d_loss")
 
 T = TypeVar("T")
-
-
-# ----------------------------------------------------------------------------------------- data
-@dataclass
-class MapData:
-    """Samples as compact uint8 tensors: image (N,3,S,S), priors (N,n,S,S), target (N,1,S,S)."""
-
-    image: Tensor
-    priors: Tensor
-    target: Tensor
-
-    def __len__(self) -> int:
-        return self.image.shape[0]
-
-    @classmethod
-    def from_files(cls, files: list[PriorFile], limit: int = 0) -> MapData:
-        """Concatenate prior files (the first `limit` records in all when limit > 0)."""
-        parts: list[tuple[Tensor, Tensor, Tensor]] = []
-        left = limit or None
-        for pf in files:
-            rec = pf.records if left is None else pf.records[:left]
-            parts.append((torch.from_numpy(np.ascontiguousarray(rec["image"])).permute(0, 3, 1, 2).contiguous(),
-                          torch.from_numpy(np.ascontiguousarray(rec["priors"])),
-                          torch.from_numpy(np.ascontiguousarray(rec["target"])).unsqueeze(1)))
-            if left is not None:
-                left -= len(rec)
-                if left <= 0:
-                    break
-        return cls(*(torch.cat(t) for t in zip(*parts, strict=True)))
-
-    def batch(self, idx: Tensor, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-        """Float tensors in [0, 1] (as PriorFile.tensors gives them) for samples `idx`, on `device`."""
-        return tuple(t[idx].to(device, non_blocking=True).float() / 255.0  # type: ignore[return-value]
-                     for t in (self.image, self.priors, self.target))
-
-
-def _check_agree(ref: PriorFile, other: PriorFile) -> None:
-    for key in AGREE_KEYS:
-        if other.meta.get(key) != ref.meta.get(key):
-            raise UserError(f"{other.path}: priors {key} is {other.meta.get(key)!r} but {ref.path} has "
-                            f"{ref.meta.get(key)!r}; GAN prior files must agree on {', '.join(AGREE_KEYS)}")
-
-
-def priors_meta(pf: PriorFile, train_files: list[str]) -> dict:
-    """What a generator was trained on, from a prior file's sidecar (stored in every GAN checkpoint)."""
-    m = pf.meta
-    return {"size": int(m["size"]), "n": int(m["n"]), "order": m.get("order"), "target": m.get("target"),
-            "method": m.get("method"), "include_target_layer": m.get("include_target_layer"),
-            "explain": m.get("explain"), "dataset": m.get("dataset"),
-            "class_names": [str(c) for c in m.get("class_names") or []],
-            "cnn_arch": (m.get("cnn") or {}).get("arch"), "target_layer": m.get("target_layer"),
-            "prior_layers": [[str(x) for x in layers] for layers in m.get("prior_layers") or []],
-            "positions": [int(p) for p in m.get("positions") or []], "train_files": list(train_files),
-            "exclude": list(m.get("exclude") or []), "layer_outputs": m.get("layer_outputs", "raw"),
-            "layers": [str(x) for x in m.get("layers") or []]}
-
-
-def randomised_files(cfg: Config) -> list[str]:
-    """The randomised-copy prior files for gan.randomised_share: gan.randomised, or all the priors stage wrote."""
-    if cfg.gan.randomised:
-        return list(cfg.gan.randomised)
-    prefix = Path(cfg.priors_prefix)
-    return sorted(str(p) for p in prefix.parent.glob(f"{prefix.name}-train-random-*.npy"))
-
-
-def with_randomised(cfg: Config, train: MapData, ref: PriorFile) -> tuple[MapData, dict]:
-    """Training data with randomised-copy records added so that they make up gan.randomised_share of it."""
-    names = randomised_files(cfg)
-    if not names:
-        raise UserError(f"gan.randomised_share is {cfg.gan.randomised_share} but no randomised-copy prior files "
-                        f"exist ({cfg.priors_prefix}-train-random-*.npy); make them with `python train.py --config "
-                        f"{cfg.source_file or '<config>'} --stage priors --set \"priors.splits=[]\" --set "
-                        f"\"priors.randomised_stages=[all]\"` or set gan.randomised")
-    files = [read_priors(f) for f in names]
-    for pf in files:
-        _check_agree(ref, pf)
-    pool = MapData.from_files(files)
-    share = cfg.gan.randomised_share
-    want = round(share / (1.0 - share) * len(train))
-    if want > len(pool):
-        raise UserError(f"gan.randomised_share {share} needs {want} randomised-copy records but "
-                        f"{', '.join(names)} hold {len(pool)}; lower the share or raise priors.randomised_limit")
-    pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(cfg.gan.seed))[:want]
-    mixed = MapData(*(torch.cat([a, b[pick]]) for a, b in zip((train.image, train.priors, train.target),
-                                                              (pool.image, pool.priors, pool.target), strict=True)))
-    return mixed, {"share": share, "files": names, "count": want}
-
-
-def load_gan_data(cfg: Config) -> tuple[MapData, MapData, dict]:
-    """Training data (all train files, concatenated), validation data (capped) and the priors meta."""
-    names = cfg.gan_train_files()
-    files = [read_priors(f) for f in names]
-    for pf in files[1:]:
-        _check_agree(files[0], pf)
-    val_name = cfg.gan_val_file()
-    if not Path(val_name).is_file():
-        raise UserError(f"{val_name}: validation prior file not found; make it with `python train.py --config "
-                        f"{cfg.source_file or '<config>'} --stage priors --set \"priors.splits=[val]\"` (or set gan.val; "
-                        f"never the test file: val picks the checkpoint and the baselines)")
-    val = read_priors(val_name)
-    _check_agree(files[0], val)
-    if val.meta.get("split") == "test":
-        raise UserError(f"{val_name}: gan.val is a test-split prior file; checkpoints and baselines are chosen on "
-                        f"validation data only (use the -val.npy file of the priors stage)")
-    train_data, val_data = MapData.from_files(files), MapData.from_files([val], cfg.gan.val_limit)
-    if len(train_data) == 0:
-        raise UserError(f"{', '.join(names)}: no training samples")
-    if len(val_data) == 0:
-        raise UserError(f"{val_name}: no validation samples")
-    meta = priors_meta(files[0], names)
-    if cfg.gan.randomised_share > 0:
-        train_data, meta["randomised"] = with_randomised(cfg, train_data, files[0])
-    if cfg.gan.priors == "none":  # the image-only control: the generator never sees the CNN's priors
-        train_data.priors.zero_()
-        val_data.priors.zero_()
-    t = val.tensors()
-    meta["baselines"] = choose(t["image"], t["priors"], t["target"], chosen_on=val_name).as_dict()
-    meta["val_file"] = val_name
-    return train_data, val_data, meta
-
-
-def shard(order: Tensor, rank: int, world: int) -> Tensor:
-    """DistributedSampler semantics: pad by wrapping to a multiple of `world`, then every world-th from rank."""
-    if world == 1:
-        return order
-    total = math.ceil(len(order) / world) * world
-    padded = order.repeat(math.ceil(total / len(order)))[:total]
-    return padded[rank::world]
 
 
 # ----------------------------------------------------------------------------------------- loss, state
@@ -217,93 +85,6 @@ def state_sha256(state: dict[str, Tensor]) -> str:
 
 
 # ----------------------------------------------------------------------------------------- processes
-@dataclass
-class _Dist:
-    """This process's place in a torchrun job (rank 0 of 1 when run alone)."""
-
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _init_distributed(device_name: str) -> tuple[_Dist, torch.device]:
-    """Join the torchrun process group when WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU)."""
-    device = resolve_device(device_name)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Dist(), device
-    import torch.distributed as dist
-
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        if local >= torch.cuda.device_count():
-            raise UserError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPU(s) visible; lower "
-                            f"--nproc_per_node")
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        dist.init_process_group("gloo")
-    return _Dist(rank, world), device
-
-
-def _agree(ctx: _Dist, error: str | None) -> None:
-    """Raise the same UserError on every rank when any rank hit one (so no rank waits forever)."""
-    if ctx.enabled:
-        import torch.distributed as dist
-
-        errors: list[str | None] = [None] * ctx.world
-        dist.all_gather_object(errors, error)
-        error = next((e for e in errors if e), None)
-    if error:
-        raise UserError(error)
-
-
-def _everywhere(ctx: _Dist, fn: Callable[[], T]) -> T:
-    """Run fn on every rank; a UserError on any rank is raised on all."""
-    result, error = None, None
-    try:
-        result = fn()
-    except UserError as exc:
-        error = str(exc)
-    _agree(ctx, error)
-    return result  # type: ignore[return-value]
-
-
-def _from_main(ctx: _Dist, fn: Callable[[], T]) -> T:
-    """Run fn on rank 0 only and hand its result (or its UserError) to every rank."""
-    result, error = None, None
-    if ctx.main:
-        try:
-            result = fn()
-        except UserError as exc:
-            error = str(exc)
-    if ctx.enabled:
-        import torch.distributed as dist
-
-        box = [(result, error)]
-        dist.broadcast_object_list(box, src=0)
-        result, error = box[0]
-    if error:
-        raise UserError(error)
-    return result  # type: ignore[return-value]
-
-
-def _all_sum(ctx: _Dist, t: Tensor) -> Tensor:
-    if ctx.enabled:
-        import torch.distributed as dist
-
-        dist.all_reduce(t)
-    return t
-
-
 # ----------------------------------------------------------------------------------------- checkpoints
 def gan_paths(cfg: Config) -> dict[str, Path]:
     """The stage's outputs: `last` and `best` checkpoints and the resolved YAML."""
@@ -369,12 +150,12 @@ def load_generator(path: str | Path, expect_variant: str | None = None,
     ckpt = load_checkpoint(path, "GAN")
     _check_format(ckpt, path)
     variant = ckpt.get("variant")
-    if variant not in GENERATOR_CLASSES:
-        raise UserError(f"{path}: unknown generator variant {variant!r} (known: {', '.join(GENERATOR_CLASSES)})")
+    if variant not in generators.VARIANTS:
+        raise UserError(f"{path}: unknown generator variant {variant!r} (known: {', '.join(generators.NAMES)})")
     if expect_variant is not None and variant != expect_variant:
         raise UserError(f"{path} is a {variant} checkpoint; use {variant}_inference.py")
     try:
-        model = GENERATOR_CLASSES[variant](**ckpt["generator_config"])
+        model = generators.VARIANTS[variant].generator_class()(**ckpt["generator_config"])
         model.load_state_dict(ckpt["generator"])
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -440,7 +221,7 @@ class _Trainer:
                             loss_d]).detach().double()
 
     @torch.no_grad()
-    def validate(self, data: MapData, batch_size: int, device: torch.device, ctx: _Dist) -> dict[str, float]:
+    def validate(self, data: MapData, batch_size: int, device: torch.device, ctx: Dist) -> dict[str, float]:
         """Mean L1, Pearson r and SSIM of G's maps vs the targets (eval mode; ranks share the samples)."""
         self.g.eval()
         mine = torch.arange(len(data))[ctx.rank::ctx.world]
@@ -453,7 +234,7 @@ class _Trainer:
             sums += torch.stack([f["l1"].sum().double(), f["r"].sum().double(), f["ssim"].sum().double(),
                                  torch.tensor(float(len(pred)), dtype=torch.float64, device=device)])
         self.g.train()
-        l1, r, ssim, count = _all_sum(ctx, sums).tolist()
+        l1, r, ssim, count = all_sum(ctx, sums).tolist()
         return {"l1": l1 / count, "r": r / count, "ssim": ssim / count}
 
 
@@ -498,7 +279,7 @@ def _fmt_epoch(epoch: int, epochs: int, h: dict) -> str:
 
 def run_gan_stage(cfg: Config, resume: bool = False, overwrite: bool = False, log: Log = print) -> dict:
     """`train.py --stage gan`: train the generator (single process, or one rank of a torchrun job)."""
-    ctx, device = _init_distributed(cfg.gan.device)
+    ctx, device = init_distributed(cfg.gan.device)
     deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     benchmark = torch.backends.cudnn.benchmark
     try:
@@ -516,106 +297,151 @@ def run_gan_stage(cfg: Config, resume: bool = False, overwrite: bool = False, lo
             dist.destroy_process_group()
 
 
-def _train(cfg: Config, resume: bool, overwrite: bool, log: Log, ctx: _Dist, device: torch.device) -> dict:
-    gc, paths = cfg.gan, gan_paths(cfg)
-    train_data, val_data, pmeta = _everywhere(ctx, lambda: load_gan_data(cfg))
-    ckpt = _from_main(ctx, lambda: _prepare_outputs(cfg, resume, overwrite, ctx.world))
-    if ckpt is not None:
-        def check_data() -> None:
-            for key in AGREE_KEYS:
-                if ckpt["priors_meta"].get(key) != pmeta[key]:
-                    raise UserError(f"{paths['last']}: trained on priors with {key} {ckpt['priors_meta'].get(key)!r},"
-                                    f" the prior files now have {pmeta[key]!r}")
-            if len(ckpt["data_order"]) != len(train_data):
-                raise UserError(f"{paths['last']}: trained on {len(ckpt['data_order'])} samples, the training "
-                                f"files now hold {len(train_data)}; resume with the same gan.train files")
-        _everywhere(ctx, check_data)
+@dataclass
+class _Run:
+    """One training run: the networks and what a checkpoint saves besides them (progress, history, last scores)."""
 
-    tr = _build(cfg, pmeta["n"], device)
-    history: list[dict] = []
-    epoch, step, start_batch, order = 0, 0, 0, None
-    sums = torch.zeros(len(EPOCH_STATS), dtype=torch.float64, device=device)
-    if ckpt is not None:
-        _restore(tr, ckpt, cfg, device)
-        epoch, step, start_batch = int(ckpt["epoch"]), int(ckpt["step"]), int(ckpt["batch_in_epoch"])
-        order, history = ckpt["data_order"], list(ckpt["history"])
-        if start_batch:
-            sums = ckpt["epoch_sums"].to(device=device, dtype=torch.float64)
-    if ctx.enabled:
-        _wrap_ddp(tr, device)
-    if ctx.main:
-        save_config(cfg, paths["yaml"])
-    metrics = dict(ckpt["metrics"]) if ckpt is not None else {}
-    best_r = max((h["val_r"] for h in history), default=-math.inf)
-    n_params = sum(p.numel() for p in tr.g.parameters())
-    log(f"gan: {gc.variant} generator ({n_params:,} params) on {len(train_data)} train / {len(val_data)} val samples "
-        f"(S={pmeta['size']}, n={pmeta['n']}), batch {gc.batch_size}"
-        + (f" x {ctx.world} processes" if ctx.enabled else "") + f", {device}"
-        + (f"; resuming at epoch {epoch + 1}, batch {start_batch}, step {step}" if ckpt is not None else ""))
-    if epoch >= gc.epochs:
-        log(f"gan: nothing to do ({epoch} of {gc.epochs} epochs done; raise gan.epochs to train on)")
+    cfg: Config
+    tr: _Trainer
+    ctx: Dist
+    device: torch.device
+    pmeta: dict
+    paths: dict[str, Path]
+    epoch: int = 0
+    step: int = 0
+    start_batch: int = 0
+    order: Tensor | None = None  # this epoch's sample order (None: not drawn yet)
+    history: list[dict] = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)  # the last validation scores
+    sums: Tensor | None = None  # this epoch's EPOCH_STATS sums so far
+    best_r: float = -math.inf  # the best validation r so far
 
-    hooks = TestHooks()
-
-    def save(path: Path, batch_in_epoch: int, done_epochs: int, data_order: Tensor, epoch_sums: Tensor) -> None:
+    def save(self, path: Path, batch_in_epoch: int, done_epochs: int, data_order: Tensor, epoch_sums: Tensor) -> None:
+        """A full-state checkpoint: networks, optimisers, RNG states, progress (exact resume)."""
+        gc, tr = self.cfg.gan, self.tr
         atomic_torch_save({
             "format": GAN_FORMAT, "variant": gc.variant, "generator_config": tr.g.config(),
             "generator": _cpu_state(tr.g),
             "discriminator_config": {"width": gc.disc_width, "n_layers": gc.disc_layers},
             "discriminator": _cpu_state(tr.d), "optim_g": tr.opt_g.state_dict(), "optim_d": tr.opt_d.state_dict(),
-            "epoch": done_epochs, "step": step, "batch_in_epoch": batch_in_epoch, "rng": rng_state(device),
-            "data_order": data_order.cpu(), "epoch_sums": epoch_sums.cpu(), "world_size": ctx.world,
-            "config": to_dict(cfg), "priors_meta": pmeta, "metrics": metrics, "history": history,
+            "epoch": done_epochs, "step": self.step, "batch_in_epoch": batch_in_epoch, "rng": rng_state(self.device),
+            "data_order": data_order.cpu(), "epoch_sums": epoch_sums.cpu(), "world_size": self.ctx.world,
+            "config": to_dict(self.cfg), "priors_meta": self.pmeta, "metrics": self.metrics, "history": self.history,
         }, path)
 
-    tr.g.train()
-    tr.d.train()
-    while epoch < gc.epochs:
-        t0 = time.time()
-        if order is None:
-            order = epoch_order(gc.seed, epoch, len(train_data))
-        mine = shard(order, ctx.rank, ctx.world)
+    def train_epoch(self, data: MapData, hooks: TestHooks) -> int:
+        """Train the rest of the current epoch (saving `last` every gan.checkpoint_every steps); its batch count."""
+        gc, ctx = self.cfg.gan, self.ctx
+        if self.order is None:
+            self.order = epoch_order(gc.seed, self.epoch, len(data))
+        mine = shard(self.order, ctx.rank, ctx.world)
         batches = math.ceil(len(mine) / gc.batch_size)
-        bar = tqdm(total=batches, initial=start_batch, desc=f"epoch {epoch + 1}/{gc.epochs}", dynamic_ncols=True,
-                   leave=False, disable=not ctx.main)
-        for b in range(start_batch, batches):
-            image, priors, target = train_data.batch(mine[b * gc.batch_size:(b + 1) * gc.batch_size], device)
-            stats = tr.step(image, priors, target)
-            sums += stats
-            step += 1
+        bar = tqdm(total=batches, initial=self.start_batch, desc=f"epoch {self.epoch + 1}/{gc.epochs}",
+                   dynamic_ncols=True, leave=False, disable=not ctx.main)
+        for b in range(self.start_batch, batches):
+            image, priors, target = data.batch(mine[b * gc.batch_size:(b + 1) * gc.batch_size], self.device)
+            stats = self.tr.step(image, priors, target)
+            self.sums += stats
+            self.step += 1
             bar.update(1)
             if ctx.main and b % 10 == 0:
                 bar.set_postfix(l1=f"{stats[3].item():.3f}", d_real=f"{stats[0].item():.2f}")
-            hooks.after_step(step)
-            if gc.checkpoint_every and step % gc.checkpoint_every == 0 and b + 1 < batches:
+            hooks.after_step(self.step)
+            if gc.checkpoint_every and self.step % gc.checkpoint_every == 0 and b + 1 < batches:
                 # every rank resumes with the ranks' mean partial sums, so the epoch's all-reduced total is right
-                partial = _all_sum(ctx, sums.clone()) / ctx.world
+                partial = all_sum(ctx, self.sums.clone()) / ctx.world
                 if ctx.main:
-                    save(paths["last"], b + 1, epoch, order, partial)
+                    self.save(self.paths["last"], b + 1, self.epoch, self.order, partial)
         bar.close()
-        means = (_all_sum(ctx, sums.clone()) / (batches * ctx.world)).tolist()
-        metrics = tr.validate(val_data, gc.batch_size, device, ctx)
-        epoch += 1
-        entry = {"epoch": epoch, "step": step, **dict(zip(EPOCH_STATS, means, strict=True)),
-                 **{f"val_{k}": v for k, v in metrics.items()}, "seconds": time.time() - t0}
-        history.append(entry)
-        start_batch, order = 0, None
-        sums.zero_()
-        if ctx.main:
-            if entry["val_r"] > best_r:
-                best_r = entry["val_r"]
-                save(paths["best"], 0, epoch, epoch_order(gc.seed, epoch, len(train_data)), sums)
-            save(paths["last"], 0, epoch, epoch_order(gc.seed, epoch, len(train_data)), sums)
-        log(_fmt_epoch(epoch, gc.epochs, entry))
+        return batches
 
-    hooks.dump(ctx.rank, lambda: {"generator": state_sha256(_cpu_state(tr.g)),
-                                  "discriminator": state_sha256(_cpu_state(tr.d)), "step": step, "world_size": ctx.world})
+    def end_epoch(self, batches: int, val: MapData, count: int, t0: float) -> dict:
+        """Validate, record the epoch in the history and save `best` (if it is) and `last`; the epoch's entry."""
+        gc, ctx = self.cfg.gan, self.ctx
+        means = (all_sum(ctx, self.sums.clone()) / (batches * ctx.world)).tolist()
+        self.metrics = self.tr.validate(val, gc.batch_size, self.device, ctx)
+        self.epoch += 1
+        entry = {"epoch": self.epoch, "step": self.step, **dict(zip(EPOCH_STATS, means, strict=True)),
+                 **{f"val_{k}": v for k, v in self.metrics.items()}, "seconds": time.time() - t0}
+        self.history.append(entry)
+        self.start_batch, self.order = 0, None
+        self.sums.zero_()
+        if ctx.main:
+            if entry["val_r"] > self.best_r:
+                self.best_r = entry["val_r"]
+                self.save(self.paths["best"], 0, self.epoch, epoch_order(gc.seed, self.epoch, count), self.sums)
+            self.save(self.paths["last"], 0, self.epoch, epoch_order(gc.seed, self.epoch, count), self.sums)
+        return entry
+
+
+def _check_resumed_data(ckpt: dict, pmeta: dict, count: int, last: Path) -> None:
+    """A resumed run must train on prior files like the ones it started with, of the same size."""
+    for key in AGREE_KEYS:
+        if ckpt["priors_meta"].get(key) != pmeta[key]:
+            raise UserError(f"{last}: trained on priors with {key} {ckpt['priors_meta'].get(key)!r},"
+                            f" the prior files now have {pmeta[key]!r}")
+    if len(ckpt["data_order"]) != count:
+        raise UserError(f"{last}: trained on {len(ckpt['data_order'])} samples, the training "
+                        f"files now hold {count}; resume with the same gan.train files")
+
+
+def _start(cfg: Config, ckpt: dict | None, pmeta: dict, ctx: Dist, device: torch.device) -> _Run:
+    """The networks (seeded), restored from `ckpt` when resuming, and the run's progress."""
+    run = _Run(cfg, _build(cfg, pmeta["n"], device), ctx, device, pmeta, gan_paths(cfg),
+               sums=torch.zeros(len(EPOCH_STATS), dtype=torch.float64, device=device))
+    if ckpt is not None:
+        _restore(run.tr, ckpt, cfg, device)
+        run.epoch, run.step, run.start_batch = int(ckpt["epoch"]), int(ckpt["step"]), int(ckpt["batch_in_epoch"])
+        run.order, run.history = ckpt["data_order"], list(ckpt["history"])
+        if run.start_batch:
+            run.sums = ckpt["epoch_sums"].to(device=device, dtype=torch.float64)
+        run.metrics = dict(ckpt["metrics"])
+    run.best_r = max((h["val_r"] for h in run.history), default=-math.inf)
+    if ctx.enabled:
+        _wrap_ddp(run.tr, device)
+    return run
+
+
+def _train(cfg: Config, resume: bool, overwrite: bool, log: Log, ctx: Dist, device: torch.device) -> dict:
+    gc, paths = cfg.gan, gan_paths(cfg)
+    train_data, val_data, pmeta = everywhere(ctx, lambda: load_gan_data(cfg))
+    ckpt = from_main(ctx, lambda: _prepare_outputs(cfg, resume, overwrite, ctx.world))
+    if ckpt is not None:
+        everywhere(ctx, lambda: _check_resumed_data(ckpt, pmeta, len(train_data), paths["last"]))
+    run = _start(cfg, ckpt, pmeta, ctx, device)
+    if ctx.main:
+        save_config(cfg, paths["yaml"])
+    n_params = sum(p.numel() for p in run.tr.g.parameters())
+    log(f"gan: {gc.variant} generator ({n_params:,} params) on {len(train_data)} train / {len(val_data)} val samples "
+        f"(S={pmeta['size']}, n={pmeta['n']}), batch {gc.batch_size}"
+        + (f" x {ctx.world} processes" if ctx.enabled else "") + f", {device}"
+        + (f"; resuming at epoch {run.epoch + 1}, batch {run.start_batch}, step {run.step}" if ckpt is not None
+           else ""))
+    if run.epoch >= gc.epochs:
+        log(f"gan: nothing to do ({run.epoch} of {gc.epochs} epochs done; raise gan.epochs to train on)")
+    hooks = TestHooks()
+    run.tr.g.train()
+    run.tr.d.train()
+    while run.epoch < gc.epochs:
+        t0 = time.time()
+        batches = run.train_epoch(train_data, hooks)
+        entry = run.end_epoch(batches, val_data, len(train_data), t0)
+        log(_fmt_epoch(run.epoch, gc.epochs, entry))
+    hooks.dump(ctx.rank, lambda: {"generator": state_sha256(_cpu_state(run.tr.g)),
+                                  "discriminator": state_sha256(_cpu_state(run.tr.d)), "step": run.step,
+                                  "world_size": ctx.world})
+    return _finish(run, log)
+
+
+def _finish(run: _Run, log: Log) -> dict:
+    """Export the best epoch's generator (rank 0) and summarise the run."""
+    paths, history = run.paths, run.history
     best = max(history, key=lambda h: h["val_r"], default=None)
-    if best is not None and ctx.rank == 0 and paths["best"].is_file():
+    if best is not None and run.ctx.rank == 0 and paths["best"].is_file():
         export_generator(paths["best"], paths["export"], history=history)
         log(f"gan: best epoch {best['epoch']} (val L1 {best['val_l1']:.3f} r {best['val_r']:.3f} ssim "
             f"{best['val_ssim']:.3f}) -> {paths['best']}; last -> {paths['last']}; generator only -> "
             f"{paths['export']}")
-    return {"best_epoch": best["epoch"] if best else None, "best_metrics": best, "metrics": metrics,
-            "history": history, "epochs": epoch, "step": step, "best": str(paths["best"]),
+    return {"best_epoch": best["epoch"] if best else None, "best_metrics": best, "metrics": run.metrics,
+            "history": history, "epochs": run.epoch, "step": run.step, "best": str(paths["best"]),
             "last": str(paths["last"])}

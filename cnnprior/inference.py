@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cnnprior import cams
+from cnnprior import cams, generators
 from cnnprior.baselines import BaselineChoice
 from cnnprior.errors import UserError, cli_main
 from cnnprior.inputs import (
@@ -341,7 +341,7 @@ exit status: 0 done, 2 user error (one line on stderr; nothing half-written is l
 def build_parser(variant: str) -> argparse.ArgumentParser:
     """The `<variant>_inference.py` argument parser (--help explains inputs, outputs and examples)."""
     script = f"{variant}_inference.py"
-    other = "gsft" if variant == "lsft" else "lsft"
+    other = next(v for v in generators.NAMES if v != variant)
     desc = (f"Run a trained {variant.upper()} generator: (image, n priors) -> explanation map, scored against the\n"
             f"Grad-CAM target map. Input: a prior file (default), or image files (--images) whose priors and\n"
             f"target are computed on the fly from the CNN. {other.upper()} checkpoints belong to {other}_inference.py.")
@@ -373,7 +373,7 @@ def build_parser(variant: str) -> argparse.ArgumentParser:
 
 
 @cli_main
-def main(argv: list[str] | None = None, variant: str = "lsft") -> int:
+def main(argv: list[str] | None = None, variant: str = generators.DEFAULT) -> int:
     """`lsft_inference.py` / `gsft_inference.py`: parse the command line and run inference."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(variant)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cnnprior import cams
+from cnnprior import cams, generators
 from cnnprior.errors import UserError
 
 DEFAULT_NAME = "fashion_resnet18"
@@ -27,7 +27,7 @@ def produce_command(variant: str) -> str:
             f"{DEFAULT_CONFIG} --stage priors && python train.py --config configs/fashion_{variant}_cpu.yaml --stage gan")
 
 
-DEFAULT_CHECKPOINT = {"lsft": f"models/{DEFAULT_NAME}-lsft.pt", "gsft": f"models/{DEFAULT_NAME}-gsft.pt"}
+DEFAULT_CHECKPOINT = {v: f"models/{DEFAULT_NAME}-{v}.pt" for v in generators.NAMES}
 DEFAULT_PRIORS = f"npys/{DEFAULT_NAME}-test.npy"
 DEFAULT_CNN = f"models/{DEFAULT_NAME}-cnn.pt"
 

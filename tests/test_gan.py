@@ -15,15 +15,10 @@ from _gan_tiny import SIZE, N, free_port, gan_config, subprocess_env, tiny_data,
 
 from cnnprior.cli import train_main
 from cnnprior.config import load_config
+from cnnprior.distributed import shard
 from cnnprior.errors import UserError
-from cnnprior.gan import (
-    GAN_FORMAT,
-    MapData,
-    load_generator,
-    run_gan_stage,
-    shard,
-    state_sha256,
-)
+from cnnprior.gan import GAN_FORMAT, load_generator, run_gan_stage, state_sha256
+from cnnprior.gan_data import MapData
 from cnnprior.metrics import fidelity
 from cnnprior.models import build_generator
 from cnnprior.priorfile import read_priors

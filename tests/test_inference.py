@@ -20,7 +20,8 @@ from cnnprior.baselines import choose
 from cnnprior.cnn import build_cnn, load_cnn, save_cnn
 from cnnprior.config import load_config
 from cnnprior.data import read_image, resize_uint8
-from cnnprior.gan import GAN_FORMAT, load_generator, priors_meta, run_gan_stage
+from cnnprior.gan import GAN_FORMAT, load_generator, run_gan_stage
+from cnnprior.gan_data import priors_meta
 from cnnprior.layers import conv_layers
 from cnnprior.metrics import fidelity
 from cnnprior.models import build_generator

@@ -11,7 +11,7 @@ import torch
 from cnnprior.cnn import build_cnn, load_cnn, save_cnn
 from cnnprior.config import load_config
 from cnnprior.errors import UserError
-from cnnprior.gan import MapData, with_randomised
+from cnnprior.gan_data import MapData, with_randomised
 from cnnprior.priorfile import read_priors
 from cnnprior.priors import run_priors_stage
 from cnnprior.random_priors import random_prior_path, run_random_priors_stage, stage_steps

@@ -19,7 +19,8 @@ from cnnprior.cnn import build_cnn, save_cnn
 from cnnprior.config import load_config, load_eval_config
 from cnnprior.errors import UserError
 from cnnprior.evaluate import main
-from cnnprior.gan import ImageOnlyGenerator, load_gan_data, load_generator, run_gan_stage
+from cnnprior.gan import ImageOnlyGenerator, load_generator, run_gan_stage
+from cnnprior.gan_data import load_gan_data
 from cnnprior.maps import live_cams, resize_maps
 from cnnprior.priorfile import PRIORS_FORMAT, PriorWriter, make_records
 from cnnprior.priors import extractor_from, spec_from_sidecar

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from torch import nn
 
+from cnnprior import generators
 from cnnprior.models.discriminator import PatchDiscriminator
 from cnnprior.models.gsft import GSFTGenerator
 from cnnprior.models.lsft import LSFTGenerator
 from cnnprior.models.sft import SFTGenerator
 
-VARIANTS = ("lsft", "gsft")
-
 __all__ = [
-    "VARIANTS",
     "GSFTGenerator",
     "LSFTGenerator",
     "PatchDiscriminator",
@@ -25,12 +23,13 @@ __all__ = [
 def build_generator(
     variant: str, n_priors: int, width: int, depth: int, cond_channels: int, cond_hidden: int
 ) -> SFTGenerator:
-    """Build a generator; depth = n_blocks for gsft, n_plain for lsft."""
-    if variant == "lsft":
-        return LSFTGenerator(n_priors, width, n_plain=depth, cond_channels=cond_channels, cond_hidden=cond_hidden)
-    if variant == "gsft":
-        return GSFTGenerator(n_priors, width, n_blocks=depth, cond_channels=cond_channels, cond_hidden=cond_hidden)
-    raise ValueError(f"unknown generator variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    """Build a generator of a registered variant (cnnprior.generators); depth sets the variant's depth argument
+    (lsft: n_plain, gsft: n_blocks)."""
+    if variant not in generators.VARIANTS:
+        raise ValueError(f"unknown generator variant {variant!r}; choose one of {', '.join(generators.NAMES)}")
+    v = generators.VARIANTS[variant]
+    return v.generator_class()(n_priors, width, **{v.depth_arg: depth}, cond_channels=cond_channels,
+                               cond_hidden=cond_hidden)
 
 
 def build_discriminator(width: int = 64, n_layers: int = 3) -> nn.Module:

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from cnnprior import cams, metrics
+from cnnprior import cams, generators, metrics
 from cnnprior.errors import UserError
 from cnnprior.maps import generate, live_cams, resize_maps
 from cnnprior.report import Report, Table
@@ -84,7 +84,7 @@ class ControlSection(Section):
 
     def run(self, ctx: EvalContext) -> dict:
         opts = ctx.options(self.name)
-        paths = {v: getattr(opts, v) for v in ("lsft", "gsft") if getattr(opts, v)}
+        paths = {v: getattr(opts, v) for v in generators.NAMES if getattr(opts, v)}
         if not paths:
             ctx.notes.append("control: no image-only generator configured (control.lsft / control.gsft)")
             return {"images": ctx.count, "controls": {}, "margins": {}, "speed": {}}
