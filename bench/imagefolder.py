@@ -29,7 +29,9 @@ from PIL import Image, UnidentifiedImageError
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cnnprior.config import load_config  # noqa: E402
-from cnnprior.data import IMAGE_EXTENSIONS, ImageFolderSource, load_split  # noqa: E402
+from cnnprior.data import load_split  # noqa: E402
+from cnnprior.sources.base import IMAGE_EXTENSIONS  # noqa: E402
+from cnnprior.sources.imagefolder import ImageFolderSource  # noqa: E402
 
 
 def build_folder(root: Path, files: int, classes: int) -> Path:

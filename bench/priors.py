@@ -32,10 +32,10 @@ from pytorch_grad_cam import GradCAM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cnnprior.cnn import build_cnn  # noqa: E402
-from cnnprior.data import ShapesSource  # noqa: E402
 from cnnprior.layers import conv_layers  # noqa: E402
 from cnnprior.priorfile import PRIORS_FORMAT, PriorWriter, make_records  # noqa: E402
 from cnnprior.priors import PriorExtractor, PriorSpec  # noqa: E402
+from cnnprior.sources.shapes import ShapesSource  # noqa: E402
 
 
 def predicted_score(logits: torch.Tensor) -> torch.Tensor:

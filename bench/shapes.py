@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cnnprior.data import ShapesSource  # noqa: E402
+from cnnprior.sources.shapes import ShapesSource  # noqa: E402
 
 
 def noise_images(size: int, count: int) -> None:

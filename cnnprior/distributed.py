@@ -105,7 +105,6 @@ def all_sum(ctx: Dist, t: Tensor) -> Tensor:
     return t
 
 
-
 def shard(order: Tensor, rank: int, world: int) -> Tensor:
     """DistributedSampler semantics: pad by wrapping to a multiple of `world`, then every world-th from rank."""
     if world == 1:

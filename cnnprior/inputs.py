@@ -31,6 +31,7 @@ DEFAULT_CHECKPOINT = {v: f"models/{DEFAULT_NAME}-{v}.pt" for v in generators.NAM
 DEFAULT_PRIORS = f"npys/{DEFAULT_NAME}-test.npy"
 DEFAULT_CNN = f"models/{DEFAULT_NAME}-cnn.pt"
 
+
 def warn(msg: str) -> None:
     """A warning line on stderr."""
     print(f"warning: {msg}", file=sys.stderr)
@@ -113,7 +114,7 @@ def priors_text(m: dict) -> str:
 
 def collect_images(paths: Sequence[str]) -> tuple[list[Path], list[str]]:
     """Image files named by `paths` (folders searched recursively by extension) and paths not found."""
-    from cnnprior.data import IMAGE_EXTENSIONS
+    from cnnprior.sources.base import IMAGE_EXTENSIONS
 
     files: list[Path] = []
     missing: list[str] = []
@@ -129,7 +130,7 @@ def collect_images(paths: Sequence[str]) -> tuple[list[Path], list[str]]:
 
 def read_images(files: Sequence[Path], size: int, limit: int) -> tuple[list[np.ndarray], list[Path], list[str]]:
     """Decode (any mode: grayscale, palette, RGBA, 16-bit) and resize to size; returns images, their paths, skips."""
-    from cnnprior.data import read_image, resize_uint8
+    from cnnprior.sources.base import read_image, resize_uint8
 
     images, used, skipped = [], [], []
     for f in files:

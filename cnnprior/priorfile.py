@@ -196,7 +196,6 @@ def read_priors(path: str | Path, verify: bool = True) -> PriorFile:
     return PriorFile(p, arr, meta)
 
 
-
 def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
     """(B, 3, H, W) images resized (bilinear, antialiased) to size x size, as prior files store them."""
     if images.shape[-1] == size:

@@ -240,8 +240,6 @@ def _cell_text(value: object) -> str:
     return str(value)
 
 
-
-
 def write_index_html(
     path: PathLike,
     title: str,

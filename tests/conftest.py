@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnprior.config import Config, load_config
-from cnnprior.data import ShapesSource
+from cnnprior.sources.shapes import ShapesSource
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -32,10 +32,11 @@ from cnnprior.cnn import (
     train_cnn,
 )
 from cnnprior.config import ARCHS, to_dict
-from cnnprior.data import SHAPE_CLASSES, load_split
+from cnnprior.data import load_split
 from cnnprior.errors import UserError
 from cnnprior.layers import conv_layers
 from cnnprior.runtime import epoch_order
+from cnnprior.sources.shapes import SHAPE_CLASSES
 from cnnprior.testhooks import KILL_ENV
 
 # conv layers per architecture: all of them run in a forward pass (numbers from torchvision's definitions)

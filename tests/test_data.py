@@ -21,21 +21,12 @@ import torch
 from PIL import Image
 
 from cnnprior.config import load_config
-from cnnprior.data import (
-    FASHION_MNIST_CLASSES,
-    SHAPE_CLASSES,
-    ImageFolderSource,
-    ShapesSource,
-    SplitView,
-    datasets_root,
-    fashion_mnist,
-    load_split,
-    open_source,
-    split_indices,
-    stratified_take,
-    to_rgb,
-)
+from cnnprior.data import SplitView, load_split, open_source, split_indices, stratified_take
 from cnnprior.errors import UserError
+from cnnprior.sources.base import datasets_root, to_rgb
+from cnnprior.sources.imagefolder import ImageFolderSource
+from cnnprior.sources.shapes import SHAPE_CLASSES, ShapesSource
+from cnnprior.sources.torchvision_sets import FASHION_MNIST_CLASSES, fashion_mnist
 
 # ------------------------------------------------------------------------------------------ imagefolder
 # file -> (writer, expected RGB of the uniform image after conversion, tolerance)
@@ -402,9 +393,9 @@ def test_shapes_mask_is_exactly_the_painted_shape(monkeypatch: pytest.MonkeyPatc
 
 @pytest.mark.parametrize("size", [17, 64, 128])
 def test_shapes_background_upsampling_is_pillows_bicubic(size: int) -> None:
-    from cnnprior.data import _cubic_upsampling_matrix
+    from cnnprior.sources.shapes import cubic_upsampling_matrix
     coarse = np.random.default_rng(size).uniform(0.15, 0.85, size=(4, 4)).astype(np.float32)
-    up = _cubic_upsampling_matrix(4, size)
+    up = cubic_upsampling_matrix(4, size)
     ours = up @ coarse @ up.T
     pil = np.asarray(Image.fromarray(coarse, "F").resize((size, size), Image.BICUBIC))
     assert np.abs(ours - pil).max() < 1e-5

@@ -15,8 +15,9 @@ from torch.utils.data import DataLoader
 
 from cnnprior.cli import train_main
 from cnnprior.config import load_config, save_config
-from cnnprior.data import FOOD11_CLASSES, ImageFolderSource, SplitView, load_split, open_source
+from cnnprior.data import SplitView, load_split, open_source
 from cnnprior.errors import UserError
+from cnnprior.sources.imagefolder import FOOD11_CLASSES, ImageFolderSource
 
 ANIMALS10 = {"cane": "dog", "cavallo": "horse", "elefante": "elephant", "farfalla": "butterfly", "gallina": "chicken",
              "gatto": "cat", "mucca": "cow", "pecora": "sheep", "ragno": "spider", "scoiattolo": "squirrel"}

@@ -19,7 +19,6 @@ from cnnprior import inference, scores, viz
 from cnnprior.baselines import choose
 from cnnprior.cnn import build_cnn, load_cnn, save_cnn
 from cnnprior.config import load_config
-from cnnprior.data import read_image, resize_uint8
 from cnnprior.gan import GAN_FORMAT, load_generator, run_gan_stage
 from cnnprior.gan_data import priors_meta
 from cnnprior.layers import conv_layers
@@ -28,6 +27,7 @@ from cnnprior.models import build_generator
 from cnnprior.priorfile import read_priors, to_u8
 from cnnprior.priors import PriorExtractor, PriorSpec, extractor_from
 from cnnprior.runtime import atomic_torch_save
+from cnnprior.sources.base import read_image, resize_uint8
 from cnnprior.viz import colorize
 
 COUNT = 12

@@ -21,7 +21,6 @@ from torch import nn
 from cnnprior import cams
 from cnnprior.cli import train_main
 from cnnprior.cnn import build_cnn, load_cnn, save_cnn
-from cnnprior.data import ShapesSource
 from cnnprior.errors import UserError
 from cnnprior.layers import cam_layers, conv_layers
 from cnnprior.priorfile import PRIORS_FORMAT, PriorWriter, make_records, read_priors, record_dtype, sidecar_path, to_u8
@@ -36,6 +35,7 @@ from cnnprior.priors import (
 )
 from cnnprior.released import import_released
 from cnnprior.runtime import file_sha256
+from cnnprior.sources.shapes import ShapesSource
 from cnnprior.viz import colorize
 
 
