@@ -25,12 +25,11 @@ from cnnprior.cnn import (
     build_cnn,
     cnn_paths,
     evaluate_accuracy,
-    import_cnn,
     load_cnn,
-    read_foreign_state,
     save_cnn,
     train_cnn,
 )
+from cnnprior.cnn_import import import_cnn, read_foreign_state
 from cnnprior.config import ARCHS, to_dict
 from cnnprior.data import load_split
 from cnnprior.errors import UserError
