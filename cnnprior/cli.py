@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from cnnprior.config import describe_keys, load_config
+from cnnprior.config import Config, load_config
 from cnnprior.errors import cli_main
+from cnnprior.schema import describe_keys
 
 STAGES = ("classifier", "priors", "gan")
 
@@ -32,7 +33,7 @@ config keys (override any with --set section.key=value):
 def build_train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="train.py", description="Run the cnnprior pipeline from a YAML config: classifier -> priors -> gan.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=TRAIN_EPILOG + describe_keys())
+                                epilog=TRAIN_EPILOG + describe_keys(Config))
     p.add_argument("--config", required=True, help="YAML config (see configs/)")
     p.add_argument("--stage", default="all", choices=STAGES + ("all",), help="which stage to run (default: all)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",

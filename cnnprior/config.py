@@ -1,12 +1,11 @@
-"""YAML run configs -> validated, typed dataclasses; `--set section.key=value` overrides; clear one-line errors."""
+"""The run config (data -> cnn -> priors -> gan) and the evaluation config: YAML -> validated, typed dataclasses
+(their field checks: schema.py); `--set` overrides; clear one-line errors."""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import os
-import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,16 +15,7 @@ import yaml
 
 from cnnprior import cams, generators
 from cnnprior.errors import UserError
-
-
-def _opt(default: Any, *, choices: tuple | None = None, lo: float | None = None, hi: float | None = None,
-         help: str = "") -> Any:
-    """A dataclass field with validation metadata (choices or an inclusive numeric range)."""
-    meta = {"choices": choices, "lo": lo, "hi": hi, "help": help}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
-    return field(default=default, metadata=meta)
-
+from cnnprior.schema import coerce, fill, opt, parse_override, read_yaml_mapping
 
 SOURCES = ("shapes", "fashion_mnist", "cifar10", "imagefolder")
 ARCHS = ("resnet18", "resnet34", "resnet50", "vgg11", "vgg11_bn", "vgg16", "vgg16_bn", "densenet121",
@@ -36,40 +26,40 @@ ARCHS = ("resnet18", "resnet34", "resnet50", "vgg11", "vgg11_bn", "vgg16", "vgg1
 class DataConfig:
     """Where the images come from and how they are split."""
 
-    source: str = _opt("shapes", choices=SOURCES, help="image source")
-    root: str = _opt("", help="dataset folder (imagefolder/cifar10/fashion_mnist); empty = the source's default")
-    homepage: str = _opt("", help="where to get the dataset (shown when it is missing)")
-    download: bool = _opt(False, help="cifar10 only: allow torchvision to download the dataset")
-    image_size: int = _opt(128, lo=16, hi=1024, help="CNN input size in pixels (square)")
-    limit: int = _opt(0, lo=0, help="cap on the number of images used (0 = all)")
-    val_fraction: float = _opt(0.1, lo=0.0, hi=0.5, help="fraction held out for validation")
-    test_fraction: float = _opt(0.1, lo=0.0, hi=0.5, help="fraction held out for test")
-    seed: int = _opt(0, lo=0, help="seed of the split (and of the synthetic shapes)")
-    layout: str = _opt("auto", choices=("auto", "classes", "splits", "food11_flat"),
+    source: str = opt("shapes", choices=SOURCES, help="image source")
+    root: str = opt("", help="dataset folder (imagefolder/cifar10/fashion_mnist); empty = the source's default")
+    homepage: str = opt("", help="where to get the dataset (shown when it is missing)")
+    download: bool = opt(False, help="cifar10 only: allow torchvision to download the dataset")
+    image_size: int = opt(128, lo=16, hi=1024, help="CNN input size in pixels (square)")
+    limit: int = opt(0, lo=0, help="cap on the number of images used (0 = all)")
+    val_fraction: float = opt(0.1, lo=0.0, hi=0.5, help="fraction held out for validation")
+    test_fraction: float = opt(0.1, lo=0.0, hi=0.5, help="fraction held out for test")
+    seed: int = opt(0, lo=0, help="seed of the split (and of the synthetic shapes)")
+    layout: str = opt("auto", choices=("auto", "classes", "splits", "food11_flat"),
                        help="imagefolder: root/<class>/ (classes), root/<split>/<class>/ (splits), "
                             "root/<split>/<index>_<n>.jpg (food11_flat); auto detects them")
-    class_names: dict | list = _opt({}, help="display names: {folder name: name} or a list in class order "
+    class_names: dict | list = opt({}, help="display names: {folder name: name} or a list in class order "
                                              "(empty = the folder names); stored in checkpoints and prior files")
-    shapes_count: int = _opt(6000, lo=8, hi=10_000_000, help="shapes: number of images generated")
-    num_workers: int = _opt(0, lo=0, hi=64, help="DataLoader worker processes")
+    shapes_count: int = opt(6000, lo=8, hi=10_000_000, help="shapes: number of images generated")
+    num_workers: int = opt(0, lo=0, hi=64, help="DataLoader worker processes")
 
 
 @dataclass
 class CNNConfig:
     """The target CNN to be explained, and how it is trained."""
 
-    arch: str = _opt("resnet18", choices=ARCHS, help="torchvision classification model")
-    pretrained: bool = _opt(False, help="start from torchvision weights (must already be in the torch cache)")
-    checkpoint: str = _opt("", help="checkpoint path; empty = models/<name>-cnn.pt")
-    epochs: int = _opt(3, lo=0, hi=10_000)
-    batch_size: int = _opt(64, lo=1, hi=65_536)
-    lr: float = _opt(1e-3, lo=0.0, hi=10.0)
-    weight_decay: float = _opt(1e-4, lo=0.0, hi=1.0)
-    optimizer: str = _opt("adamw", choices=("adamw", "sgd"))
-    augment: bool = _opt(True, help="random flips/crops while training")
-    save_half: bool = _opt(False, help="store conv/linear weights as float16 in the checkpoint (half the size)")
-    device: str = _opt("auto", choices=("auto", "cpu", "cuda"))
-    checkpoint_every: int = _opt(0, lo=0, help="also save the full-state `-last.pt` every N steps (0 = end of "
+    arch: str = opt("resnet18", choices=ARCHS, help="torchvision classification model")
+    pretrained: bool = opt(False, help="start from torchvision weights (must already be in the torch cache)")
+    checkpoint: str = opt("", help="checkpoint path; empty = models/<name>-cnn.pt")
+    epochs: int = opt(3, lo=0, hi=10_000)
+    batch_size: int = opt(64, lo=1, hi=65_536)
+    lr: float = opt(1e-3, lo=0.0, hi=10.0)
+    weight_decay: float = opt(1e-4, lo=0.0, hi=1.0)
+    optimizer: str = opt("adamw", choices=("adamw", "sgd"))
+    augment: bool = opt(True, help="random flips/crops while training")
+    save_half: bool = opt(False, help="store conv/linear weights as float16 in the checkpoint (half the size)")
+    device: str = opt("auto", choices=("auto", "cpu", "cuda"))
+    checkpoint_every: int = opt(0, lo=0, help="also save the full-state `-last.pt` every N steps (0 = end of "
                                                "epoch only); --resume continues from it")
 
 
@@ -77,68 +67,68 @@ class CNNConfig:
 class PriorsConfig:
     """How the conditional priors are computed and stored."""
 
-    size: int = _opt(64, lo=8, hi=1024, help="prior/map size S in pixels")
-    n: int = _opt(8, lo=1, hi=64, help="number of cumulative priors kept")
-    method: str = _opt(cams.DEFAULT, choices=cams.NAMES, help="CAM method for the per-layer maps")
-    order: str = _opt("output_to_input", choices=("output_to_input", "input_to_output"),
+    size: int = opt(64, lo=8, hi=1024, help="prior/map size S in pixels")
+    n: int = opt(8, lo=1, hi=64, help="number of cumulative priors kept")
+    method: str = opt(cams.DEFAULT, choices=cams.NAMES, help="CAM method for the per-layer maps")
+    order: str = opt("output_to_input", choices=("output_to_input", "input_to_output"),
                       help="order in which per-layer maps are cumulatively averaged")
-    target: str = _opt("final", choices=("final", "last_conv", "first", "last"),
+    target: str = opt("final", choices=("final", "last_conv", "first", "last"),
                        help="the map the GAN learns: final = Grad-CAM at the CNN's final feature map (the layer "
                             "pytorch-grad-cam recommends); last_conv (alias last) / first = that conv layer's map")
-    target_layer: str = _opt("", help="target: final only: a module name instead of the per-architecture choice")
-    include_target_layer: bool = _opt(False, help="keep the layers inside the target module in the priors "
+    target_layer: str = opt("", help="target: final only: a module name instead of the per-architecture choice")
+    include_target_layer: bool = opt(False, help="keep the layers inside the target module in the priors "
                                                    "(reproduces the released code; makes the task a copy)")
-    exclude: list = _opt([], help="module names whose CAM layers are left out of the priors (e.g. net.layer4.1)")
-    layer_outputs: str = _opt("activated", choices=("activated", "raw"),
+    exclude: list = opt([], help="module names whose CAM layers are left out of the priors (e.g. net.layer4.1)")
+    layer_outputs: str = opt("activated", choices=("activated", "raw"),
                               help="read each conv after its batch norm/activation (activated) or raw (old files)")
-    explain: str = _opt("predicted", choices=("predicted", "label"), help="class explained")
-    batch_size: int = _opt(32, lo=1, hi=65_536)
-    splits: list = _opt(["test", "val", "train"], help="splits to write, of train/val/test (val: GAN model "
+    explain: str = opt("predicted", choices=("predicted", "label"), help="class explained")
+    batch_size: int = opt(32, lo=1, hi=65_536)
+    splits: list = opt(["test", "val", "train"], help="splits to write, of train/val/test (val: GAN model "
                                                         "and baseline selection)")
-    train_limit: int = _opt(0, lo=0, help="cap on train-split samples (0 = all)")
-    randomised_stages: list = _opt([], help="also write train prior files from copies of the CNN re-initialised "
+    train_limit: int = opt(0, lo=0, help="cap on train-split samples (0 = all)")
+    randomised_stages: list = opt([], help="also write train prior files from copies of the CNN re-initialised "
                                             "from the head down to each of these stages (e.g. [fc, layer4], or "
                                             "[all]); see gan.randomised_share")
-    randomised_seeds: int = _opt(1, lo=1, hi=1000, help="random copies per randomised stage")
-    randomised_limit: int = _opt(1000, lo=0, help="train images per randomised-copy file (0 = all)")
-    test_limit: int = _opt(0, lo=0, help="cap on val/test-split samples (0 = all)")
-    out: str = _opt("", help="prior file prefix; empty = npys/<name>")
-    device: str = _opt("auto", choices=("auto", "cpu", "cuda"))
+    randomised_seeds: int = opt(1, lo=1, hi=1000, help="random copies per randomised stage")
+    randomised_limit: int = opt(1000, lo=0, help="train images per randomised-copy file (0 = all)")
+    test_limit: int = opt(0, lo=0, help="cap on val/test-split samples (0 = all)")
+    out: str = opt("", help="prior file prefix; empty = npys/<name>")
+    device: str = opt("auto", choices=("auto", "cpu", "cuda"))
 
 
 @dataclass
 class GANConfig:
     """The conditional GAN: generator variant, sizes and training."""
 
-    variant: str = _opt(generators.DEFAULT, choices=generators.NAMES)
-    width: int = _opt(64, lo=4, hi=1024, help="trunk channels")
-    depth: int = _opt(7, lo=0, hi=256, help="lsft: plain residual blocks; gsft: SFT residual blocks")
-    cond_channels: int = _opt(32, lo=1, hi=1024)
-    cond_hidden: int = _opt(128, lo=1, hi=4096)
-    disc_width: int = _opt(64, lo=4, hi=1024)
-    disc_layers: int = _opt(3, lo=1, hi=8)
-    loss: str = _opt("bce", choices=("bce", "lsgan"))
-    adv_weight: float = _opt(1.0, lo=0.0, hi=1e6)
-    l1_weight: float = _opt(100.0, lo=0.0, hi=1e6)
-    lr: float = _opt(2e-4, lo=0.0, hi=1.0)
-    beta1: float = _opt(0.5, lo=0.0, hi=1.0)
-    beta2: float = _opt(0.999, lo=0.0, hi=1.0)
-    epochs: int = _opt(10, lo=0, hi=100_000)
-    batch_size: int = _opt(16, lo=1, hi=65_536)
-    train: list = _opt([], help="training prior files; empty = <priors.out>-train.npy")
-    randomised_share: float = _opt(0.0, lo=0.0, hi=0.9, help="fraction of the training samples taken from "
+    variant: str = opt(generators.DEFAULT, choices=generators.NAMES)
+    width: int = opt(64, lo=4, hi=1024, help="trunk channels")
+    depth: int = opt(7, lo=0, hi=256, help="lsft: plain residual blocks; gsft: SFT residual blocks")
+    cond_channels: int = opt(32, lo=1, hi=1024)
+    cond_hidden: int = opt(128, lo=1, hi=4096)
+    disc_width: int = opt(64, lo=4, hi=1024)
+    disc_layers: int = opt(3, lo=1, hi=8)
+    loss: str = opt("bce", choices=("bce", "lsgan"))
+    adv_weight: float = opt(1.0, lo=0.0, hi=1e6)
+    l1_weight: float = opt(100.0, lo=0.0, hi=1e6)
+    lr: float = opt(2e-4, lo=0.0, hi=1.0)
+    beta1: float = opt(0.5, lo=0.0, hi=1.0)
+    beta2: float = opt(0.999, lo=0.0, hi=1.0)
+    epochs: int = opt(10, lo=0, hi=100_000)
+    batch_size: int = opt(16, lo=1, hi=65_536)
+    train: list = opt([], help="training prior files; empty = <priors.out>-train.npy")
+    randomised_share: float = opt(0.0, lo=0.0, hi=0.9, help="fraction of the training samples taken from "
                                    "randomised-copy prior files (priors.randomised_stages): they force the "
                                    "generator to read its priors")
-    randomised: list = _opt([], help="randomised-copy prior files; empty = every <priors.out>-train-random-*.npy")
-    val: str = _opt("", help="validation prior file (checkpoint and baseline selection); empty = "
+    randomised: list = opt([], help="randomised-copy prior files; empty = every <priors.out>-train-random-*.npy")
+    val: str = opt("", help="validation prior file (checkpoint and baseline selection); empty = "
                              "<priors.out>-val.npy")
-    val_limit: int = _opt(256, lo=0, help="cap on validation samples per epoch (0 = all)")
-    out: str = _opt("", help="checkpoint prefix; empty = models/<name>-<variant>")
-    seed: int = _opt(0, lo=0)
-    device: str = _opt("auto", choices=("auto", "cpu", "cuda"))
-    amp: str = _opt("none", choices=("none", "bf16"), help="autocast dtype on CUDA")
-    checkpoint_every: int = _opt(0, lo=0, help="also save `last` every N steps (0 = end of epoch only)")
-    priors: str = _opt("cnn", choices=("cnn", "none"), help="none: the priors are zeroed in training, validation "
+    val_limit: int = opt(256, lo=0, help="cap on validation samples per epoch (0 = all)")
+    out: str = opt("", help="checkpoint prefix; empty = models/<name>-<variant>")
+    seed: int = opt(0, lo=0)
+    device: str = opt("auto", choices=("auto", "cpu", "cuda"))
+    amp: str = opt("none", choices=("none", "bf16"), help="autocast dtype on CUDA")
+    checkpoint_every: int = opt(0, lo=0, help="also save `last` every N steps (0 = end of epoch only)")
+    priors: str = opt("cnn", choices=("cnn", "none"), help="none: the priors are zeroed in training, validation "
                                                             "and inference (the image-only control generator)")
 
 
@@ -146,7 +136,7 @@ class GANConfig:
 class Config:
     """A whole run: data -> cnn -> priors -> gan."""
 
-    name: str = _opt("run", help="run name, used in default file names")
+    name: str = opt("run", help="run name, used in default file names")
     data: DataConfig = field(default_factory=DataConfig)
     cnn: CNNConfig = field(default_factory=CNNConfig)
     priors: PriorsConfig = field(default_factory=PriorsConfig)
@@ -175,103 +165,6 @@ class Config:
 
 _SECTIONS = {"data": DataConfig, "cnn": CNNConfig, "priors": PriorsConfig, "gan": GANConfig}
 
-
-def _suggest(key: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(key, options, n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(sorted(options))})"
-
-
-def _coerce(value: Any, ftype: Any, where: str) -> Any:
-    """Check `value` against the field type; ints are accepted for floats."""
-    origin = typing.get_origin(ftype) or ftype
-    if ftype in ("bool", bool):
-        if isinstance(value, bool):
-            return value
-        raise UserError(f"{where}: expected true/false, got {value!r}")
-    if ftype in ("int", int):
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise UserError(f"{where}: expected an integer, got {value!r}")
-    if ftype in ("float", float):
-        number = math.nan
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):  # PyYAML (YAML 1.1) reads `1e-3` (no dot) as a string
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-        if math.isfinite(number):  # also rejects .nan/.inf, which would slip past the range checks
-            return number
-        raise UserError(f"{where}: expected a number, got {value!r}")
-    if ftype in ("str", str):
-        if isinstance(value, str):
-            return value
-        raise UserError(f"{where}: expected a string, got {value!r}")
-    if ftype == "dict | list":  # data.class_names: {folder name: display name} or a list of display names
-        if value is None:
-            return {}
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return list(value)
-        if isinstance(value, dict) and all(isinstance(k, (str, int)) and not isinstance(k, bool)
-                                           and isinstance(v, str) for k, v in value.items()):
-            return {str(k): v for k, v in value.items()}
-        raise UserError(f"{where}: expected a mapping of folder name to display name (quote names YAML reads "
-                        f"as numbers or booleans) or a list of names, got {value!r}")
-    if ftype in ("list", list) or origin is list:
-        if isinstance(value, str):
-            return [value]
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return list(value)
-        raise UserError(f"{where}: expected a list of strings, got {value!r}")
-    raise UserError(f"{where}: unsupported type {ftype!r}")  # pragma: no cover
-
-
-def _check_range(value: Any, meta: dict, where: str) -> None:
-    choices, lo, hi = meta.get("choices"), meta.get("lo"), meta.get("hi")
-    if choices is not None and value not in choices:
-        raise UserError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}"
-                        + (_suggest(str(value), list(choices)) if isinstance(value, str) else ""))
-    if lo is not None and value < lo:
-        raise UserError(f"{where}: {value!r} is below the minimum {lo}")
-    if hi is not None and value > hi:
-        raise UserError(f"{where}: {value!r} is above the maximum {hi}")
-
-
-def _fill(obj: Any, values: dict, where: str, prefix: str = "", blank_is_empty: bool = False,
-          extra: Callable[[str, Any], bool] | None = None) -> None:
-    """Set a config dataclass's fields from a mapping, checking keys, types and ranges (one-line errors).
-
-    A field whose value is a dataclass is a section, filled from a nested mapping; a field with a `parse` entry
-    in its metadata is converted by it; `blank_is_empty`: a blank string key (`lsft:`) means ''. `extra(key,
-    value)` may take keys that are not fields (it returns True when it did).
-    """
-    fields = {f.name: f for f in dataclasses.fields(obj) if not f.metadata.get("internal")}
-    for key, value in values.items():
-        dotted = f"{prefix}{key}"
-        if extra is not None and extra(key, value):
-            continue
-        if key not in fields:
-            raise UserError(f"{where}: unknown key '{dotted}'{_suggest(str(key), list(fields))}")
-        f = fields[key]
-        loc = f"{where}: key '{dotted}'"
-        if dataclasses.is_dataclass(getattr(obj, key)):
-            if value is None:  # a section whose keys are all commented out
-                value = {}
-            if not isinstance(value, dict):
-                raise UserError(f"{loc}: expected a mapping of keys, got {value!r}")
-            _fill(getattr(obj, key), value, where, f"{key}.")
-            continue
-        if "parse" in f.metadata:
-            value = f.metadata["parse"](value, loc, where)
-        else:
-            if blank_is_empty and value is None and f.type in ("str", str):
-                value = ""
-            value = _coerce(value, f.type, loc)
-            _check_range(value, f.metadata, loc)
-        setattr(obj, key, value)
-
-
 def _validate(cfg: Config, where: str) -> None:
     """Cross-field checks that a single key's range cannot express."""
     if cfg.data.val_fraction + cfg.data.test_fraction >= 0.9:
@@ -281,40 +174,6 @@ def _validate(cfg: Config, where: str) -> None:
             raise UserError(f"{where}: key 'priors.splits': {s!r} is not one of train, val, test")
     if not cfg.name or any(c in cfg.name for c in "/\\ "):
         raise UserError(f"{where}: key 'name': {cfg.name!r} must be non-empty without spaces or slashes")
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """Parse `section.key=value` (value in YAML syntax) into a key path and a value."""
-    if "=" not in text:
-        raise UserError(f"--set {text!r}: expected section.key=value")
-    key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    path = [p for p in key.strip().split(".") if p]
-    if not path:
-        raise UserError(f"--set {text!r}: empty key")
-    return path, value
-
-
-def read_yaml_mapping(path: str | os.PathLike, examples: str, top_level: str) -> dict:
-    """A YAML file whose top level is a mapping; a missing, invalid or non-mapping file is one UserError line."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{p}: config file not found (see {examples} for examples)")
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark else ""
-        raise UserError(f"{p}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{p}: not a UTF-8 text file") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{p}: the top level must be a mapping of {top_level}")
-    return raw
-
 
 def sets_nothing(raw: dict) -> bool:
     """Whether a parsed config sets no key: an empty mapping, or only sections that are null or empty."""
@@ -340,7 +199,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
                 raise UserError(f"--set {text!r}: '{k}' is not a section")
         node[keys[-1]] = value
     cfg = Config()
-    _fill(cfg, raw, where)
+    fill(cfg, raw, where)
     _validate(cfg, where)
     cfg.source_file = "" if path is None else str(path)
     return cfg
@@ -356,7 +215,7 @@ def to_dict(cfg: Config) -> dict:
 def from_dict(d: dict, where: str = "saved config") -> Config:
     """Rebuild a Config from `to_dict` output (e.g. one stored in a checkpoint)."""
     cfg = Config()
-    _fill(cfg, d, where)
+    fill(cfg, d, where)
     return cfg
 
 
@@ -365,26 +224,6 @@ def save_config(cfg: Config, path: str | os.PathLike) -> Path:
     from cnnprior.runtime import atomic_write_text  # (imports torch: only when a config is saved)
 
     return atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
-
-def describe_keys(cls: type = Config, prefix: str = "") -> str:
-    """All keys of a config dataclass with their defaults (its keys first, then each section's), for --help."""
-    lines, sections = [], []
-    for f in dataclasses.fields(cls):
-        if f.metadata.get("internal"):
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if dataclasses.is_dataclass(default):
-            sections.append((f.name, type(default)))
-            continue
-        extra = f.metadata.get("help", "")
-        ch = f.metadata.get("choices")
-        if ch:
-            extra = (extra + "; " if extra else "") + "|".join(map(str, ch))
-        lines.append(f"  {prefix}{f.name} = {default!r}" + (f"  ({extra})" if extra else ""))
-    lines += [describe_keys(section_cls, f"{prefix}{name}.") for name, section_cls in sections]
-    return "\n".join(lines)
-
 
 # ----------------------------------------------------------------------------------------- evaluation
 def _eval_registry() -> Any:
@@ -401,7 +240,7 @@ def parse_sections(value: Any, loc: str, where: str = "") -> list[str]:
         return _eval_registry().default_names()
     if isinstance(value, str):
         value = [s.strip() for s in value.split(",") if s.strip()]
-    value = _coerce(value, list, loc)
+    value = coerce(value, list, loc)
     known = _eval_registry().selectable_names()
     for s in value:
         if s not in known:
@@ -423,7 +262,7 @@ def parse_eval_sets(value: Any, loc: str, where: str) -> list[EvalSet]:
         if isinstance(item, str):
             entry.priors = item
         elif isinstance(item, dict):
-            _fill(entry, item, where, f"generalisation[{i}].", blank_is_empty=True)
+            fill(entry, item, where, f"generalisation[{i}].", blank_is_empty=True)
         else:
             raise UserError(f"{loc}[{i}]: expected {{name, priors}} or a path, got {item!r}")
         if not entry.priors:
@@ -439,25 +278,25 @@ def parse_eval_sets(value: Any, loc: str, where: str) -> list[EvalSet]:
 class EvalSet:
     """An extra held-out prior file (another CNN or dataset) the same GANs are scored on (fidelity only)."""
 
-    name: str = _opt("", help="label in the report")
-    priors: str = _opt("", help="prior file (.npy with its .json sidecar)")
+    name: str = opt("", help="label in the report")
+    priors: str = opt("", help="prior file (.npy with its .json sidecar)")
 
 
 @dataclass
 class EvalConfig:
     """The evaluation stage (`python -m cnnprior.evaluate`): its own flat YAML (`load_eval_config`)."""
 
-    name: str = _opt("eval", help="report name: outputs/eval-<name>-<timestamp>")
-    priors: str = _opt("", help="held-out prior file the GANs are evaluated on (required)")
-    lsft: str = _opt("", help="LSFT generator checkpoint (empty = none)")
-    gsft: str = _opt("", help="GSFT generator checkpoint (empty = none)")
-    cnn: str = _opt("", help="CNN checkpoint; empty = the prior file's cnn.checkpoint")
-    num: int = _opt(256, lo=0, help="images evaluated: the first num records (0 = all)")
-    batch_size: int = _opt(32, lo=1, hi=65_536)
-    device: str = _opt("auto", choices=("auto", "cpu", "cuda"))
-    steps: int = _opt(16, lo=1, hi=10_000, help="deletion/insertion steps")
-    road_num: int = _opt(32, lo=0, help="ROAD on a seeded random subset of this many images (0 = skip ROAD)")
-    seed: int = _opt(0, lo=0, help="seed of the random-map baseline, the ROAD subset and ROAD's noise")
+    name: str = opt("eval", help="report name: outputs/eval-<name>-<timestamp>")
+    priors: str = opt("", help="held-out prior file the GANs are evaluated on (required)")
+    lsft: str = opt("", help="LSFT generator checkpoint (empty = none)")
+    gsft: str = opt("", help="GSFT generator checkpoint (empty = none)")
+    cnn: str = opt("", help="CNN checkpoint; empty = the prior file's cnn.checkpoint")
+    num: int = opt(256, lo=0, help="images evaluated: the first num records (0 = all)")
+    batch_size: int = opt(32, lo=1, hi=65_536)
+    device: str = opt("auto", choices=("auto", "cpu", "cuda"))
+    steps: int = opt(16, lo=1, hi=10_000, help="deletion/insertion steps")
+    road_num: int = opt(32, lo=0, help="ROAD on a seeded random subset of this many images (0 = skip ROAD)")
+    seed: int = opt(0, lo=0, help="seed of the random-map baseline, the ROAD subset and ROAD's noise")
     generalisation: list = field(default_factory=list, metadata={
         "help": "extra prior files, a list of {name, priors} (fidelity only)", "parse": parse_eval_sets})
     sections: list = field(default_factory=lambda: _eval_registry().default_names(), metadata={
@@ -467,7 +306,7 @@ class EvalConfig:
 
 
 def _section_options(cfg: EvalConfig, where: str) -> Callable[[str, Any], bool]:
-    """The `extra` hook of `_fill` for an evaluation config: a section's options mapping (`mprt: {num: 64}`)."""
+    """The `extra` hook of `fill` for an evaluation config: a section's options mapping (`mprt: {num: 64}`)."""
 
     def take(key: str, value: Any) -> bool:
         if key not in _eval_registry().OPTIONS:
@@ -514,7 +353,7 @@ def load_eval_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> 
     raw = read_yaml_mapping(p, "configs/eval_*.yaml", "keys (name, priors, lsft, gsft, ...)")
     _apply_eval_overrides(raw, overrides)
     cfg = EvalConfig()
-    _fill(cfg, raw, where, blank_is_empty=True, extra=_section_options(cfg, where))
+    fill(cfg, raw, where, blank_is_empty=True, extra=_section_options(cfg, where))
     if not cfg.name or any(c in cfg.name for c in "/\\ "):
         raise UserError(f"{where}: key 'name': {cfg.name!r} must be non-empty without spaces or slashes")
     _check_eval_files(cfg, where)

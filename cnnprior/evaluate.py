@@ -27,12 +27,13 @@ import torch
 from torch import Tensor, nn
 
 from cnnprior import generators, metrics, sections
-from cnnprior.config import EvalConfig, describe_keys, load_eval_config
+from cnnprior.config import EvalConfig, load_eval_config
 from cnnprior.errors import UserError, cli_main
 from cnnprior.maps import generate
 from cnnprior.priorfile import PriorFile, read_priors
 from cnnprior.report import Report, Table
 from cnnprior.runtime import Log, file_sha256, publish_folder, resolve_device, temp_folder
+from cnnprior.schema import describe_keys
 
 EVAL_FORMAT = "cnnprior-eval/1"
 DEFINITIONS = """Images: the first `num` records of the held-out prior file (S x S pixels, RGB in [0, 1]). Every map is in
