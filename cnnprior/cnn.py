@@ -16,19 +16,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from cnnprior import runtime
 from cnnprior.config import ARCHS, Config, save_config, to_dict
 from cnnprior.data import load_split
 from cnnprior.errors import UserError
-from cnnprior.runtime import (
-    Log,
-    atomic_torch_save,
-    epoch_order,
-    load_checkpoint,
-    resolve_device,
-    rng_state,
-    seed_everything,
-    set_rng_state,
-)
+from cnnprior.runtime import Log, atomic_torch_save, load_checkpoint, resolve_device, seed_everything
 from cnnprior.testhooks import TestHooks
 
 CNN_FORMAT = "cnnprior-cnn/1"
@@ -172,7 +164,8 @@ def evaluate_accuracy(model: nn.Module, loader: DataLoader, device: torch.device
 
 
 class EpochBatches:
-    """Batch sampler: epoch `e` visits `epoch_order(seed, e)` in batches, from batch `start` on (mid-epoch resume)."""
+    """Batch sampler: epoch `e` visits `epoch_order(seed, e)` (runtime.py) in batches, from batch `start` on
+    (mid-epoch resume)."""
 
     def __init__(self, count: int, batch_size: int, seed: int) -> None:
         self.count, self.batch_size, self.seed = count, batch_size, seed
@@ -188,7 +181,7 @@ class EpochBatches:
         return self.batches - self.start
 
     def __iter__(self) -> Iterator[list[int]]:
-        order = epoch_order(self.seed, self.epoch, self.count).tolist()
+        order = runtime.epoch_order(self.seed, self.epoch, self.count).tolist()
         for b in range(self.start, self.batches):
             yield order[b * self.batch_size:(b + 1) * self.batch_size]
 
@@ -245,7 +238,8 @@ class _ClassifierRun:
         """Atomically write the full state (weights, optimiser, scheduler, RNGs, progress) for --resume."""
         atomic_torch_save({
             "format": CNN_STATE_FORMAT, "model": {k: v.detach().cpu() for k, v in self.model.net.state_dict().items()},
-            "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "rng": rng_state(self.device),
+            "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+            "rng": runtime.rng_state(self.device),
             "augment_rng": self.aug.get_state(), "progress": dict(self.progress, seconds=seconds),
             "class_names": list(self.model.class_names), "train_count": self.train_count,
             "config": to_dict(self.cfg)}, path)
@@ -260,7 +254,7 @@ class _ClassifierRun:
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         self.aug.set_state(state["augment_rng"])
-        set_rng_state(state["rng"], self.device)
+        runtime.set_rng_state(state["rng"], self.device)
         self.progress = dict(state["progress"])
 
     def train_epoch(self, loader: DataLoader, sampler: EpochBatches, last: Path, elapsed: Callable[[], float]) -> None:

@@ -15,23 +15,14 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from cnnprior import generators
+from cnnprior import generators, runtime
 from cnnprior.config import Config, save_config, to_dict
 from cnnprior.distributed import Dist, all_sum, everywhere, from_main, init_distributed, shard
 from cnnprior.errors import UserError
 from cnnprior.gan_data import AGREE_KEYS, MapData, load_gan_data
 from cnnprior.metrics import fidelity
 from cnnprior.models import build_discriminator, build_generator
-from cnnprior.runtime import (
-    Log,
-    atomic_torch_save,
-    epoch_order,
-    load_checkpoint,
-    resolve_device,
-    rng_state,
-    seed_everything,
-    set_rng_state,
-)
+from cnnprior.runtime import Log, atomic_torch_save, load_checkpoint, resolve_device, seed_everything
 from cnnprior.testhooks import TestHooks
 
 GAN_FORMAT = "cnnprior-gan/1"
@@ -268,7 +259,7 @@ def _restore(tr: _Trainer, ckpt: dict, cfg: Config, device: torch.device) -> Non
     for opt in (tr.opt_g, tr.opt_d):  # the config's lr/betas win (e.g. a lower lr for a continued run)
         for group in opt.param_groups:
             group["lr"], group["betas"] = cfg.gan.lr, (cfg.gan.beta1, cfg.gan.beta2)
-    set_rng_state(ckpt["rng"], device)
+    runtime.set_rng_state(ckpt["rng"], device)
 
 
 def _fmt_epoch(epoch: int, epochs: int, h: dict) -> str:
@@ -324,7 +315,8 @@ class _Run:
             "generator": _cpu_state(tr.g),
             "discriminator_config": {"width": gc.disc_width, "n_layers": gc.disc_layers},
             "discriminator": _cpu_state(tr.d), "optim_g": tr.opt_g.state_dict(), "optim_d": tr.opt_d.state_dict(),
-            "epoch": done_epochs, "step": self.step, "batch_in_epoch": batch_in_epoch, "rng": rng_state(self.device),
+            "epoch": done_epochs, "step": self.step, "batch_in_epoch": batch_in_epoch,
+            "rng": runtime.rng_state(self.device),
             "data_order": data_order.cpu(), "epoch_sums": epoch_sums.cpu(), "world_size": self.ctx.world,
             "config": to_dict(self.cfg), "priors_meta": self.pmeta, "metrics": self.metrics, "history": self.history,
         }, path)
@@ -333,7 +325,7 @@ class _Run:
         """Train the rest of the current epoch (saving `last` every gan.checkpoint_every steps); its batch count."""
         gc, ctx = self.cfg.gan, self.ctx
         if self.order is None:
-            self.order = epoch_order(gc.seed, self.epoch, len(data))
+            self.order = runtime.epoch_order(gc.seed, self.epoch, len(data))
         mine = shard(self.order, ctx.rank, ctx.world)
         batches = math.ceil(len(mine) / gc.batch_size)
         bar = tqdm(total=batches, initial=self.start_batch, desc=f"epoch {self.epoch + 1}/{gc.epochs}",
@@ -367,10 +359,11 @@ class _Run:
         self.start_batch, self.order = 0, None
         self.sums.zero_()
         if ctx.main:
+            next_order = runtime.epoch_order(gc.seed, self.epoch, count)
             if entry["val_r"] > self.best_r:
                 self.best_r = entry["val_r"]
-                self.save(self.paths["best"], 0, self.epoch, epoch_order(gc.seed, self.epoch, count), self.sums)
-            self.save(self.paths["last"], 0, self.epoch, epoch_order(gc.seed, self.epoch, count), self.sums)
+                self.save(self.paths["best"], 0, self.epoch, next_order, self.sums)
+            self.save(self.paths["last"], 0, self.epoch, next_order, self.sums)
         return entry
 
 

@@ -182,7 +182,8 @@ def _write_sample(folder: Path, stem: str, rec: np.ndarray, target: np.ndarray, 
     """One sample's four tiles (input, target, GAN map, overlay), written into the run folder's SUBDIRS."""
     from cnnprior.viz import colorize, overlay, save_png
 
-    tiles = [rec["image"], colorize(target, cmap), colorize(pred, cmap), overlay(rec["image"], pred, OVERLAY_ALPHA, cmap)]
+    tiles = [rec["image"], colorize(target, cmap), colorize(pred, cmap),
+             overlay(rec["image"], pred, OVERLAY_ALPHA, cmap)]
     for sub, tile in zip(SUBDIRS, tiles, strict=True):
         save_png(folder / sub / f"{stem}.png", tile)
     return tiles

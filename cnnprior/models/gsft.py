@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from cnnprior.models.sft import CondNet, SFTGenerator, SFTLayer, SFTResBlock
+from cnnprior.models.sft import SFTGenerator, SFTLayer, SFTResBlock
 
 
 class GSFTGenerator(SFTGenerator):
@@ -13,18 +13,11 @@ class GSFTGenerator(SFTGenerator):
 
     variant = "gsft"
 
-    def __init__(
-        self,
-        n_priors: int = 8,
-        width: int = 64,
-        n_blocks: int = 32,
-        cond_channels: int = 32,
-        cond_hidden: int = 128,
-    ) -> None:
-        super().__init__(n_priors, width, n_blocks=n_blocks, cond_channels=cond_channels, cond_hidden=cond_hidden)
-        if n_blocks < 0:
-            raise ValueError(f"need n_blocks >= 0, got {n_blocks}")
-        self.cond_net = CondNet(n_priors, cond_channels, cond_hidden)
+    def __init__(self, n_priors: int = 8, width: int = 64, n_blocks: int = 32, cond_channels: int = 32,
+                 cond_hidden: int = 128) -> None:
+        # one condition network call on all n priors together
+        super().__init__(n_priors, width, n_priors, n_blocks=n_blocks, cond_channels=cond_channels,
+                         cond_hidden=cond_hidden)
         for _ in range(n_blocks):
             self.blocks.append(SFTResBlock(width, cond_channels, cond_index=0))
         self.final_sft = SFTLayer(width, cond_channels)

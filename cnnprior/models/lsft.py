@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from cnnprior.models.sft import CondNet, ResBlock, SFTGenerator, SFTResBlock
+from cnnprior.models.sft import ResBlock, SFTGenerator, SFTResBlock
 
 
 def plain_blocks_per_gap(n_sft: int, n_plain: int) -> list[int]:
@@ -22,18 +22,10 @@ class LSFTGenerator(SFTGenerator):
 
     variant = "lsft"
 
-    def __init__(
-        self,
-        n_priors: int = 8,
-        width: int = 64,
-        n_plain: int = 7,
-        cond_channels: int = 32,
-        cond_hidden: int = 128,
-    ) -> None:
-        super().__init__(n_priors, width, n_plain=n_plain, cond_channels=cond_channels, cond_hidden=cond_hidden)
-        if n_plain < 0:
-            raise ValueError(f"need n_plain >= 0, got {n_plain}")
-        self.cond_net = CondNet(1, cond_channels, cond_hidden)
+    def __init__(self, n_priors: int = 8, width: int = 64, n_plain: int = 7, cond_channels: int = 32,
+                 cond_hidden: int = 128) -> None:
+        # one condition network call per prior map
+        super().__init__(n_priors, width, 1, n_plain=n_plain, cond_channels=cond_channels, cond_hidden=cond_hidden)
         for i, n_after in enumerate(plain_blocks_per_gap(n_priors, n_plain)):
             self.blocks.append(SFTResBlock(width, cond_channels, cond_index=i))
             for _ in range(n_after):

@@ -142,15 +142,20 @@ class SFTGenerator(nn.Module):
     """Base of the LSFT/GSFT generators: image stem, conditions, trunk, global skip, sigmoid head.
 
     Subclasses fill `blocks` (and optionally `final_sft`), define `conditions`, and keep their weights
-    channels_last (the layout oneDNN and cuDNN run fastest; activations follow the weights).
+    channels_last (the layout oneDNN and cuDNN run fastest; activations follow the weights). `config` holds the
+    subclass's other constructor arguments (its block counts `n_*`, `cond_channels`, `cond_hidden`); the
+    condition network reads `cond_inputs` maps at a time.
     """
 
     variant: str = ""
 
-    def __init__(self, n_priors: int, width: int, **config: Any) -> None:
+    def __init__(self, n_priors: int, width: int, cond_inputs: int, **config: Any) -> None:
         super().__init__()
         if n_priors < 1 or width < 1:
             raise ValueError(f"need n_priors >= 1 and width >= 1, got {n_priors}, {width}")
+        for key, value in config.items():
+            if key.startswith("n_") and value < 0:
+                raise ValueError(f"need {key} >= 0, got {value}")
         self._config = {"n_priors": n_priors, "width": width, **config}
         self.n_priors = n_priors
         self.stem = conv3x3(3, width)
@@ -158,6 +163,7 @@ class SFTGenerator(nn.Module):
         self.final_sft: SFTLayer | None = None
         self.tail = conv3x3(width, width)
         self.head = conv3x3(width, 1)
+        self.cond_net = CondNet(cond_inputs, config["cond_channels"], config["cond_hidden"])
 
     def config(self) -> dict[str, Any]:
         """Constructor arguments, enough to rebuild this generator."""

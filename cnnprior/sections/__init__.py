@@ -21,7 +21,6 @@ from cnnprior.sections.base import (
     describe_options,
     metrics_entries,
     options_of,
-    register,
     render_sections,
     run_sections,
     section_names,
@@ -30,5 +29,5 @@ from cnnprior.sections.base import (
 )
 
 __all__ = ["OPTIONS", "SECTIONS", "EvalContext", "Section", "default_names", "describe_options", "metrics_entries",
-           "options_of", "register", "render_sections", "run_sections", "section_names", "selectable_names",
+           "options_of", "render_sections", "run_sections", "section_names", "selectable_names",
            "set_options"]

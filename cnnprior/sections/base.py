@@ -71,7 +71,12 @@ class EvalContext:
 
 
 class Section:
-    """One evaluation section; subclasses set `name`, `title` (report heading) and optionally `options`."""
+    """One evaluation section. A subclass is registered by its class keywords, e.g.
+
+        class MySection(Section, name="mine", title="My check", order=50, options=MyOptions): ...
+
+    `name` (its key in `sections:` and metrics.json), `title` (report heading), and optionally the others below.
+    """
 
     name: ClassVar[str] = ""
     title: ClassVar[str] = ""
@@ -83,6 +88,15 @@ class Section:
     options_in_results: ClassVar[bool] = True  # its options are recorded with its results
     announce: ClassVar[bool] = True  # log "<runtime key> done" after it ran
     runtime_key: ClassVar[str] = ""  # its row in the report's runtime table (default: its name)
+
+    def __init_subclass__(cls, **attributes: Any) -> None:
+        super().__init_subclass__()
+        for key, value in attributes.items():
+            if key not in Section.__annotations__:
+                raise TypeError(f"{cls.__name__}: unknown section attribute {key!r}")
+            setattr(cls, key, value)
+        if cls.name:
+            register(cls)
 
     @classmethod
     def always_reported(cls) -> bool:
@@ -113,7 +127,7 @@ OPTIONS: dict[str, type] = {}  # section name -> its options dataclass
 
 
 def register(cls: type[Section]) -> type[Section]:
-    """Class decorator: make a section available under `cls.name`."""
+    """Make a section class available under `cls.name` (Section subclasses with a name call this themselves)."""
     if not cls.name or cls.name in SECTIONS:
         raise ValueError(f"section name {cls.name!r} is empty or taken")
     SECTIONS[cls.name] = cls

@@ -15,7 +15,7 @@ from cnnprior.errors import UserError
 from cnnprior.maps import generate, live_cams, resize_maps
 from cnnprior.report import Report, Table
 from cnnprior.sanity import format_ci, mean_ci
-from cnnprior.sections.base import EvalContext, Section, option, register
+from cnnprior.sections.base import EvalContext, Section, option
 
 
 @dataclass
@@ -73,14 +73,8 @@ def _speeds(ctx: EvalContext, controls: dict[str, Any], num: int) -> dict[str, f
     return speeds
 
 
-@register
-class ControlSection(Section):
+class ControlSection(Section, name="control", title="Control: image-only generator", options=ControlOptions, order=30):
     """Fidelity of the image-only control, and each GAN's r minus the control's r (paired per image)."""
-
-    name = "control"
-    title = "Control: image-only generator"
-    options = ControlOptions
-    order = 30
 
     def run(self, ctx: EvalContext) -> dict:
         opts = ctx.options(self.name)

@@ -7,7 +7,7 @@ from typing import Any
 
 from cnnprior import viz
 from cnnprior.report import Report
-from cnnprior.sections.base import EvalContext, Section, register
+from cnnprior.sections.base import EvalContext, Section
 
 SERIES = (("val_r", "val r"), ("val_l1", "val L1"), ("val_ssim", "val SSIM"))
 
@@ -26,15 +26,11 @@ def history_chart(g: Any, folder: Path) -> str | None:
     return file
 
 
-@register
-class CurvesSection(Section):
-    """The training curves stored in the generator checkpoints (nothing is computed)."""
+class CurvesSection(Section, name="curves", title="Training curves", order=6, selectable=False, in_metrics=False):
+    """The training curves stored in the generator checkpoints (nothing is computed).
 
-    name = "curves"
-    title = "Training curves"
-    order = 6
-    selectable = False
-    in_metrics = False  # the histories are already under metrics.json's `gans`
+    in_metrics: the histories are already under metrics.json's `gans`.
+    """
 
     def run(self, ctx: EvalContext) -> None:
         return None

@@ -15,7 +15,7 @@ from cnnprior import cams, metrics
 from cnnprior.maps import blur, live_cams, random_maps, resize_maps
 from cnnprior.report import Report, Table
 from cnnprior.sanity import SMOOTHING_SIGMAS, smooth_maps
-from cnnprior.sections.base import EvalContext, Section, not_run_note, option, register
+from cnnprior.sections.base import EvalContext, Section, not_run_note, option
 
 COLUMNS = (("average_drop", "Average Drop % ↓", "min", ".1f"),
            ("increase_in_confidence", "Increase in Confidence % ↑", "max", ".1f"),
@@ -87,17 +87,12 @@ def faithfulness_means(model: nn.Module, images: Tensor, maps: Tensor, classes: 
     return out
 
 
-@register
-class FaithfulnessSection(Section):
-    """Average Drop, Increase in Confidence, deletion/insertion AUC and ROAD of every method's map."""
+class FaithfulnessSection(Section, name="faithfulness", title="Faithfulness to the CNN", options=FaithfulnessOptions,
+                                   order=2, default=True, options_in_results=False, announce=False):
+    """Average Drop, Increase in Confidence, deletion/insertion AUC and ROAD of every method's map.
 
-    name = "faithfulness"
-    title = "Faithfulness to the CNN"
-    options = FaithfulnessOptions
-    order = 2
-    default = True
-    options_in_results = False  # its results are the table of methods
-    announce = False  # it logs each method
+    options_in_results: its results are the table of methods; announce: it logs each method.
+    """
 
     def empty(self) -> dict:
         return {}

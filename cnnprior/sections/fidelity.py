@@ -10,7 +10,7 @@ from torch import Tensor
 from cnnprior import cams, metrics
 from cnnprior.baselines import BaselineChoice, grayscale
 from cnnprior.report import Report, Table
-from cnnprior.sections.base import EvalContext, Section, register
+from cnnprior.sections.base import EvalContext, Section
 from cnnprior.sections.relevance import prior_labels
 
 COLUMNS = (("l1", "L1 ↓", "min", ".3f"), ("r", "r ↑", "max", ".3f"), ("ssim", "SSIM ↑", "max", ".3f"))
@@ -46,14 +46,8 @@ def fidelity_rows(ctx: EvalContext) -> dict[str, Tensor]:
     return rows
 
 
-@register
-class FidelitySection(Section):
+class FidelitySection(Section, name="fidelity", title="Fidelity to the target map", order=1, selectable=False):
     """Mean L1, r and SSIM of every method's map against the stored target."""
-
-    name = "fidelity"
-    title = "Fidelity to the target map"
-    order = 1
-    selectable = False
 
     def run(self, ctx: EvalContext) -> dict:
         return {name: fidelity_means(m, ctx.data["target"]) for name, m in fidelity_rows(ctx).items()}

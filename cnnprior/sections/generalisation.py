@@ -10,7 +10,7 @@ from cnnprior.errors import UserError
 from cnnprior.maps import generate
 from cnnprior.priorfile import read_priors
 from cnnprior.report import Report, Table
-from cnnprior.sections.base import EvalContext, Section, not_run_note, register
+from cnnprior.sections.base import EvalContext, Section, not_run_note
 from cnnprior.sections.fidelity import COLUMNS, fidelity_means
 
 
@@ -56,15 +56,9 @@ def generalise(s: EvalSet, ctx: EvalContext) -> dict:
     return entry
 
 
-@register
-class GeneralisationSection(Section):
+class GeneralisationSection(Section, name="generalisation", title="Generalisation to other prior files", order=5,
+                                     default=True, announce=False):
     """Fidelity (L1, r, SSIM) of the generators on each `generalisation:` prior file with their S and n."""
-
-    name = "generalisation"
-    title = "Generalisation to other prior files"
-    order = 5
-    default = True
-    announce = False
 
     def empty(self) -> list:
         return []

@@ -24,7 +24,7 @@ from cnnprior.sanity import (
     sample_grids,
     smooth_maps,
 )
-from cnnprior.sections.base import EvalContext, Section, option, register
+from cnnprior.sections.base import EvalContext, Section, option
 from cnnprior.sections.mprt import target_label
 
 
@@ -56,14 +56,8 @@ def _grid_maps(ctx: EvalContext, grids_s: torch.Tensor, classes: torch.Tensor) -
     return maps, out["pred"]
 
 
-@register
-class GridPGSection(Section):
+class GridPGSection(Section, name="gridpg", title="Grid pointing game (GridPG)", options=GridOptions, order=40):
     """Share of each map's positive energy inside the explained cell of a 2x2 grid of confident images."""
-
-    name = "gridpg"
-    title = "Grid pointing game (GridPG)"
-    options = GridOptions
-    order = 40
 
     def run(self, ctx: EvalContext) -> dict:
         opts = ctx.options(self.name)

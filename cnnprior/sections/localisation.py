@@ -11,7 +11,7 @@ from torch import Tensor
 from cnnprior import metrics
 from cnnprior.report import Report, Table
 from cnnprior.sanity import pointing_chance
-from cnnprior.sections.base import EvalContext, Section, not_run_note, register
+from cnnprior.sections.base import EvalContext, Section, not_run_note
 from cnnprior.sections.faithfulness import input_size_maps
 
 COLUMNS = (("pointing_game", "Pointing game ↑", "max", ".3f"),
@@ -24,15 +24,8 @@ def localisation_means(maps: Tensor, masks: Tensor) -> dict[str, float]:
             "energy_pointing_game": float(metrics.energy_pointing_game(maps, masks).mean())}
 
 
-@register
-class LocalisationSection(Section):
+class LocalisationSection(Section, name="localisation", title="Localisation", order=3, default=True, announce=False):
     """Pointing game and energy pointing game of every method's map against the records' masks."""
-
-    name = "localisation"
-    title = "Localisation"
-    order = 3
-    default = True
-    announce = False
 
     def run(self, ctx: EvalContext) -> dict | None:
         d = ctx.data

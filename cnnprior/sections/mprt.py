@@ -22,7 +22,7 @@ from cnnprior.sanity import (
     mprt_verdict,
     verdict_sentence,
 )
-from cnnprior.sections.base import EvalContext, Section, option, register
+from cnnprior.sections.base import EvalContext, Section, option
 
 
 @dataclass
@@ -60,14 +60,9 @@ def _maps_fn(ctx: EvalContext, n: int, first: dict) -> Any:
     return maps_of
 
 
-@register
-class MPRTSection(Section):
+class MPRTSection(Section, name="mprt", title="Sanity check: model-parameter randomisation (MPRT)", options=MPRTOptions,
+                           order=10):
     """Similarity of each method's maps to its own trained-CNN maps as the CNN is randomised top-down."""
-
-    name = "mprt"
-    title = "Sanity check: model-parameter randomisation (MPRT)"
-    options = MPRTOptions
-    order = 10
 
     def run(self, ctx: EvalContext) -> dict:
         opts = ctx.options(self.name)

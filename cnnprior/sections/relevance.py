@@ -11,7 +11,7 @@ from torch import Tensor
 
 from cnnprior.maps import generate
 from cnnprior.report import Report, Table
-from cnnprior.sections.base import EvalContext, Section, not_run_note, register
+from cnnprior.sections.base import EvalContext, Section, not_run_note
 from cnnprior.viz import grouped_bar_chart
 
 
@@ -82,15 +82,9 @@ def _layers_table(meta: dict, n: int) -> Table:
                          layers[k][-1] if k < len(layers) and layers[k] else "–"] for k in range(n)])
 
 
-@register
-class RelevanceSection(Section):
+class RelevanceSection(Section, name="relevance", title="GAN interpretation: relevance of each prior", order=4,
+                                default=True, runtime_key="interpretation"):
     """Per GAN and prior: the mean change of the map when the prior is replaced by zeros or by its mean map."""
-
-    name = "relevance"
-    title = "GAN interpretation: relevance of each prior"
-    order = 4
-    default = True
-    runtime_key = "interpretation"
 
     def empty(self) -> dict:
         return {}

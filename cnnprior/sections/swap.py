@@ -12,7 +12,7 @@ from cnnprior import metrics
 from cnnprior.maps import generate
 from cnnprior.report import Report, Table
 from cnnprior.sanity import format_ci, mean_ci, swap_donors
-from cnnprior.sections.base import EvalContext, Section, option, register
+from cnnprior.sections.base import EvalContext, Section, option
 
 DONORS = (("same class", True), ("any class", False))
 
@@ -56,14 +56,8 @@ def _donor_kind(ctx: EvalContext, n: int, same: bool, seed: int) -> dict:
     return entry
 
 
-@register
-class PriorSwapSection(Section):
+class PriorSwapSection(Section, name="prior_swap", title="Control: prior swap", options=SwapOptions, order=20):
     """G(x_i, P_j): Pearson r with the image's own target T_i and with the donor's target T_j."""
-
-    name = "prior_swap"
-    title = "Control: prior swap"
-    options = SwapOptions
-    order = 20
 
     def run(self, ctx: EvalContext) -> dict:
         opts = ctx.options(self.name)
