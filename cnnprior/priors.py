@@ -24,6 +24,7 @@ from cnnprior import cams
 from cnnprior.errors import UserError, cli_main
 from cnnprior.layers import final_layer, named_module, within
 from cnnprior.priorfile import PRIORS_FORMAT, PriorWriter, make_records, read_priors, zero_map_fractions
+from cnnprior.runtime import Log
 
 
 # ----------------------------------------------------------------------------------------- per-layer maps
@@ -365,7 +366,7 @@ def file_meta(cfg, extractor: PriorExtractor, cnn_meta: dict, ds, split: str, **
             "config": to_dict(cfg), **extra}
 
 
-def run_priors_stage(cfg, resume: bool = False, overwrite: bool = False, log=print) -> list[Path]:
+def run_priors_stage(cfg, resume: bool = False, overwrite: bool = False, log: Log = print) -> list[Path]:
     """`train.py --stage priors`: write <priors.out>-<split>.npy + .json for each configured split."""
     from cnnprior.config import save_config
     from cnnprior.runtime import resolve_device

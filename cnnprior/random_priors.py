@@ -22,6 +22,7 @@ from torch.utils.data import Subset
 from cnnprior.errors import UserError
 from cnnprior.priors import PriorExtractor, extractor_from, file_meta, split_dataset, write_prior_file
 from cnnprior.randomise import model_stages, randomised_copy
+from cnnprior.runtime import Log
 
 
 class FixedClassExtractor:
@@ -54,7 +55,7 @@ def stage_steps(model: nn.Module, names: list[str]) -> list[tuple[int, str]]:
     return [(stages.index(n) + 1, n) for n in names]
 
 
-def run_random_priors_stage(cfg, resume: bool = False, overwrite: bool = False, log=print) -> list[Path]:
+def run_random_priors_stage(cfg, resume: bool = False, overwrite: bool = False, log: Log = print) -> list[Path]:
     """Write the randomised-copy training prior files that `priors.randomised_stages` asks for."""
     from cnnprior.priors import extractor_for_checkpoint
     from cnnprior.runtime import resolve_device
