@@ -16,8 +16,7 @@ from torch import nn
 
 from cnnprior.config import Config, load_config
 from cnnprior.sources.shapes import ShapesSource
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 # Tiny models on a shared, loaded CPU: one intra-op thread is several times faster than two that spin
 # against other processes (measured: resnet18 fwd+bwd at 64 px, 0.1 s vs 0.5-4 s). Override for a quiet box.

@@ -7,7 +7,8 @@ import re
 
 import pytest
 import torch
-from conftest import REPO
+
+from tests.helpers import REPO
 
 
 def _bench(name: str):

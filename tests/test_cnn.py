@@ -13,7 +13,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from _gan_tiny import REPO, subprocess_env
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -37,6 +36,7 @@ from cnnprior.layers import conv_layers
 from cnnprior.runtime import epoch_order
 from cnnprior.sources.shapes import SHAPE_CLASSES
 from cnnprior.testhooks import KILL_ENV
+from tests.helpers import REPO, subprocess_env
 
 # conv layers per architecture: all of them run in a forward pass (numbers from torchvision's definitions)
 CONV_COUNTS = {"resnet18": 20, "resnet34": 36, "resnet50": 53, "vgg11": 8, "vgg11_bn": 8, "vgg16": 13, "vgg16_bn": 13,

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
 
 from cnnprior.config import Config, from_dict, load_config, parse_override, save_config, to_dict
 from cnnprior.errors import UserError
+from tests.helpers import REPO
 
 # (YAML text, fragments the one-line message must contain besides the file name)
 BAD_CONFIGS = {

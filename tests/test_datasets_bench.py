@@ -7,7 +7,8 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+
+from tests.helpers import REPO
 
 
 def _bench():

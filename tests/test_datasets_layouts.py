@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -18,6 +17,7 @@ from cnnprior.config import load_config, save_config
 from cnnprior.data import SplitView, load_split, open_source
 from cnnprior.errors import UserError
 from cnnprior.sources.imagefolder import FOOD11_CLASSES, ImageFolderSource
+from tests.helpers import REPO
 
 ANIMALS10 = {"cane": "dog", "cavallo": "horse", "elefante": "elephant", "farfalla": "butterfly", "gallina": "chicken",
              "gatto": "cat", "mucca": "cow", "pecora": "sheep", "ragno": "spider", "scoiattolo": "squirrel"}

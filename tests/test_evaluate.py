@@ -27,7 +27,7 @@ from cnnprior.priors import PriorExtractor, PriorSpec
 from cnnprior.runtime import file_sha256
 from cnnprior.sections.fidelity import intensity_rows
 from cnnprior.sections.relevance import prior_labels, prior_relevance
-from tests._gan_tiny import gan_config
+from tests.helpers import gan_config
 
 SIZE, N, COUNT, CLASSES = 16, 4, 8, ["a", "b", "c", "d", "e"]
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from _gan_tiny import SIZE, N, free_port, gan_config, subprocess_env, tiny_data, train_cmd, write_priors
 
 from cnnprior.cli import train_main
 from cnnprior.config import load_config
@@ -24,6 +23,7 @@ from cnnprior.models import build_generator
 from cnnprior.priorfile import read_priors
 from cnnprior.runtime import epoch_order, rng_state, seed_everything, set_rng_state
 from cnnprior.testhooks import DUMP_ENV, KILL_ENV
+from tests.helpers import SIZE, N, free_port, gan_config, subprocess_env, tiny_data, train_cmd, write_priors
 
 SCHEMA = {"format", "variant", "generator_config", "generator", "discriminator_config", "discriminator", "optim_g",
           "optim_d", "epoch", "step", "batch_in_epoch", "rng", "data_order", "config", "priors_meta", "metrics",

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _gan_tiny import REPO, gan_config, subprocess_env, write_priors
 from PIL import Image
 
 from cnnprior import inference, scores, viz
@@ -29,6 +28,7 @@ from cnnprior.priors import PriorExtractor, PriorSpec, extractor_from
 from cnnprior.runtime import atomic_torch_save
 from cnnprior.sources.base import read_image, resize_uint8
 from cnnprior.viz import colorize
+from tests.helpers import REPO, gan_config, subprocess_env, write_priors
 
 COUNT = 12
 CLASSES = ["circle", "square"]

@@ -12,7 +12,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import REPO
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.activations_and_gradients import ActivationsAndGradients
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -37,6 +36,7 @@ from cnnprior.released import import_released
 from cnnprior.runtime import file_sha256
 from cnnprior.sources.shapes import ShapesSource
 from cnnprior.viz import colorize
+from tests.helpers import REPO
 
 
 def gradcam_single(model: nn.Module, layer: nn.Module, images: torch.Tensor,

@@ -41,7 +41,7 @@ from cnnprior.sanity import (
     swap_donors,
 )
 from cnnprior.sections import EvalContext
-from tests._gan_tiny import gan_config
+from tests.helpers import gan_config
 
 CLASSES = ["a", "b", "c", "d", "e"]
 SIZE, N, R = 16, 4, 64  # maps, priors, CNN input (64 px: resnet18's final map is 2x2, not a constant 1x1)

@@ -4,7 +4,6 @@ nothing is selected on the test split."""
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,8 +19,8 @@ from cnnprior.config import Config, load_config
 from cnnprior.errors import UserError
 from cnnprior.layers import cam_layers, final_layer
 from cnnprior.priors import PriorSpec, extractor_from, spec_from_sidecar
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 FINAL = {"resnet18": "net.layer4.1", "densenet121": "net.features.norm5", "vgg11": "net.features.19",
          "mobilenet_v2": "net.features.18"}
 

@@ -1,4 +1,5 @@
-"""Tiny prior files and GAN configs for tests: S=16, n=4, a learnable target (the mean of the priors)."""
+"""Shared test helpers (imported as `tests.helpers`): the repo root, tiny prior files and GAN configs (S=16, n=4, a
+learnable target: the mean of the priors), the environment and commands of child runs."""
 
 from __future__ import annotations
 
