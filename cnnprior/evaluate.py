@@ -45,8 +45,9 @@ Fidelity to the target T (the stored classic Grad-CAM of the CNN's last conv lay
   SSIM  = Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03,
           data range 1, 'valid' windows                                           (higher is better)
   Rows: the LSFT and GSFT generators G(x, P); each prior C_k alone; the mean of the n priors; image
-  intensity, gray = 0.299 R + 0.587 G + 0.114 B or 1 - gray, whichever has the higher mean r on the
-  evaluated images (so the choice is made on the test data: a slightly optimistic baseline).
+  intensity, gray = 0.299 R + 0.587 G + 0.114 B or 1 - gray, whichever had the higher mean r on the
+  validation prior file (chosen by the gan stage, stored in the generator checkpoint; both rows when no
+  checkpoint records a choice, since choosing on the evaluated images would select on the test data).
 
 Faithfulness on the prior file's CNN: images and maps are upsampled bilinearly (align_corners=False) from
 S x S to the CNN's input size R x R; the CNN takes RGB in [0, 1] and normalises internally. The explained
