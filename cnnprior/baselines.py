@@ -75,7 +75,7 @@ def baseline_maps(image: Tensor, priors: Tensor, choice: BaselineChoice) -> dict
 
 def label(name: str, choice: BaselineChoice) -> str:
     """A table label for a baseline name, with what was chosen on validation."""
-    base, _, suffix = name.partition("_rescaled")
+    base = name.removesuffix("_rescaled")
     text = {"best_prior": f"best single prior (C{choice.best_prior}, val)", "mean_prior": "mean of the priors",
             "image": "image intensity" + (" (inverted, val)" if choice.image_inverted else " (val)")}[base]
     return text + (", rescaled" if name.endswith("_rescaled") else "")
