@@ -130,6 +130,13 @@ class GANConfig:
     checkpoint_every: int = opt(0, lo=0, help="also save `last` every N steps (0 = end of epoch only)")
     priors: str = opt("cnn", choices=("cnn", "none"), help="none: the priors are zeroed in training, validation "
                                                             "and inference (the image-only control generator)")
+    image: str = opt("use", choices=("use", "none"), help="none: the image is zeroed in training, validation and "
+                                                          "inference (a priors-only generator: it can only read "
+                                                          "the CNN)")
+    image_dropout: float = opt(0.0, lo=0.0, hi=1.0, help="probability that a training sample's image is zeroed "
+                                                         "(generator and discriminator); inference keeps the image")
+    init: str = opt("", help="warm start from this GAN checkpoint's generator and discriminator weights (same "
+                             "architecture; optimisers, epochs and history start fresh)")
 
 
 @dataclass

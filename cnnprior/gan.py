@@ -34,6 +34,8 @@ SCHEMA_KEYS = frozenset({"format", "variant", "generator_config", "generator", "
 # Checkpoint entries that are training state, not description (left out of load_generator's meta).
 STATE_KEYS = ("generator", "discriminator", "optim_g", "optim_d", "rng", "data_order", "epoch_sums")
 EPOCH_STATS = ("d_real", "d_fake", "g_adv", "l1", "d_loss")
+# Which inputs a generator is given (gan.priors / gan.image) and their defaults in older checkpoints.
+INPUT_KEYS = {"priors": "cnn", "image": "use"}
 
 T = TypeVar("T")
 
@@ -114,9 +116,10 @@ def _prepare_outputs(cfg: Config, resume: bool, overwrite: bool, world: int) -> 
             if saved.get(key) != getattr(cfg.gan, key):
                 raise UserError(f"{last}: was trained with gan.{key}: {saved.get(key)!r} but the config says "
                                 f"{getattr(cfg.gan, key)!r}; keep it, or --overwrite to start over")
-        if saved.get("priors", "cnn") != cfg.gan.priors:
-            raise UserError(f"{last}: was trained with gan.priors: {saved.get('priors', 'cnn')} but the config says "
-                            f"{cfg.gan.priors}; keep it, or --overwrite to start over")
+        for key, default in INPUT_KEYS.items():
+            if saved.get(key, default) != getattr(cfg.gan, key):
+                raise UserError(f"{last}: was trained with gan.{key}: {saved.get(key, default)} but the config says "
+                                f"{getattr(cfg.gan, key)}; keep it, or --overwrite to start over")
         if not SCHEMA_KEYS <= ckpt.keys():
             raise UserError(f"{last}: GAN checkpoint lacks {', '.join(sorted(SCHEMA_KEYS - ckpt.keys()))}; "
                             f"it cannot be resumed (use --overwrite to start over)")
@@ -154,20 +157,44 @@ def load_generator(path: str | Path, expect_variant: str | None = None,
     meta = {k: v for k, v in ckpt.items() if k not in STATE_KEYS}
     meta["path"] = str(path)
     dev = resolve_device(device) if isinstance(device, str) else device
-    if ((ckpt.get("config") or {}).get("gan") or {}).get("priors") == "none":
-        model = ImageOnlyGenerator(model)  # trained without priors: never given any
+    saved = (ckpt.get("config") or {}).get("gan") or {}
+    if saved.get("priors") == "none" or saved.get("image") == "none":
+        # trained without priors (image-only control) or without the image (priors-only): never given them
+        model = MaskedInputGenerator(model, image=saved.get("image") != "none", priors=saved.get("priors") != "none")
     return model.to(dev).eval(), meta
 
 
-class ImageOnlyGenerator(nn.Module):
-    """A generator trained with `gan.priors: none`: called as G(image, priors), it is given zeros as priors."""
+class MaskedInputGenerator(nn.Module):
+    """A generator trained with `gan.priors: none` or `gan.image: none`: called as G(image, priors), it is given
+    zeros for the input it was trained without."""
 
-    def __init__(self, generator: nn.Module) -> None:
+    def __init__(self, generator: nn.Module, image: bool = True, priors: bool = True) -> None:
         super().__init__()
-        self.generator = generator
+        self.generator, self.use_image, self.use_priors = generator, image, priors
 
     def forward(self, image: Tensor, priors: Tensor) -> Tensor:
-        return self.generator(image, torch.zeros_like(priors))
+        return self.generator(image if self.use_image else torch.zeros_like(image),
+                              priors if self.use_priors else torch.zeros_like(priors))
+
+
+def load_init(tr: _Trainer, cfg: Config) -> None:
+    """gan.init: start from another run's generator and discriminator weights (architecture must match)."""
+    path = cfg.gan.init
+    ckpt = load_checkpoint(path, "GAN")
+    _check_format(ckpt, path)
+    saved = (ckpt.get("config") or {}).get("gan") or {}
+    for key in ARCH_KEYS:
+        if saved.get(key) != getattr(cfg.gan, key):
+            raise UserError(f"gan.init: {path} has gan.{key}: {saved.get(key)!r} but the config says "
+                            f"{getattr(cfg.gan, key)!r}; warm starts need the same architecture")
+    if "discriminator" not in ckpt:
+        raise UserError(f"gan.init: {path} holds no discriminator (an exported generator); use the run's "
+                        f"-last.pt or -best.pt checkpoint")
+    try:
+        tr.g.load_state_dict(ckpt["generator"])
+        tr.d.load_state_dict(ckpt["discriminator"])
+    except RuntimeError as exc:
+        raise UserError(f"gan.init: {path}: weights do not fit ({str(exc).splitlines()[0][:160]})") from None
 
 
 # ----------------------------------------------------------------------------------------- training
@@ -332,6 +359,9 @@ class _Run:
                    dynamic_ncols=True, leave=False, disable=not ctx.main)
         for b in range(self.start_batch, batches):
             image, priors, target = data.batch(mine[b * gc.batch_size:(b + 1) * gc.batch_size], self.device)
+            if gc.image_dropout > 0:  # global RNG: seeded, saved in checkpoints, so resume stays exact
+                keep = (torch.rand(len(image)) >= gc.image_dropout).to(image.device, image.dtype)
+                image = image * keep.view(-1, 1, 1, 1)
             stats = self.tr.step(image, priors, target)
             self.sums += stats
             self.step += 1
@@ -382,6 +412,8 @@ def _start(cfg: Config, ckpt: dict | None, pmeta: dict, ctx: Dist, device: torch
     """The networks (seeded), restored from `ckpt` when resuming, and the run's progress."""
     run = _Run(cfg, _build(cfg, pmeta["n"], device), ctx, device, pmeta, gan_paths(cfg),
                sums=torch.zeros(len(EPOCH_STATS), dtype=torch.float64, device=device))
+    if ckpt is None and cfg.gan.init:
+        load_init(run.tr, cfg)
     if ckpt is not None:
         _restore(run.tr, ckpt, cfg, device)
         run.epoch, run.step, run.start_batch = int(ckpt["epoch"]), int(ckpt["step"]), int(ckpt["batch_in_epoch"])
@@ -409,7 +441,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, log: Log, ctx: Dist, devi
         f"(S={pmeta['size']}, n={pmeta['n']}), batch {gc.batch_size}"
         + (f" x {ctx.world} processes" if ctx.enabled else "") + f", {device}"
         + (f"; resuming at epoch {run.epoch + 1}, batch {run.start_batch}, step {run.step}" if ckpt is not None
-           else ""))
+           else f"; warm start from {gc.init}" if gc.init else ""))
     if run.epoch >= gc.epochs:
         log(f"gan: nothing to do ({run.epoch} of {gc.epochs} epochs done; raise gan.epochs to train on)")
     hooks = TestHooks()

@@ -131,6 +131,9 @@ def load_gan_data(cfg: Config) -> tuple[MapData, MapData, dict]:
     if cfg.gan.priors == "none":  # the image-only control: the generator never sees the CNN's priors
         train_data.priors.zero_()
         val_data.priors.zero_()
+    if cfg.gan.image == "none":  # the priors-only generator: the image never reaches it
+        train_data.image.zero_()
+        val_data.image.zero_()
     t = val.tensors()
     meta["baselines"] = choose(t["image"], t["priors"], t["target"], chosen_on=val_name).as_dict()
     meta["val_file"] = val_name

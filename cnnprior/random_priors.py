@@ -67,13 +67,19 @@ def run_random_priors_stage(cfg, resume: bool = False, overwrite: bool = False, 
     trained_ex, model, cnn_meta = extractor_for_checkpoint(cfg, device)
     ds = split_dataset(cfg, "train")
     per_file = min(pc.randomised_limit or len(ds), len(ds))
-    written, k = [], 0
+    n_stages = len(model_stages(model))
+    written = []
     for step, stage in stage_steps(model, list(pc.randomised_stages)):
         for seed in range(pc.randomised_seeds):
             path = random_prior_path(cfg.priors_prefix, stage, seed)
+            if path.exists() and resume and not overwrite:
+                log(f"priors: {path} exists (--resume: kept)")
+                written.append(path)
+                continue
             if path.exists() and not overwrite:
-                raise UserError(f"{path}: prior file exists; use --overwrite to replace it")
-            start = (k * per_file) % len(ds)
+                raise UserError(f"{path}: prior file exists; use --resume to keep it, --overwrite to replace it")
+            # each (stage, seed) file its own slice of the train images, whatever stages/seeds a run asks for
+            start = ((step - 1 + n_stages * seed) * per_file) % len(ds)
             part = Subset(ds, [(start + i) % len(ds) for i in range(per_file)])
             part.class_names, part.has_masks = ds.class_names, ds.has_masks
             copy = randomised_copy(model, step, seed).to(device).eval()
@@ -84,5 +90,4 @@ def run_random_priors_stage(cfg, resume: bool = False, overwrite: bool = False, 
             log(f"priors: randomised copy down to {stage} (step {step}), seed {seed}: {len(part)} train images")
             written.append(write_prior_file(ex, part, path, meta, pc.batch_size, resume, overwrite,
                                             cfg.data.num_workers))
-            k += 1
     return written

@@ -56,7 +56,7 @@ def test_randomised_stage_names_and_refusals(stage_files) -> None:
                                            (6, "stem")]
     with pytest.raises(UserError, match=r"priors.randomised_stages: 'layer9' is not a stage.*fc, layer4"):
         stage_steps(model, ["layer9"])
-    with pytest.raises(UserError, match=r"prior file exists; use --overwrite"):
+    with pytest.raises(UserError, match=r"prior file exists; use --resume to keep it, --overwrite"):
         run_random_priors_stage(cfg, log=lambda _m: None)
 
 

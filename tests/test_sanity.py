@@ -19,7 +19,7 @@ from cnnprior.cnn import build_cnn, save_cnn
 from cnnprior.config import load_config, load_eval_config
 from cnnprior.errors import UserError
 from cnnprior.evaluate import main
-from cnnprior.gan import ImageOnlyGenerator, load_generator, run_gan_stage
+from cnnprior.gan import MaskedInputGenerator, load_generator, run_gan_stage
 from cnnprior.gan_data import load_gan_data
 from cnnprior.maps import live_cams, resize_maps
 from cnnprior.priorfile import PRIORS_FORMAT, PriorWriter, make_records
@@ -331,14 +331,14 @@ def world(tmp_path_factory) -> dict:
 
 def test_image_only_control_ignores_priors(world):
     gen, meta = load_generator(world["ckpts"]["control"])
-    assert isinstance(gen, ImageOnlyGenerator) and meta["config"]["gan"]["priors"] == "none"
+    assert isinstance(gen, MaskedInputGenerator) and meta["config"]["gan"]["priors"] == "none"
     g = torch.Generator().manual_seed(0)
     image, p1, p2 = (torch.rand(2, c, SIZE, SIZE, generator=g) for c in (3, N, N))
     with torch.no_grad():
         assert torch.equal(gen(image, p1), gen(image, p2))
         assert torch.equal(gen(image, p1), gen.generator(image, torch.zeros_like(p1)))
     plain, _ = load_generator(world["ckpts"]["lsft"])
-    assert not isinstance(plain, ImageOnlyGenerator)
+    assert not isinstance(plain, MaskedInputGenerator)
 
 
 def test_priors_none_zeroes_training_and_validation_data(world):
@@ -353,6 +353,53 @@ def test_resume_refuses_another_priors_setting(world):
                                  out=str(world["root"] / "models" / "ctl")))
     with pytest.raises(UserError, match="gan.priors: none but the config says cnn"):
         run_gan_stage(cfg, resume=True, log=lambda _m: None)
+
+
+def test_priors_only_generator_ignores_the_image(world):
+    cfg = load_config(gan_config(world["root"] / "po", world["val"], world["val"], image="none",
+                                 out=str(world["root"] / "models" / "po")))
+    train, val, _ = load_gan_data(cfg)
+    assert int(train.image.abs().max()) == 0 and int(val.image.abs().max()) == 0 and int(train.priors.max()) > 0
+    gen, meta = load_generator(run_gan_stage(cfg, log=lambda _m: None)["last"])
+    assert isinstance(gen, MaskedInputGenerator) and meta["config"]["gan"]["image"] == "none"
+    g = torch.Generator().manual_seed(1)
+    i1, i2, p1, p2 = (torch.rand(2, c, SIZE, SIZE, generator=g) for c in (3, 3, N, N))
+    with torch.no_grad():
+        assert torch.equal(gen(i1, p1), gen(i2, p1))
+        assert not torch.equal(gen(i1, p1), gen(i1, p2))
+    cfg2 = load_config(gan_config(world["root"] / "po", world["val"], world["val"], image="use", epochs=2,
+                                  out=str(world["root"] / "models" / "po")))
+    with pytest.raises(UserError, match="gan.image: none but the config says use"):
+        run_gan_stage(cfg2, resume=True, log=lambda _m: None)
+
+
+def test_image_dropout_changes_training_and_stays_deterministic(world):
+    runs = {}
+    for name, p in (("a", 0.0), ("b", 0.5), ("c", 0.5)):
+        cfg = load_config(gan_config(world["root"] / f"dr{name}", world["val"], world["val"], image_dropout=p,
+                                     out=str(world["root"] / "models" / f"dr{name}")))
+        last = run_gan_stage(cfg, log=lambda _m: None)["last"]
+        runs[name] = torch.load(last, weights_only=True)["generator"]
+    same = lambda x, y: all(torch.equal(x[k], y[k]) for k in x)  # noqa: E731
+    assert same(runs["b"], runs["c"]) and not same(runs["a"], runs["b"])
+
+
+def test_init_warm_starts_from_a_checkpoint_and_refuses_other_architectures(world):
+    src = world["ckpts"]["lsft"]
+    cfg = load_config(gan_config(world["root"] / "warm", world["val"], world["val"], epochs=0, init=src,
+                                 out=str(world["root"] / "models" / "warm")))
+    result = run_gan_stage(cfg, log=lambda _m: None)
+    assert result["epochs"] == 0
+    wide = load_config(gan_config(world["root"] / "warm2", world["val"], world["val"], init=src, width=16,
+                                  out=str(world["root"] / "models" / "warm2")))
+    with pytest.raises(UserError, match="gan.init: .* has gan.width: 8 but the config says 16"):
+        run_gan_stage(wide, log=lambda _m: None)
+    cfg1 = load_config(gan_config(world["root"] / "warm3", world["val"], world["val"], epochs=1, init=src, lr=0.0,
+                                  out=str(world["root"] / "models" / "warm3")))
+    last = torch.load(run_gan_stage(cfg1, log=lambda _m: None)["last"], weights_only=True)
+    start = torch.load(src, weights_only=True)
+    # lr 0: the warm-started weights come through one epoch unchanged
+    assert all(torch.equal(last["generator"][k], start["generator"][k]) for k in start["generator"])
 
 
 # ----------------------------------------------------------------------------------------- options
