@@ -8,8 +8,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from cnnprior.errors import UserError
 from cnnprior.runtime import resolve_device
@@ -112,3 +113,58 @@ def shard(order: Tensor, rank: int, world: int) -> Tensor:
     total = math.ceil(len(order) / world) * world
     padded = order.repeat(math.ceil(total / len(order)))[:total]
     return padded[rank::world]
+
+
+def main_first(ctx: Dist, fn: Callable[[], T]) -> T:
+    """Run fn on rank 0, then on each other node's first process, then on the rest, one group at a time (so a
+    first run can fill a cache, e.g. extract a dataset, before anyone else reads it); a UserError on any rank is
+    raised on all."""
+    if not ctx.enabled:
+        return fn()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    group = 0 if ctx.main else 1 if local == 0 else 2
+    result = None
+    for turn in range(3):
+        error = None
+        if group == turn:
+            try:
+                result = fn()
+            except UserError as exc:
+                error = str(exc)
+        agree(ctx, error)
+    return result  # type: ignore[return-value]
+
+
+def gather_objects(ctx: Dist, value: T) -> list[T]:
+    """Every rank's `value` (picklable, in memory only), in rank order, on every rank ([value] when run alone)."""
+    if not ctx.enabled:
+        return [value]
+    import torch.distributed as dist
+
+    values: list = [None] * ctx.world
+    dist.all_gather_object(values, value)
+    return values
+
+
+def mean_batchnorm_stats(ctx: Dist, module: nn.Module) -> None:
+    """Replace every batch-norm layer's running mean and variance by their mean over the ranks (one all-reduce)."""
+    if not ctx.enabled:
+        return
+    kinds = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+    stats = [t for m in module.modules() if isinstance(m, kinds) and m.track_running_stats
+             for t in (m.running_mean, m.running_var) if t is not None]
+    if stats:
+        flat = all_sum(ctx, torch.cat([t.detach().flatten().double() for t in stats]))
+        flat /= ctx.world
+        offset = 0
+        for t in stats:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of a rank's own random draws (augmentation, dropout): `seed` itself on rank 0, so a one-process run
+    draws exactly what it always did; independent streams on the other ranks."""
+    if rank == 0:
+        return seed
+    return int(np.random.SeedSequence(seed, spawn_key=(rank,)).generate_state(1)[0])
