@@ -524,3 +524,13 @@ def test_end_to_end_report(sanity_report):
     assert md.count("MPRT**:") == 2  # one verdict sentence per GAN
     assert "sections not run: faithfulness, localisation, relevance, generalisation" in md
     assert (out / "report.html").read_text().count('src="data:image/png;base64,') >= 1
+
+
+def test_mprt_names_the_training_seeds_and_defaults_to_a_held_out_seed():
+    from cnnprior.sections.mprt import MPRTOptions, training_seeds
+
+    meta = {"priors_meta": {"randomised": {"files": ["npys/x-train-random-fc-s0.npy", "npys/x-train-random-stem-s2.npy",
+                                                     "npys/x-train-random-fc-s0.npy"]}}}
+    assert training_seeds(meta) == [0, 2]
+    assert training_seeds({}) == [] and training_seeds({"priors_meta": {}}) == []
+    assert MPRTOptions().seed not in range(3)  # not a seed the priors stage writes by default

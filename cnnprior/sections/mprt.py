@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,12 +32,21 @@ class MPRTOptions:
 
     num: int = option(64, lo=1, help="images N per randomisation step: the first N evaluated records")
     steps: int = option(0, lo=0, help="randomise down to this many stages (0 = every stage)")
-    seed: int = option(0, lo=0, help="seed of the re-initialised weights")
+    seed: int = option(1000, lo=0, help="seed of the re-initialised weights; keep it apart from the seeds of "
+                                        "the randomised copies the generators trained on (priors.randomised_seeds "
+                                        "writes seeds 0, 1, ...), or the test reuses networks they have seen")
 
 
 def target_label(meta: dict) -> str:
     """'Grad-CAM (target)': the prior file's target map, named by its CAM method."""
     return f"{cams.title(meta.get('method') or cams.DEFAULT)} (target)"
+
+
+def training_seeds(meta: dict) -> list[int]:
+    """Seeds of the randomised-copy prior files a generator trained on (gan.randomised_share), from its meta."""
+    files = (((meta.get("priors_meta") or {}).get("randomised") or {}).get("files")) or []
+    found = (re.search(r"-s(\d+)\.npy$", str(f)) for f in files)
+    return sorted({int(m.group(1)) for m in found if m})
 
 
 def _maps_fn(ctx: EvalContext, n: int, first: dict) -> Any:
@@ -82,7 +92,9 @@ class MPRTSection(Section, name="mprt", title="Sanity check: model-parameter ran
         verdicts = {g.label: mprt_verdict(means, raw["stages"], g.label, ref) for g in ctx.gans}
         stored = ctx.data["target"][:n]
         return {"images": n, "stages": raw["stages"], "methods": methods, "reference": ref,
-                "steps": steps, "verdicts": verdicts, "margin": MPRT_MARGIN,
+                "steps": steps, "verdicts": verdicts, "margin": MPRT_MARGIN, "seed": opts.seed,
+                "seen_in_training": [g.label for g in ctx.gans if opts.seed in training_seeds(g.meta)],
+                "training_seeds": {g.label: training_seeds(g.meta) for g in ctx.gans},
                 "step0_target_l1": mean_ci(metrics.l1(first["target"], stored))}
 
     def render(self, report: Report, results: Any, folder: Path, ctx: EvalContext) -> None:
@@ -96,6 +108,15 @@ class MPRTSection(Section, name="mprt", title="Sanity check: model-parameter ran
                  f"interval]. A method that reads the CNN falls with the randomisation; one that reads only the "
                  f"image stays high. Step-0 targets recomputed vs the prior file's: mean L1 "
                  f"{format_ci(results['step0_target_l1'])} (about 0 when the file was made with this CNN and code).")
+        seeds = {k: v for k, v in results.get("training_seeds", {}).items() if v}
+        report.p(f"Randomised weights: seed {results.get('seed', 0)}"
+                 + (f"; the generators trained on randomised copies with seeds "
+                    f"{'; '.join(f'{k}: ' + ', '.join(map(str, v)) for k, v in seeds.items())}" if seeds else "")
+                 + ".")
+        if results.get("seen_in_training"):
+            report.p(f"**Warning**: {', '.join(results['seen_in_training'])} trained on prior files from the very "
+                     f"randomised networks of this test (same seed): the test is not held out for them; rerun "
+                     f"with another `mprt.seed`.")
         report.p(f"Pass criterion: a GAN passes when, at every randomisation step, its mean Spearman similarity "
                  f"is at most {results['margin']:.2f} above {results['reference']}'s at that step.")
         for v in results["verdicts"].values():
