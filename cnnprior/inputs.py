@@ -88,7 +88,7 @@ def prior_file_input(path: str | None, pm: dict, variant: str, checkpoint: Path,
 
     def batches(batch_size: int) -> Iterator[Batch]:
         for s in range(0, count, batch_size):
-            rec = np.array(pf.records[s:min(count, s + batch_size)])
+            rec = np.array(pf.select(slice(s, min(count, s + batch_size))))
             yield Batch(rec, [f"{pf.path}#{int(i)}" for i in rec["index"]])
 
     m = pf.meta

@@ -3,16 +3,18 @@
 A record holds one image, its n priors and its target map (each quantised as round(255·m)), the optional
 ground-truth mask, the labels and the explained class. The sidecar records how the priors were made (the
 PriorSpec, the layers, the data set, the CNN) and a content hash; `read_priors` refuses any file that does not
-match its sidecar. No grad-cam here: training and inference read prior files through this module alone.
+match its sidecar, and opens a prior set (shards plus a manifest, `priorset.py`) wherever it opens a file. No
+grad-cam here: training and inference read prior files through this module alone.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,6 +22,9 @@ import torch.nn.functional as F
 
 from cnnprior.errors import UserError
 from cnnprior.runtime import atomic_write_text
+
+if TYPE_CHECKING:
+    from cnnprior.priorset import PriorSet
 
 PRIORS_FORMAT = "cnnprior-priors/1"
 
@@ -49,12 +54,18 @@ def sidecar_path(npy: str | Path) -> Path:
     return Path(npy).with_suffix(".json")
 
 
+def record_chunks(arr: np.ndarray, nbytes: int = 64 << 20) -> Iterator[bytes]:
+    """The records' bytes in order, in chunks of about `nbytes` (what the content hashes read)."""
+    step = max(1, nbytes // max(1, arr.dtype.itemsize))
+    for i in range(0, len(arr), step):
+        yield np.ascontiguousarray(arr[i:i + step]).tobytes()
+
+
 def content_hash(arr: np.ndarray) -> str:
     """SHA-256 of the records' bytes (read in chunks of about 64 MB)."""
     h = hashlib.sha256()
-    step = max(1, (64 << 20) // max(1, arr.dtype.itemsize))
-    for i in range(0, len(arr), step):
-        h.update(np.ascontiguousarray(arr[i:i + step]).tobytes())
+    for chunk in record_chunks(arr):
+        h.update(chunk)
     return h.hexdigest()
 
 
@@ -105,6 +116,18 @@ class PriorWriter:
         return self.path
 
 
+def records_tensors(r: np.ndarray, size: int) -> dict[str, torch.Tensor]:
+    """Float tensors in [0,1] of structured records: image (B,3,S,S), priors (B,n,S,S), target (B,1,S,S); label,
+    mask (zeros where the records have none), explained."""
+    img = torch.from_numpy(np.ascontiguousarray(r["image"])).permute(0, 3, 1, 2).float() / 255.0
+    return {"image": img, "priors": torch.from_numpy(np.ascontiguousarray(r["priors"])).float() / 255.0,
+            "target": torch.from_numpy(np.ascontiguousarray(r["target"])).float().unsqueeze(1) / 255.0,
+            "mask": (torch.from_numpy(np.ascontiguousarray(r["mask"])).float() if "mask" in r.dtype.names
+                     else torch.zeros(len(r), size, size)),
+            "label": torch.from_numpy(np.asarray(r["label"], dtype=np.int64)),
+            "explained": torch.from_numpy(np.asarray(r["explained"], dtype=np.int64))}
+
+
 @dataclass
 class PriorFile:
     """A validated prior file: `records` (memmapped structured array) and `meta` (its sidecar)."""
@@ -117,6 +140,15 @@ class PriorFile:
         return len(self.records)
 
     @property
+    def parts(self) -> list[np.ndarray]:
+        """The memmapped record arrays in order: [records] (a prior set has one per shard)."""
+        return [self.records]
+
+    def select(self, idx: Iterable[int] | slice | None = None) -> np.ndarray:
+        """The records at `idx` (all for None; a slice stays a memmapped view)."""
+        return self.records if idx is None else self.records[idx]
+
+    @property
     def size(self) -> int:
         return int(self.meta["size"])
 
@@ -126,24 +158,18 @@ class PriorFile:
 
     def tensors(self, idx: Iterable[int] | slice | None = None) -> dict[str, torch.Tensor]:
         """Float tensors in [0,1]: image (B,3,S,S), priors (B,n,S,S), target (B,1,S,S); label, mask."""
-        r = self.records if idx is None else self.records[idx]
-        img = torch.from_numpy(np.ascontiguousarray(r["image"])).permute(0, 3, 1, 2).float() / 255.0
-        return {"image": img, "priors": torch.from_numpy(np.ascontiguousarray(r["priors"])).float() / 255.0,
-                "target": torch.from_numpy(np.ascontiguousarray(r["target"])).float().unsqueeze(1) / 255.0,
-                "mask": (torch.from_numpy(np.ascontiguousarray(r["mask"])).float() if "mask" in r.dtype.names
-                         else torch.zeros(len(r), self.size, self.size)),
-                "label": torch.from_numpy(np.asarray(r["label"], dtype=np.int64)),
-                "explained": torch.from_numpy(np.asarray(r["explained"], dtype=np.int64))}
+        return records_tensors(self.select(idx), self.size)
 
 
-def zero_map_fractions(pf: PriorFile, chunk: int = 1024) -> dict:
+def zero_map_fractions(pf: PriorFile | PriorSet, chunk: int = 1024) -> dict:
     """Fraction of records whose prior k (and whose target) is all zero: an empty map tells the GAN nothing."""
     n, count = pf.n, len(pf)
     zero_priors, zero_target = np.zeros(n), 0
-    for s in range(0, count, chunk):
-        r = pf.records[s:s + chunk]
-        zero_priors += (np.asarray(r["priors"]).reshape(len(r), n, -1).max(2) == 0).sum(0)
-        zero_target += int((np.asarray(r["target"]).reshape(len(r), -1).max(1) == 0).sum())
+    for part in pf.parts:
+        for s in range(0, len(part), chunk):
+            r = part[s:s + chunk]
+            zero_priors += (np.asarray(r["priors"]).reshape(len(r), n, -1).max(2) == 0).sum(0)
+            zero_target += int((np.asarray(r["target"]).reshape(len(r), -1).max(1) == 0).sum())
     return {"priors": (zero_priors / max(count, 1)).tolist(), "target": zero_target / max(count, 1)}
 
 
@@ -152,8 +178,25 @@ def pickle_refused(exc: ValueError) -> bool:
     return any(s in str(exc) for s in ("allow_pickle", "Object arrays", "Python objects"))
 
 
-def read_priors(path: str | Path, verify: bool = True) -> PriorFile:
-    """Open a prior file (allow_pickle=False, memmapped) and check it against its sidecar; one-line errors."""
+def read_priors(path: str | Path, verify: bool | None = None) -> PriorFile | PriorSet:
+    """Open a prior file or a prior set and check it against its sidecar or manifest; one-line errors.
+
+    A prior set is opened by its manifest (`<stem>.priorset.json`) or by the `<stem>.npy` name when that file is
+    absent and the manifest exists. `verify`: None hashes a single file's records (as always) but only checks a
+    set's counts, layouts and sidecars (a set can be tens of GB); True hashes either; False neither.
+    """
+    from cnnprior.priorset import is_manifest, manifest_path, read_priorset  # priorset.py imports this module
+
+    p = Path(path)
+    if is_manifest(p):
+        return read_priorset(p, verify=bool(verify))
+    if not p.exists() and manifest_path(p).is_file():
+        return read_priorset(manifest_path(p), verify=bool(verify))
+    return read_prior_file(p, verify=verify is not False)
+
+
+def read_prior_file(path: str | Path, verify: bool = True) -> PriorFile:
+    """Open one prior file (allow_pickle=False, memmapped) and check it against its sidecar; one-line errors."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{p}: prior file not found")

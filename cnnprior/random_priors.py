@@ -8,7 +8,9 @@ for the class the trained CNN predicts; mixed into training (`gan.randomised_sha
 the only source of where the map goes.
 
 Files: `<priors.out>-train-random-<stage>-s<seed>.npy` (+ sidecar with `randomised: {steps, stage, seed}`), one
-per configured stage and seed, each on `priors.randomised_limit` train images (a different slice per file).
+per configured stage and seed, each on `priors.randomised_limit` train images (a different slice per file). Under
+torchrun the files are dealt out to the ranks whole (file k to rank k mod world): each is still one ordinary
+prior file, the same one a single process writes.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 
+from cnnprior.distributed import everywhere
 from cnnprior.errors import UserError
-from cnnprior.priors import PriorExtractor, extractor_from, file_meta, split_dataset, write_prior_file
+from cnnprior.priors import PriorExtractor, extractor_from, file_meta, joined, split_dataset, write_prior_file
 from cnnprior.randomise import model_stages, randomised_copy
 from cnnprior.runtime import Log
 
@@ -55,39 +58,62 @@ def stage_steps(model: nn.Module, names: list[str]) -> list[tuple[int, str]]:
     return [(stages.index(n) + 1, n) for n in names]
 
 
+def rank_log(log: Log, rank: int) -> Log:
+    """`log` with each line prefixed by the rank that writes it."""
+
+    def logged(msg: str) -> object:
+        return log(f"[rank {rank}] {msg}")
+
+    return logged
+
+
 def run_random_priors_stage(cfg, resume: bool = False, overwrite: bool = False, log: Log = print) -> list[Path]:
-    """Write the randomised-copy training prior files that `priors.randomised_stages` asks for."""
+    """Write the randomised-copy training prior files that `priors.randomised_stages` asks for (all of them; under
+    torchrun each rank writes every world-th file)."""
     from cnnprior.priors import extractor_for_checkpoint
-    from cnnprior.runtime import resolve_device
 
     pc = cfg.priors
     if not pc.randomised_stages:
         return []
-    device = resolve_device(pc.device)
-    trained_ex, model, cnn_meta = extractor_for_checkpoint(cfg, device)
-    ds = split_dataset(cfg, "train")
-    per_file = min(pc.randomised_limit or len(ds), len(ds))
-    n_stages = len(model_stages(model))
-    written = []
-    for step, stage in stage_steps(model, list(pc.randomised_stages)):
-        for seed in range(pc.randomised_seeds):
-            path = random_prior_path(cfg.priors_prefix, stage, seed)
-            if path.exists() and resume and not overwrite:
-                log(f"priors: {path} exists (--resume: kept)")
-                written.append(path)
-                continue
-            if path.exists() and not overwrite:
-                raise UserError(f"{path}: prior file exists; use --resume to keep it, --overwrite to replace it")
-            # each (stage, seed) file its own slice of the train images, whatever stages/seeds a run asks for
-            start = ((step - 1 + n_stages * seed) * per_file) % len(ds)
-            part = Subset(ds, [(start + i) % len(ds) for i in range(per_file)])
-            part.class_names, part.has_masks = ds.class_names, ds.has_masks
-            copy = randomised_copy(model, step, seed).to(device).eval()
-            ex = FixedClassExtractor(model, extractor_from(copy, trained_ex.spec))
-            meta = file_meta(cfg, ex.extractor, cnn_meta, part, "train",
-                             randomised={"steps": step, "stage": stage, "seed": seed,
-                                         "explained": "the trained CNN's predicted class"})
-            log(f"priors: randomised copy down to {stage} (step {step}), seed {seed}: {len(part)} train images")
-            written.append(write_prior_file(ex, part, path, meta, pc.batch_size, resume, overwrite,
-                                            cfg.data.num_workers))
-    return written
+    with joined(pc.device) as (ctx, device):
+        if ctx.enabled:
+            log = rank_log(log, ctx.rank)
+        trained_ex, model, cnn_meta = everywhere(ctx, lambda: extractor_for_checkpoint(cfg, device))
+        ds = split_dataset(cfg, "train")
+        per_file = min(pc.randomised_limit or len(ds), len(ds))
+        n_stages = len(model_stages(model))
+        jobs = [(step, stage, seed) for step, stage in stage_steps(model, list(pc.randomised_stages))
+                for seed in range(pc.randomised_seeds)]
+        paths = [random_prior_path(cfg.priors_prefix, stage, seed) for _, stage, seed in jobs]
+        mine = [(job, path) for k, (job, path) in enumerate(zip(jobs, paths, strict=True))
+                if k % ctx.world == ctx.rank]
+
+        def plan() -> list:
+            todo = []
+            for job, path in mine:
+                if path.exists() and resume and not overwrite:
+                    log(f"priors: {path} exists (--resume: kept)")
+                elif path.exists() and not overwrite:
+                    raise UserError(f"{path}: prior file exists; use --resume to keep it, --overwrite to replace it")
+                else:
+                    todo.append((job, path))
+            return todo
+
+        def write(todo: list) -> None:
+            for (step, stage, seed), path in todo:
+                # each (stage, seed) file its own slice of the train images, whatever stages/seeds a run asks for
+                start = ((step - 1 + n_stages * seed) * per_file) % len(ds)
+                part = Subset(ds, [(start + i) % len(ds) for i in range(per_file)])
+                part.class_names, part.has_masks = ds.class_names, ds.has_masks
+                copy = randomised_copy(model, step, seed).to(device).eval()
+                ex = FixedClassExtractor(model, extractor_from(copy, trained_ex.spec))
+                meta = file_meta(cfg, ex.extractor, cnn_meta, part, "train",
+                                 randomised={"steps": step, "stage": stage, "seed": seed,
+                                             "explained": "the trained CNN's predicted class"})
+                log(f"priors: randomised copy down to {stage} (step {step}), seed {seed}: {len(part)} train images")
+                write_prior_file(ex, part, path, meta, pc.batch_size, resume, overwrite, cfg.data.num_workers,
+                                 progress=ctx.main)
+
+        todo = everywhere(ctx, plan)
+        everywhere(ctx, lambda: write(todo))
+        return paths
