@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from cnnprior.config import Config, load_config
-from cnnprior.errors import cli_main
+from cnnprior.errors import UserError, cli_main
 from cnnprior.schema import describe_keys
 
 STAGES = ("classifier", "priors", "gan")
@@ -24,7 +25,10 @@ examples:
   python train.py --config configs/shapes_resnet18.yaml --stage classifier --resume   # after a crash / kill
   python train.py --config configs/fashion_resnet18.yaml --stage priors --set priors.train_limit=2000
   python train.py --config configs/fashion_lsft_cpu.yaml --stage gan --resume
+  torchrun --nproc_per_node=2 train.py --config configs/fashion_resnet18.yaml --stage classifier
+  torchrun --nproc_per_node=2 train.py --config configs/fashion_resnet18.yaml --stage priors
   torchrun --nproc_per_node=2 train.py --config configs/fashion_lsft_paper.yaml --stage gan
+  (under torchrun: one stage per command; see README "Scaling out")
 
 config keys (override any with --set section.key=value):
 """
@@ -51,6 +55,9 @@ def train_main(argv: list[str] | None = None) -> int:
     args = build_train_parser().parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     stages = STAGES if args.stage == "all" else (args.stage,)
+    if args.stage == "all" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("--stage all under torchrun: run the stages one at a time (--stage classifier, then priors, "
+                        "then gan), each with the same torchrun command")
     for stage in stages:
         if stage == "classifier":
             from cnnprior.cnn import cnn_paths, train_cnn

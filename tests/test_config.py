@@ -184,3 +184,11 @@ def test_every_shipped_run_config_loads(path: Path) -> None:
                "animals": "imagefolder"}
     assert cfg.data.source == sources[path.stem.split("_")[0]], (path.stem, cfg.data.source)
     assert cfg.name.split("_")[0] == path.stem.split("_")[0], (path.stem, cfg.name)
+
+
+def test_stage_all_is_refused_under_torchrun(monkeypatch, capsys):
+    from cnnprior.cli import train_main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert train_main(["--config", "configs/fashion_resnet18.yaml"]) == 2
+    assert "--stage all under torchrun" in capsys.readouterr().err
