@@ -55,12 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     ax.axvline(PASS_GAP, color="0.5", ls="--", lw=1)
     ax.text(PASS_GAP, 0.02, " pass ≤ 0.10", transform=ax.get_xaxis_transform(), color="0.4", fontsize=8)
-    for q in pts:
+    for i, q in enumerate(pts, 1):  # numbered points, named in the legend (labels would overlap)
         g = q["gap"]
         ax.errorbar(g["mean"], q["r"], xerr=[[g["mean"] - g["lo"]], [g["hi"] - g["mean"]]], fmt="o", capsize=3,
-                    color="tab:blue" if q["gan"] == "LSFT" else "tab:orange")
-        ax.annotate(f"{q['label']} ({q['gan']})", (g["mean"], q["r"]), fontsize=7, xytext=(4, 4),
-                    textcoords="offset points")
+                    color="tab:blue" if q["gan"] == "LSFT" else "tab:orange", label=f"{i}: {q['label']} ({q['gan']})")
+        ax.annotate(str(i), (g["mean"], q["r"]), fontsize=8, xytext=(3, 4), textcoords="offset points")
+    ax.legend(fontsize=7, loc="lower right")
     ax.set_xlabel("worst MPRT gap: GAN − Grad-CAM mean Spearman (95 % CI) ←better")
     ax.set_ylabel("fidelity r to the Grad-CAM target ↑")
     ax.set_title(args.title)
