@@ -1,5 +1,6 @@
-"""Reports as documents: headings, text, lists, tables (best values in bold), images; rendered as Markdown and as
-self-contained HTML (images embedded). Also the style of every HTML page the project writes."""
+"""Reports as documents: headings, text, lists, tables (best values in bold; a cell may be a mean with its interval),
+images; rendered as Markdown and as self-contained HTML (images embedded). Also the style of every HTML page the
+project writes."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import base64
 import html
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,13 +23,45 @@ dt { font-weight: bold; margin-top: 0.4em; }
 dd { margin-left: 1.5em; font-family: monospace; white-space: pre-wrap; }
 img { max-width: 100%; image-rendering: pixelated; }
 """
-REPORT_STYLE = (HTML_STYLE + "td.best { font-weight: bold; background: #e6f2e6; }\n"
+REPORT_STYLE = (HTML_STYLE + "td.best { background: #e6f2e6; }\n"
                 "pre { background: #f6f6f6; padding: 0.6em; overflow-x: auto; }")
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A table cell: a mean with its 95 % interval, shown 'mean [lo, hi]' in the column's format; tables compare
+    (and bold) the mean."""
+
+    mean: float
+    lo: float
+    hi: float
+
+    @classmethod
+    def of(cls, vals: Mapping[str, Any], key: str) -> Any:
+        """vals[key], as an Estimate when vals also holds its interval `<key>_ci95` = [lo, hi]."""
+        ci = vals.get(f"{key}_ci95")
+        if ci is None:
+            return vals[key]
+        lo, hi = (math.nan if x is None else float(x) for x in ci)
+        return cls(math.nan if vals[key] is None else float(vals[key]), lo, hi)
+
+    def parts(self, fmt: str | None) -> tuple[str, str]:
+        """('0.809', ' [0.791, 0.824]'): the mean and the interval as shown; ('–', '') without a mean."""
+        if not math.isfinite(self.mean):
+            return "–", ""
+        if not (math.isfinite(self.lo) and math.isfinite(self.hi)):
+            return format(self.mean, fmt or ""), ""
+        return format(self.mean, fmt or ""), f" [{format(self.lo, fmt or '')}, {format(self.hi, fmt or '')}]"
+
+
+def _numeric(v: Any) -> bool:
+    return isinstance(v, (int, float, Estimate))
 
 
 @dataclass
 class Table:
-    """A report table; `better` per column: 'min', 'max' or None; `fmt` per column: a format spec or None."""
+    """A report table; `better` per column: 'min', 'max' or None; `fmt` per column: a format spec or None. A cell
+    is a value or an `Estimate` (mean [lo, hi])."""
 
     header: list[str]
     rows: list[list[Any]]
@@ -36,9 +69,11 @@ class Table:
     fmt: list[str | None]
 
     @classmethod
-    def of_metrics(cls, first: str, data: dict[str, dict[str, float]], cols: Sequence[tuple]) -> Table:
-        """Rows = the entries of `data` (name -> {key: value}); `cols` = (key, header, better, fmt) per column."""
-        return cls([first] + [c[1] for c in cols], [[name] + [vals[c[0]] for c in cols] for name, vals in data.items()],
+    def of_metrics(cls, first: str, data: dict[str, dict[str, Any]], cols: Sequence[tuple]) -> Table:
+        """Rows = the entries of `data` (name -> {key: value}); `cols` = (key, header, better, fmt) per column; a
+        value with its interval under `<key>_ci95` becomes an Estimate."""
+        return cls([first] + [c[1] for c in cols],
+                   [[name] + [Estimate.of(vals, c[0]) for c in cols] for name, vals in data.items()],
                    [None] + [c[2] for c in cols], [None] + [c[3] for c in cols])
 
     @classmethod
@@ -46,20 +81,26 @@ class Table:
         """A table without best values or number formats (cells shown as they are)."""
         return cls(header, rows, [None] * len(header), [None] * len(header))
 
-    def text(self, r: int, c: int) -> str:
+    def parts(self, r: int, c: int) -> tuple[str, str]:
+        """The cell as shown, split into its value (what a best cell bolds) and the rest (an interval)."""
         v = self.rows[r][c]
+        if isinstance(v, Estimate):
+            return v.parts(self.fmt[c])
         if isinstance(v, float) and math.isnan(v):
-            return "–"
+            return "–", ""
         if self.fmt[c] and isinstance(v, (int, float)):
-            return format(v, self.fmt[c])
-        return str(v)
+            return format(v, self.fmt[c]), ""
+        return str(v), ""
+
+    def text(self, r: int, c: int) -> str:
+        return "".join(self.parts(r, c))
 
     def best(self, c: int) -> set[int]:
-        """Rows holding the best value of column c, compared as displayed (ties all win)."""
+        """Rows holding the best value (an Estimate's mean) of column c, compared as displayed (ties all win)."""
         if not self.better[c]:
             return set()
-        vals = {r: float(self.text(r, c)) for r in range(len(self.rows))
-                if isinstance(self.rows[r][c], (int, float)) and not math.isnan(self.rows[r][c])}
+        vals = {r: float(self.parts(r, c)[0]) for r in range(len(self.rows))
+                if _numeric(self.rows[r][c]) and self.parts(r, c)[0] != "–"}
         if not vals:
             return set()
         pick = min(vals.values()) if self.better[c] == "min" else max(vals.values())
@@ -114,11 +155,13 @@ class Report:
                 t: Table = b[1]
                 best = [t.best(c) for c in range(len(t.header))]
                 out.append("| " + " | ".join(t.header) + " |")
-                numeric = [all(isinstance(row[c], (int, float)) for row in t.rows) for c in range(len(t.header))]
+                numeric = [all(_numeric(row[c]) for row in t.rows) for c in range(len(t.header))]
                 out.append("|" + "|".join("---:" if num else "---" for num in numeric) + "|")
                 for r in range(len(t.rows)):
-                    cells = [t.text(r, c).replace("|", "\\|") for c in range(len(t.header))]
-                    cells = [f"**{s}**" if r in best[c] else s for c, s in enumerate(cells)]
+                    cells = []
+                    for c in range(len(t.header)):
+                        head, tail = (x.replace("|", "\\|") for x in t.parts(r, c))
+                        cells.append(f"**{head}**{tail}" if r in best[c] else head + tail)
                     out.append("| " + " | ".join(cells) + " |")
                 out.append("")
         return "\n".join(out)
@@ -148,10 +191,12 @@ class Report:
                 for r in range(len(t.rows)):
                     cells = []
                     for c in range(len(t.header)):
-                        cls = ["num"] if isinstance(t.rows[r][c], (int, float)) else []
+                        cls = ["num"] if _numeric(t.rows[r][c]) else []
                         cls += ["best"] if r in best[c] else []
                         attr = f' class="{" ".join(cls)}"' if cls else ""
-                        cells.append(f"<td{attr}>{e(t.text(r, c))}</td>")
+                        head, tail = t.parts(r, c)
+                        text = f"<strong>{e(head)}</strong>{e(tail)}" if r in best[c] else e(head + tail)
+                        cells.append(f"<td{attr}>{text}</td>")
                     rows.append("<tr>" + "".join(cells) + "</tr>")
                 parts.append("<table>" + "\n".join(rows) + "</table>")
         parts.append("</body></html>\n")

@@ -2,13 +2,15 @@
 
 Model-parameter randomisation (cascading, top-down; Adebayo et al. 2018, Quantus' MPRT), prior swaps,
 GridPG (Rao et al. 2022), fair chance levels and matched smoothing. Maps are (B, 1, H, W) or (B, H, W)
-tensors; scores are per-sample tensors (B,); means come with 95 % bootstrap intervals (`mean_ci`).
+tensors; scores are per-sample tensors (B,); means come with 95 % bootstrap intervals (`mean_ci`; margins between
+two methods on the same samples: `paired_ci`; table rows: `ci_row`, `margin_row`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,6 +24,8 @@ SMOOTHING_SIGMAS = (2, 4, 8)  # matched smoothing: the target blurred by these s
 MPRT_MARGIN = 0.10  # pass: at every step the mean Spearman similarity is at most this far above Grad-CAM's
 GRID_CHANCE = 0.25  # GridPG: the energy share of a uniform map in one of four cells
 
+Samples = Tensor | np.ndarray | list[float]  # per-sample values
+
 
 # ----------------------------------------------------------------------------------------- statistics
 def mean_ci(values: Tensor | np.ndarray | list[float], seed: int = 0) -> dict[str, float]:
@@ -30,6 +34,33 @@ def mean_ci(values: Tensor | np.ndarray | list[float], seed: int = 0) -> dict[st
     v = v[np.isfinite(v)]
     lo, hi = metrics.bootstrap_ci(v, seed=seed)
     return {"mean": float(v.mean()) if v.size else math.nan, "lo": lo, "hi": hi, "n": int(v.size)}
+
+
+def paired_ci(a: Samples, b: Samples, seed: int = 0) -> dict[str, float]:
+    """Margin a − b of two methods scored on the same samples: `mean_ci` of the per-sample differences (a pair
+    with a non-finite side is dropped), so the interval is a paired bootstrap."""
+    a, b = (np.asarray(x.detach().cpu() if isinstance(x, Tensor) else x, dtype=np.float64).ravel() for x in (a, b))
+    if a.shape != b.shape:
+        raise ValueError(f"paired values differ in length: {a.size} vs {b.size}")
+    return mean_ci(a - b, seed)
+
+
+def ci_row(per_sample: Mapping[str, Samples], seed: int = 0) -> dict[str, Any]:
+    """A table row of means from per-sample scores: {key: mean, key_ci95: [lo, hi]} per key (95 % bootstrap)."""
+    row: dict[str, Any] = {}
+    for key, values in per_sample.items():
+        s = mean_ci(values, seed)
+        row[key], row[f"{key}_ci95"] = s["mean"], [s["lo"], s["hi"]]
+    return row
+
+
+def margin_row(a: Mapping[str, Samples], b: Mapping[str, Samples], over: str, seed: int = 0) -> dict[str, Any]:
+    """A's margin over B per key of A, paired per sample: {over, key: mean(a − b), key_ci95: [lo, hi]}."""
+    row: dict[str, Any] = {"over": over}
+    for key in a:
+        s = paired_ci(a[key], b[key], seed)
+        row[key], row[f"{key}_ci95"] = s["mean"], [s["lo"], s["hi"]]
+    return row
 
 
 def format_ci(stat: dict[str, float], digits: int = 3) -> str:

@@ -70,14 +70,23 @@ def _ci(values: np.ndarray) -> list[float | None]:
     return [rounded(v) for v in bootstrap_ci(values)]
 
 
+def _with_cis(values: np.ndarray) -> dict:
+    """{score: mean, score_ci95: [lo, hi]} of (N, 3) per-sample scores (NaNs left out; None without a value)."""
+    out: dict = {}
+    for k, key in enumerate(SCORES):
+        v = values[:, k]
+        v = v[np.isfinite(v)]
+        out[key], out[f"{key}_ci95"] = rounded(v.mean()) if v.size else None, _ci(v)
+    return out
+
+
 def build_metrics(scores: dict[str, np.ndarray], chosen: dict, per_sample: list[dict], header: dict,
                   choice: BaselineChoice | None = None) -> dict:
-    """metrics.json: count, mean per method with the 95 % bootstrap CI of r, the GAN's margin over the best
-    baseline (chosen on validation), the choice itself, per_image entries."""
-    mean = {m: {**_score_dict(np.nanmean(v, 0)), "r_ci95": _ci(v[:, 1])} if len(v) else {} for m, v in scores.items()}
+    """metrics.json: count, mean per method with the 95 % bootstrap CI of each score (`<score>_ci95`), the GAN's
+    margin over the best baseline (chosen on validation; paired per image), the choice itself, per_image entries."""
+    mean = {m: _with_cis(v) if len(v) else {} for m, v in scores.items()}
     best = chosen["best_baseline"]
-    diff = scores["gan"][:, 1] - scores[best][:, 1] if len(scores["gan"]) else np.zeros(0)
-    margin = {"over": best, "r": rounded(diff.mean()) if len(diff) else None, "r_ci95": _ci(diff)}
+    margin = {"over": best, **_with_cis(scores["gan"] - scores[best] if len(scores["gan"]) else np.zeros((0, 3)))}
     per_image = [{**entry, **{m: _score_dict(scores[m][i]) for m in scores}} for i, entry in enumerate(per_sample)]
     note = (f"chosen on the validation file {chosen['chosen_on']}" if chosen["chosen_on"] else
             "this generator checkpoint records no validation choice: best-prior and intensity baselines are left "
@@ -101,18 +110,21 @@ def method_label(method: str, choice: BaselineChoice | None) -> str:
 
 
 def format_table(metrics: dict) -> str:
-    """The mean scores as a small text table: method | r [95 % CI] | L1 | SSIM, then the GAN's margin."""
-    def cell(v: float | None) -> str:
-        return f"{v:7.3f}" if v is not None else "      -"
+    """The mean scores as a small text table: method | r | L1 | SSIM, each 'mean [95 % CI]', then the GAN's margins."""
+    def cell(s: dict, key: str) -> str:
+        v, (lo, hi) = s.get(key), s.get(f"{key}_ci95") or (None, None)
+        if v is None:
+            return "-"
+        return f"{v:.3f} [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else f"{v:.3f}"
 
     labels = metrics["labels"]
-    lines = [f"{'method':<44} {'r':>7} {'95% CI':>16} {'L1':>7} {'SSIM':>7}"]
+    lines = [f"{'method':<44} {'r [95% CI]':<21} {'L1 [95% CI]':<21} {'SSIM [95% CI]':<21}".rstrip()]
     for m, s in metrics["mean"].items():
-        lo, hi = s["r_ci95"]
-        ci = f"[{lo:.3f}, {hi:.3f}]" if lo is not None else ""
-        lines.append(f"{labels[m]:<44} {cell(s['r'])} {ci:>16} {cell(s['l1'])} {cell(s['ssim'])}")
+        lines.append(" ".join([f"{labels[m]:<44}"] + [f"{cell(s, k):<21}" for k in ("r", "l1", "ssim")]).rstrip())
     mg = metrics["margin"]
     if mg["r"] is not None:
-        lo, hi = mg["r_ci95"]
-        lines.append(f"GAN r - {labels[mg['over']]} r: {mg['r']:+.3f}, 95% CI [{lo:.3f}, {hi:.3f}]")
+        over = labels[mg["over"]]
+        lines.append(f"GAN r - {over} r: {mg['r']:+.3f}, 95% CI [{mg['r_ci95'][0]:.3f}, {mg['r_ci95'][1]:.3f}] "
+                     f"(paired per image)")
+        lines.append(f"GAN L1 - {over} L1: {cell(mg, 'l1')}; GAN SSIM - {over} SSIM: {cell(mg, 'ssim')}")
     return "\n".join(lines)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -24,7 +25,10 @@ from cnnprior.models import build_generator
 from cnnprior.models.sft import SFTResBlock
 from cnnprior.priorfile import PRIORS_FORMAT, PriorWriter, make_records, read_priors
 from cnnprior.priors import PriorExtractor, PriorSpec
+from cnnprior.report import Estimate, Report, Table
 from cnnprior.runtime import file_sha256
+from cnnprior.sanity import ci_row, margin_row, mean_ci, paired_ci
+from cnnprior.sections.faithfulness import drop_and_increase
 from cnnprior.sections.fidelity import intensity_rows
 from cnnprior.sections.relevance import prior_labels, prior_relevance
 from tests.helpers import gan_config
@@ -93,8 +97,40 @@ def report(tiny) -> dict:
     return {"out": out, "seconds": time.time() - t0, "metrics": json.loads((out / "metrics.json").read_text())}
 
 
-def _finite(table: dict) -> bool:
-    return all(v is not None and math.isfinite(v) for row in table.values() for v in row.values())
+def _finite(x) -> bool:
+    """Every number in a (nested) table is finite; strings (a margin's `over`) are skipped."""
+    if isinstance(x, dict):
+        return all(_finite(v) for v in x.values())
+    if isinstance(x, list):
+        return all(_finite(v) for v in x)
+    return isinstance(x, str) or (x is not None and math.isfinite(x))
+
+
+def _intervals(row: dict) -> dict[str, tuple[float, float, float]]:
+    """key -> (mean, lo, hi) for every key of a metrics.json row that has its `<key>_ci95`."""
+    return {k[:-5]: (row[k[:-5]], *v) for k, v in row.items() if k.endswith("_ci95")}
+
+
+def _bracketed(mean: float, lo: float, hi: float) -> bool:
+    return lo - 1e-9 <= mean <= hi + 1e-9
+
+
+BRACKET = re.compile(r"^\**-?\d+(\.\d+)?(e-?\d+)?\** \[-?\d+(\.\d+)?(e-?\d+)?, -?\d+(\.\d+)?(e-?\d+)?\]$")
+
+
+def _section_tables(md: str, heading: str) -> list[list[list[str]]]:
+    """The tables (rows of cells, header first, separator left out) of the report section under `heading`."""
+    lines = md.split(heading, 1)[1].split("\n## ", 1)[0].splitlines()
+    tables: list[list[list[str]]] = []
+    previous = False
+    for line in lines:
+        if line.startswith("|"):
+            if not previous:
+                tables.append([])
+            if not line.startswith("|--") and not line.startswith("|---"):
+                tables[-1].append([c.strip() for c in line.strip().strip("|").split(" | ")])
+        previous = line.startswith("|")
+    return tables
 
 
 def test_end_to_end_tables_filled(report, tiny):
@@ -112,8 +148,9 @@ def test_end_to_end_tables_filled(report, tiny):
     # numbers, not just presence: the mean-of-priors row against a direct computation
     d = read_priors(tiny["priors"]).tensors()
     chance = float(d["mask"].mean())  # the masks' area fraction (nearest 2x upsampling keeps it)
-    assert m["localisation"]["chance (uniform random point)"] == {"pointing_game": pytest.approx(chance),
-                                                                  "energy_pointing_game": pytest.approx(chance)}
+    row = m["localisation"]["chance (uniform random point)"]
+    assert row["pointing_game"] == pytest.approx(chance) and row["energy_pointing_game"] == pytest.approx(chance)
+    assert row["pointing_game_ci95"] == row["energy_pointing_game_ci95"]  # one per-image vector, one seed
     mean = d["priors"].mean(1, keepdim=True)
     assert m["fidelity"]["mean of priors"]["l1"] == pytest.approx(float(metrics.l1(mean, d["target"]).mean()), abs=1e-6)
     assert m["fidelity"]["C0"]["r"] == pytest.approx(float(metrics.pearson(d["priors"][:, :1], d["target"]).mean()),
@@ -166,11 +203,90 @@ def test_end_to_end_report_files(report):
     # the best L1 of the fidelity table is bold in its row
     m = report["metrics"]
     best = min(m["fidelity"], key=lambda k: m["fidelity"][k]["l1"])
-    assert f"**{m['fidelity'][best]['l1']:.3f}**" in next(line for line in md.splitlines()
-                                                           if line.startswith(f"| {best} |"))
+    lo, hi = m["fidelity"][best]["l1_ci95"]
+    assert f"**{m['fidelity'][best]['l1']:.3f}** [{lo:.3f}, {hi:.3f}]" in next(line for line in md.splitlines()
+                                                                              if line.startswith(f"| {best} |"))
     page = (out / "report.html").read_text()
+    assert f'class="num best"><strong>{m["fidelity"][best]["l1"]:.3f}</strong> [{lo:.3f}, {hi:.3f}]</td>' in page
     assert page.count('src="data:image/png;base64,') == len(charts) and "src=\"relevance" not in page
     assert not [p for p in out.parent.iterdir() if p.name.endswith(".partial")]
+
+
+def _fidelity_row_of(baseline: str, m: dict) -> str:
+    """The fidelity row of a baseline label ('best single prior (C1, val)', 'mean of the priors', 'image …')."""
+    if baseline.startswith("best single prior"):
+        return re.search(r"\((C\d+), val\)", baseline).group(1)
+    return "mean of priors" if baseline.startswith("mean of the priors") else m_intensity(m)
+
+
+def test_end_to_end_every_mean_has_its_interval(report, tiny):
+    """metrics.json: every mean of the older sections has `<key>_ci95` = [lo, hi] around it, and each GAN row a
+    `margin` whose mean is the difference of the two rows' means."""
+    m = report["metrics"]
+    keys = {"fidelity": {"l1", "r", "ssim"},
+            "faithfulness": {"average_drop", "increase_in_confidence", "deletion_auc", "insertion_auc",
+                             "road_combined"},
+            "localisation": {"pointing_game", "energy_pointing_game"}}
+    for section, want in keys.items():
+        for name, row in m[section].items():
+            iv = _intervals(row)
+            assert set(iv) == want, (section, name)
+            assert all(_bracketed(*v) for v in iv.values()), (section, name, iv)
+    # the interval of one row, recomputed from its per-image values with the same (default) seed
+    d = read_priors(tiny["priors"]).tensors()
+    r = metrics.pearson(d["priors"].mean(1, keepdim=True), d["target"])
+    assert m["fidelity"]["mean of priors"]["r_ci95"] == pytest.approx(list(metrics.bootstrap_ci(r)), abs=1e-12)
+
+    for gan in ("LSFT", "GSFT"):
+        mg = m["fidelity"][gan]["margin"]  # over the baseline chosen on the val file (stored in the checkpoint)
+        base = _fidelity_row_of(mg["over"], m)
+        for key in keys["fidelity"]:
+            assert mg[key] == pytest.approx(m["fidelity"][gan][key] - m["fidelity"][base][key], abs=1e-9)
+            assert _bracketed(mg[key], *mg[f"{key}_ci95"])
+        for section in ("faithfulness", "localisation"):  # GAN minus the stored target, paired per image
+            mg = m[section][gan]["margin"]
+            assert mg["over"] == "target (stored Grad-CAM)"
+            for key in keys[section]:
+                want = m[section][gan][key] - m[section][mg["over"]][key]
+                assert mg[key] == pytest.approx(want, rel=1e-9, abs=1e-9), (section, key)
+                assert _bracketed(mg[key], *mg[f"{key}_ci95"])
+        rel = m["relevance"][gan]
+        for neutral in ("zeros", "mean"):
+            assert len(rel[f"{neutral}_ci95"]) == N
+            assert all(_bracketed(v, lo, hi) for v, (lo, hi) in zip(rel[neutral], rel[f"{neutral}_ci95"], strict=True))
+    other = next(e for e in m["generalisation"] if e["name"] == "other")["results"]
+    for row in other.values():
+        assert set(_intervals(row)) == keys["fidelity"] and all(_bracketed(*v) for v in _intervals(row).values())
+    for gan in ("LSFT", "GSFT"):
+        mg = other[gan]["margin"]
+        assert mg["over"] == "mean of priors"
+        assert mg["r"] == pytest.approx(other[gan]["r"] - other["mean of priors"]["r"], abs=1e-9)
+    assert "margin" not in other["mean of priors"] and "margin" not in m["fidelity"]["C0"]
+
+
+def test_end_to_end_tables_show_intervals(report):
+    """report.md: every mean and margin cell of the older sections reads 'mean [lo, hi]'; each caption states N."""
+    md = (report["out"] / "report.md").read_text()
+    # per section: (table index, leading label columns) of each table whose cells are means or margins
+    tables = {"## 1. Fidelity": [(0, 1), (1, 2)], "## 2. Faithfulness": [(0, 1), (1, 2)],
+              "## 3. Localisation": [(0, 1), (1, 2)], "## 4. GAN interpretation": [(1, 1)],
+              "## 5. Generalisation": [(0, 5), (1, 6)]}
+    for heading, which in tables.items():
+        found = _section_tables(md, heading)
+        text = md.split(heading, 1)[1].split("\n## ", 1)[0]
+        assert "N = " in text and "95 %" in text, heading
+        assert len(found) == max(t for t, _ in which) + 1, heading
+        for t, labels in which:
+            header, *rows = found[t]
+            assert rows, (heading, t)
+            for row in rows:
+                assert len(row) == len(header) and len(row) > labels, (heading, row)
+                for cell in row[labels:]:
+                    assert BRACKET.match(cell), (heading, t, cell)
+    faith = _section_tables(md, "## 2. Faithfulness")
+    assert faith[1][0][:3] == ["GAN", "minus", "Δ Average Drop % ↓"]
+    assert [row[:2] for row in faith[1][1:]] == [["LSFT", "target (stored Grad-CAM)"],
+                                                 ["GSFT", "target (stored Grad-CAM)"]]
 
 
 def test_existing_out_is_refused(report, tiny, capsys):
@@ -179,8 +295,60 @@ def test_existing_out_is_refused(report, tiny, capsys):
     assert len(err.splitlines()) == 1 and "already exists" in err
 
 
-def test_tiny_run_is_quick(report):
-    assert report["seconds"] < 45
+def test_paired_margin_interval_hand_checked():
+    a = np.random.default_rng(0).normal(0.6, 0.2, 50)
+    # a constant per-image difference d has the interval [d, d], however spread the scores themselves are
+    s = paired_ci(a, a - 0.25)
+    assert s["n"] == 50 and s["mean"] == pytest.approx(0.25) and (s["lo"], s["hi"]) == pytest.approx((0.25, 0.25))
+    assert mean_ci(a)["hi"] - mean_ci(a)["lo"] > 0.08  # while the unpaired interval of a alone is wide
+    # [0, 1] against zeros: the differences are [0, 1] -> mean 0.5 in [0, 1] (see test_metrics' hand-checked case)
+    assert paired_ci([0.0, 1.0], [0.0, 0.0]) == {"mean": 0.5, "lo": 0.0, "hi": 1.0, "n": 2}
+    # a pair with a non-finite side is left out; tensors and lists alike; lengths must match
+    assert paired_ci(torch.tensor([1.0, math.nan, 3.0]), [0.5, 0.0, math.nan]) == {"mean": 0.5, "lo": 0.5,
+                                                                                    "hi": 0.5, "n": 1}
+    with pytest.raises(ValueError, match="differ in length"):
+        paired_ci([1.0, 2.0], [1.0])
+
+
+def test_ci_and_margin_rows():
+    assert ci_row({"x": [0.0, 1.0], "y": [0.25, 0.25]}) == {"x": 0.5, "x_ci95": [0.0, 1.0], "y": 0.25,
+                                                            "y_ci95": [0.25, 0.25]}
+    empty = ci_row({"road": torch.zeros(0)})  # ROAD skipped: no value, no interval
+    assert math.isnan(empty["road"]) and all(math.isnan(x) for x in empty["road_ci95"])
+    row = margin_row({"r": [0.9, 0.8], "l1": [0.1, 0.2]}, {"r": [0.7, 0.6], "l1": [0.3, 0.3], "extra": [1.0, 1.0]},
+                     "C1")
+    assert row["over"] == "C1" and set(row) == {"over", "r", "r_ci95", "l1", "l1_ci95"}
+    assert row["r"] == pytest.approx(0.2) and row["r_ci95"] == pytest.approx([0.2, 0.2])
+    assert row["l1"] == pytest.approx(-0.15) and row["l1_ci95"] == pytest.approx([-0.2, -0.1])
+
+
+def test_table_cells_with_intervals_bold_the_best_mean(tmp_path):
+    data = {"a": {"l1": 0.2, "l1_ci95": [0.15, 0.25], "r": 0.5}, "b": {"l1": 0.1, "l1_ci95": [0.05, 0.1499]},
+            "c": {"l1": math.nan, "l1_ci95": [math.nan, math.nan]}}
+    data["b"]["r"], data["c"]["r"] = 0.7, 0.6
+    t = Table.of_metrics("method", data, (("l1", "L1 ↓", "min", ".2f"), ("r", "r ↑", "max", ".3f")))
+    assert t.rows[0][1] == Estimate(0.2, 0.15, 0.25) and t.rows[0][2] == 0.5  # no `r_ci95`: a plain value
+    assert [t.text(r, 1) for r in range(3)] == ["0.20 [0.15, 0.25]", "0.10 [0.05, 0.15]", "–"]
+    assert t.winners() == {"L1 ↓": ["b"], "r ↑": ["b"]}
+    rep = Report("x")
+    rep.table(t)
+    md = rep.markdown()
+    assert "| b | **0.10** [0.05, 0.15] | **0.700** |" in md and "| c | – | 0.600 |" in md and "|---|---:|---:|" in md
+    assert '<td class="num best"><strong>0.10</strong> [0.05, 0.15]</td>' in rep.html(tmp_path)
+    # an interval from metrics.json (None where there was no value) and a mean without one
+    assert Estimate.of({"r": 0.5, "r_ci95": [None, None]}, "r").parts(".3f") == ("0.500", "")
+    assert Estimate.of({"r": 0.5}, "r") == 0.5
+
+
+def test_drop_and_increase_per_image_average_to_the_metrics():
+    p_orig = torch.tensor([0.8, 0.5, 0.0, 0.4])
+    p_expl = torch.tensor([0.6, 0.7, 0.1, 0.4])
+    drop, increase = drop_and_increase(p_orig, p_expl)
+    # drops 0.2/0.8 = 25 %, none (increase), 0 where p_orig = 0, none (equal); increases: only images 1 and 2
+    torch.testing.assert_close(drop, torch.tensor([25.0, 0.0, 0.0, 0.0]))
+    torch.testing.assert_close(increase, torch.tensor([0.0, 100.0, 100.0, 0.0]))
+    assert float(drop.mean()) == pytest.approx(metrics.average_drop(p_orig, p_expl))
+    assert float(increase.mean()) == pytest.approx(metrics.increase_in_confidence(p_orig, p_expl))
 
 
 def _stub_ignoring(k_ignored: int, n: int):
@@ -194,9 +362,13 @@ def test_relevance_of_an_ignored_prior_is_zero():
     rel = prior_relevance(_stub_ignoring(2, 4), image, priors, batch_size=2, device=torch.device("cpu"))
     assert rel["zeros"][2] == 0 and rel["mean"][2] == 0
     # G = (P0 + P1 + P3) / 4 is linear: replacing P_k by v changes it by |P_k - v| / 4
+    assert rel["zeros_ci95"][2] == [0, 0] and rel["mean_ci95"][2] == [0, 0]
     for k in (0, 1, 3):
         assert rel["zeros"][k] == pytest.approx(float(priors[:, k].mean()) / 4, rel=1e-6)
         assert rel["mean"][k] == pytest.approx(float((priors[:, k] - priors[:, k].mean(0)).abs().mean()) / 4, rel=1e-6)
+        # the interval is over the images: of each image's mean |change| = its prior's pixel mean / 4
+        per_image = priors[:, k].double().flatten(1).mean(1) / 4
+        assert rel["zeros_ci95"][k] == pytest.approx(list(metrics.bootstrap_ci(per_image)), rel=1e-6)
 
 
 def test_relevance_zero_for_lsft_block_cut_off_from_its_prior():
@@ -303,7 +475,7 @@ def test_no_masks_no_gans_no_road(tiny, tmp_path):
     assert "ROAD skipped (road_num: 0)" in md and "localisation skipped" in md and "no lsft checkpoint" in md
 
 
-def test_sections_subset_runs_only_what_was_asked(tiny, tmp_path):
+def test_sections_subset_runs_only_what_was_asked(tiny, tmp_path, report):
     """`sections: [generalisation]`: fidelity + the cross-file table, no CAM baselines, ROAD or relevance."""
     data = yaml.safe_load(tiny["config"].read_text())
     path = tmp_path / "quick.yaml"
@@ -316,6 +488,7 @@ def test_sections_subset_runs_only_what_was_asked(tiny, tmp_path):
     assert {"fidelity", "generalisation"} <= set(m["runtime_s"])
     assert not {"faithfulness", "interpretation"} & set(m["runtime_s"])
     assert {"LSFT", "GSFT"} <= set(m["fidelity"]) and _finite(m["fidelity"])
+    assert m["fidelity"] == report["metrics"]["fidelity"]  # means, intervals and margins: deterministic
     other = next(e for e in m["generalisation"] if e["name"] == "other")
     assert other["status"] == "ok" and {"LSFT", "GSFT", "mean of priors"} <= set(other["results"])
     md = (out / "report.md").read_text()

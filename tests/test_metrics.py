@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
 
-from cnnprior import metrics
+from cnnprior import metrics, scores
 
 # ---------------------------------------------------------------------------------------------
 # Fidelity
@@ -116,6 +117,57 @@ def test_fidelity_keys_and_values() -> None:
     torch.testing.assert_close(out["l1"], metrics.l1(x, y))
     torch.testing.assert_close(out["r"], metrics.pearson(x, y))
     torch.testing.assert_close(out["ssim"], metrics.ssim(x, y))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bootstrap intervals
+# ---------------------------------------------------------------------------------------------
+
+
+def test_bootstrap_ci_hand_checked_small_vectors() -> None:
+    # [0, 1]: a resampled mean is 0, 0.5 or 1 with probability 1/4, 1/2, 1/4 -> the 2.5 % and 97.5 % points are 0, 1
+    assert metrics.bootstrap_ci([0.0, 1.0]) == (0.0, 1.0)
+    # [0, 0, 0, 1]: the mean is k/4, k ~ Binomial(4, 1/4): P(k = 0) = 0.32 > 2.5 %, P(k <= 2) = 0.949 < 97.5 % <
+    # P(k <= 3) = 0.996 -> [0, 0.75]; at level 0.5: P(k <= 1) = 0.738 < 75 % -> [0, 0.5]
+    for seed in (0, 1, 2):
+        assert metrics.bootstrap_ci([0.0, 0.0, 0.0, 1.0], seed=seed) == (0.0, 0.75)
+    assert metrics.bootstrap_ci([0.0, 0.0, 0.0, 1.0], level=0.5) == (0.0, 0.5)
+    # [1, 2, 3, 4]: the sum of 4 draws is <= 5 with p = 5/256 = 0.020 and <= 6 with p = 15/256 = 0.059, so the
+    # 2.5 % point is a sum of 6 (mean 1.5) and, by symmetry, the 97.5 % point a sum of 14 (mean 3.5)
+    assert metrics.bootstrap_ci([1.0, 2.0, 3.0, 4.0], seed=0) == (1.5, 3.5)
+
+
+def test_bootstrap_ci_seeded_constant_nan_and_empty() -> None:
+    values = np.random.default_rng(5).normal(0.5, 0.2, 30)
+    assert metrics.bootstrap_ci(values, seed=3) == metrics.bootstrap_ci(values, seed=3)
+    assert metrics.bootstrap_ci(values, seed=3) != metrics.bootstrap_ci(values, seed=4)
+    # the documented algorithm: 2000 resamples of the indices from numpy's default_rng(seed), percentile points
+    idx = np.random.default_rng(3).integers(0, 30, size=(2000, 30))
+    assert metrics.bootstrap_ci(values, seed=3) == tuple(np.quantile(values[idx].mean(1), [0.025, 0.975]))
+    assert metrics.bootstrap_ci(torch.tensor(values)) == metrics.bootstrap_ci(values)
+    assert metrics.bootstrap_ci([0.25] * 7) == (0.25, 0.25)  # no spread, no interval width
+    assert metrics.bootstrap_ci([2.0, math.nan, 4.0], seed=1) == metrics.bootstrap_ci([2.0, 4.0], seed=1)
+    assert all(math.isnan(x) for x in metrics.bootstrap_ci([]))
+    assert all(math.isnan(x) for x in metrics.bootstrap_ci([math.nan, math.inf]))
+
+
+def test_inference_scores_carry_intervals_and_a_paired_margin() -> None:
+    """scores.build_metrics (an inference run's metrics.json): every mean with its `<score>_ci95`; the margin over the
+    best baseline is paired per image, so a constant difference has the interval [d, d]."""
+    gan = np.array([[0.1, 0.9, np.nan], [0.2, 0.7, np.nan], [0.3, 0.8, np.nan]])  # L1, r, SSIM (NaN: tiny maps)
+    scores_ = {"gan": gan, "mean_prior": gan + np.array([0.25, -0.5, np.nan])}
+    chosen = {"best_baseline": "mean_prior", "chosen_on": None, "best_prior_index": None, "image_inverted": None,
+              "val_r": None, "priors": []}
+    m = scores.build_metrics(scores_, chosen, [{"index": i} for i in range(3)], {})
+    g = m["mean"]["gan"]
+    assert g["l1"] == 0.2 and g["r"] == 0.8 and g["ssim"] is None and g["ssim_ci95"] == [None, None]
+    assert g["l1_ci95"] == [pytest.approx(v, abs=1e-6) for v in metrics.bootstrap_ci(gan[:, 0])]
+    assert m["margin"] == {"over": "mean_prior", "l1": -0.25, "l1_ci95": [-0.25, -0.25], "r": 0.5,
+                           "r_ci95": [0.5, 0.5], "ssim": None, "ssim_ci95": [None, None]}
+    text = scores.format_table(m)
+    assert re.search(r"^GAN +0\.800 \[0\.\d{3}, 0\.\d{3}\] +0\.200 \[0\.\d{3}, 0\.\d{3}\] +-$", text, re.M)
+    assert "GAN r - mean prior r: +0.500, 95% CI [0.500, 0.500]" in text
+    assert "GAN L1 - mean prior L1: -0.250 [-0.250, -0.250]" in text
 
 
 # ---------------------------------------------------------------------------------------------

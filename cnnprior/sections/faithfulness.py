@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,8 +13,9 @@ from torch import Tensor, nn
 from cnnprior import cams, metrics
 from cnnprior.maps import blur, live_cams, random_maps, resize_maps
 from cnnprior.report import Report, Table
-from cnnprior.sanity import SMOOTHING_SIGMAS, smooth_maps
+from cnnprior.sanity import SMOOTHING_SIGMAS, ci_row, margin_row, smooth_maps
 from cnnprior.sections.base import EvalContext, Section, not_run_note, option
+from cnnprior.sections.fidelity import margin_table
 
 COLUMNS = (("average_drop", "Average Drop % ↓", "min", ".1f"),
            ("increase_in_confidence", "Increase in Confidence % ↑", "max", ".1f"),
@@ -66,25 +66,33 @@ def images_at_input_size(ctx: EvalContext) -> Tensor:
     return ctx.shared("images_r", lambda: resize_maps(ctx.data["image"], ctx.image_size).to(ctx.device))
 
 
-def faithfulness_means(model: nn.Module, images: Tensor, maps: Tensor, classes: Tensor, p_orig: Tensor,
-                       steps: int, road_idx: Tensor, batch_size: int, seed: int,
-                       insertion_start: Tensor | None = None) -> dict[str, float]:
-    """Average Drop %, Increase in Confidence %, deletion/insertion AUC, ROAD combined (subset) of one method;
-    with `insertion_start` (e.g. blurred images, as RISE) also the insertion AUC starting from it."""
+def drop_and_increase(p_orig: Tensor, p_expl: Tensor) -> tuple[Tensor, Tensor]:
+    """Per image, in percent: the drop max(0, p_orig − p_expl) / p_orig (0 where p_orig = 0) and the increase
+    1[p_expl > p_orig]; their means are metrics.average_drop and metrics.increase_in_confidence."""
+    drop = (p_orig - p_expl).clamp_min(0) / p_orig.clamp_min(torch.finfo(p_orig.dtype).tiny)
+    return 100 * drop, 100 * (p_expl > p_orig).to(p_orig.dtype)
+
+
+def faithfulness_per_image(model: nn.Module, images: Tensor, maps: Tensor, classes: Tensor, p_orig: Tensor,
+                           steps: int, road_idx: Tensor, batch_size: int, seed: int,
+                           insertion_start: Tensor | None = None) -> dict[str, Tensor]:
+    """Per-image Average Drop %, Increase in Confidence %, deletion/insertion AUC, (B,) each, and ROAD combined on
+    the images `road_idx` (len(road_idx),) of one method; with `insertion_start` (e.g. blurred images, as RISE) also
+    the insertion AUC starting from it."""
     maps = maps.to(images.device)
     p_expl = metrics.class_probs(model, metrics.explanation_masked(images, maps), classes, batch_size)
+    drop, increase = drop_and_increase(p_orig, p_expl)
     dele, ins = metrics.deletion_insertion_auc(model, images, maps, classes, steps, None, batch_size)
-    road = math.nan
+    road = torch.zeros(0)
     if len(road_idx):
         idx = road_idx.to(images.device)
-        road = float(metrics.road_scores(model, images[idx], maps[idx], classes[idx], seed=seed)["combined"].mean())
-    out = {"average_drop": metrics.average_drop(p_orig, p_expl),
-           "increase_in_confidence": metrics.increase_in_confidence(p_orig, p_expl),
-           "deletion_auc": float(dele.mean()), "insertion_auc": float(ins.mean()), "road_combined": road}
+        road = metrics.road_scores(model, images[idx], maps[idx], classes[idx], seed=seed)["combined"]
+    out = {"average_drop": drop, "increase_in_confidence": increase, "deletion_auc": dele, "insertion_auc": ins,
+           "road_combined": road}
     if insertion_start is not None:
-        _, ins_b = metrics.deletion_insertion_auc(model, images, maps, classes, steps, insertion_start, batch_size)
-        out["insertion_auc_blurred"] = float(ins_b.mean())
-    return out
+        out["insertion_auc_blurred"] = metrics.deletion_insertion_auc(model, images, maps, classes, steps,
+                                                                      insertion_start, batch_size)[1]
+    return {k: v.detach().cpu() for k, v in out.items()}
 
 
 class FaithfulnessSection(Section, name="faithfulness", title="Faithfulness to the CNN", options=FaithfulnessOptions,
@@ -107,12 +115,14 @@ class FaithfulnessSection(Section, name="faithfulness", title="Faithfulness to t
         p_orig = metrics.class_probs(ctx.cnn, images, classes, cfg.batch_size)
         opts = ctx.options(self.name)
         start = blur(images, opts.blur_sigma) if opts.insertion == "blurred" else None
-        results = {}
+        per_image = {}
         for name, m in maps.items():
             t = time.time()
-            results[name] = faithfulness_means(ctx.cnn, images, m, classes, p_orig, cfg.steps, road_idx,
-                                               cfg.batch_size, cfg.seed, start)
+            per_image[name] = faithfulness_per_image(ctx.cnn, images, m, classes, p_orig, cfg.steps, road_idx,
+                                                     cfg.batch_size, cfg.seed, start)
             ctx.log(f"evaluate: faithfulness {name} ({time.time() - t:.1f}s)")
+        results = {name: ci_row(v) for name, v in per_image.items()}
+        add_margins(results, per_image, [g.label for g in ctx.gans], stored_target_label(ctx.pf.meta))
         if road_n == 0:
             ctx.notes.append("ROAD skipped (road_num: 0)")
         elif road_n < count:
@@ -129,9 +139,26 @@ class FaithfulnessSection(Section, name="faithfulness", title="Faithfulness to t
                  f"space); **N = {ctx.count} images**; deletion/insertion with {ctx.cfg.steps} steps; ROAD on a "
                  f"seeded random subset of **{len(ctx.road_images)} of {ctx.count} images**. `random`: uniform noise "
                  f"blurred with sigma S/16 (its maxima sit near the border); the σ rows are the target blurred at the "
-                 f"map size, so methods can be compared at matched smoothing (these metrics reward smooth maps).")
+                 f"map size, so methods can be compared at matched smoothing (these metrics reward smooth maps). "
+                 f"Mean [95 % bootstrap interval over the images; ROAD: over its subset]; best mean per column in "
+                 f"bold.")
         blurred = any("insertion_auc_blurred" in v for v in results.values())
         if blurred:
             report.p("Insertion AUC (blurred start): insertion starting from a Gaussian-blurred copy of the image "
                      "(as RISE does) instead of black.")
-        report.table(Table.of_metrics("method", results, COLUMNS + (BLURRED_COLUMN,) * blurred))
+        cols = COLUMNS + (BLURRED_COLUMN,) * blurred
+        report.table(Table.of_metrics("method", results, cols))
+        road = f" (ROAD: its {len(ctx.road_images)} images)" if ctx.road_images else ""
+        margin_table(report, results, cols,
+                     f"Each GAN minus `{stored_target_label(ctx.pf.meta)}`, the map it was trained to reproduce: mean "
+                     f"of the per-image differences [95 % paired bootstrap interval], **N = {ctx.count} images**"
+                     f"{road}. The arrows are the columns' above: for a ↓ column a negative Δ favours the GAN.")
+
+
+def add_margins(results: dict[str, dict], per_image: dict[str, dict[str, Tensor]], gans: list[str],
+                reference: str) -> None:
+    """Each GAN row's `margin`: GAN minus `reference` per image (paired) for every score of the row."""
+    if reference not in per_image:
+        return
+    for label in gans:
+        results[label]["margin"] = margin_row(per_image[label], per_image[reference], reference)

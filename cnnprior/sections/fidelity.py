@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
 from cnnprior import cams, metrics
-from cnnprior.baselines import BaselineChoice, grayscale
-from cnnprior.report import Report, Table
+from cnnprior.baselines import BaselineChoice, baseline_maps, grayscale
+from cnnprior.baselines import label as baseline_label
+from cnnprior.report import Estimate, Report, Table
+from cnnprior.sanity import ci_row, margin_row
 from cnnprior.sections.base import EvalContext, Section
 from cnnprior.sections.relevance import prior_labels
 
 COLUMNS = (("l1", "L1 ↓", "min", ".3f"), ("r", "r ↑", "max", ".3f"), ("ssim", "SSIM ↑", "max", ".3f"))
+MEAN_OF_PRIORS = "mean of priors"
 
 
-def fidelity_means(pred: Tensor, target: Tensor) -> dict[str, float]:
-    """Mean L1, Pearson r and SSIM (NaN when the maps are smaller than SSIM's 11x11 window)."""
-    return {"l1": float(metrics.l1(pred, target).mean()), "r": float(metrics.pearson(pred, target).mean()),
-            "ssim": float(metrics.ssim_or_nan(pred, target).mean())}
+def fidelity_per_image(pred: Tensor, target: Tensor) -> dict[str, Tensor]:
+    """L1, Pearson r and SSIM per image, (B,) each (SSIM NaN when the maps are smaller than its 11x11 window)."""
+    return {"l1": metrics.l1(pred, target), "r": metrics.pearson(pred, target),
+            "ssim": metrics.ssim_or_nan(pred, target)}
 
 
 def intensity_rows(image: Tensor, choice: BaselineChoice | None) -> dict[str, Tensor]:
@@ -33,6 +37,11 @@ def intensity_rows(image: Tensor, choice: BaselineChoice | None) -> dict[str, Te
     return {"intensity (gray, val)": gray}
 
 
+def baseline_choice(g: Any) -> BaselineChoice | None:
+    """The trivial-baseline choice a generator's checkpoint records (made on the validation prior file)."""
+    return BaselineChoice.from_dict((g.meta.get("priors_meta") or {}).get("baselines"))
+
+
 def fidelity_rows(ctx: EvalContext) -> dict[str, Tensor]:
     """The maps scored: each GAN's, each prior alone, the mean of the priors, the image intensity."""
     d, pf = ctx.data, ctx.pf
@@ -40,20 +49,53 @@ def fidelity_rows(ctx: EvalContext) -> dict[str, Tensor]:
     rows: dict[str, Tensor] = {g.label: g.maps for g in ctx.gans}
     for k in range(pf.n):
         rows[labels[k].split(":")[0]] = d["priors"][:, k:k + 1]
-    rows["mean of priors"] = d["priors"].mean(1, keepdim=True)
-    choices = [BaselineChoice.from_dict((g.meta.get("priors_meta") or {}).get("baselines")) for g in ctx.gans]
+    rows[MEAN_OF_PRIORS] = d["priors"].mean(1, keepdim=True)
+    choices = [baseline_choice(g) for g in ctx.gans]
     rows.update(intensity_rows(d["image"], next((c for c in choices if c is not None), None)))
     return rows
 
 
+def best_baseline(image: Tensor, priors: Tensor, choice: BaselineChoice | None) -> tuple[str, Tensor]:
+    """(label, maps) of the best trivial baseline chosen on validation; without a choice the mean of the priors (it
+    needs none: choosing on the evaluated images would select on the test data)."""
+    if choice is None:
+        return f"{MEAN_OF_PRIORS} (no validation choice recorded)", priors.mean(1, keepdim=True)
+    return baseline_label(choice.best_baseline, choice), baseline_maps(image, priors, choice)[choice.best_baseline]
+
+
 class FidelitySection(Section, name="fidelity", title="Fidelity to the target map", order=1, selectable=False):
-    """Mean L1, r and SSIM of every method's map against the stored target."""
+    """Mean L1, r and SSIM of every method's map against the stored target [95 % bootstrap interval], and each GAN's
+    margin over its best trivial baseline (paired per image, stored under the GAN's row as `margin`)."""
 
     def run(self, ctx: EvalContext) -> dict:
-        return {name: fidelity_means(m, ctx.data["target"]) for name, m in fidelity_rows(ctx).items()}
+        d, target = ctx.data, ctx.data["target"]
+        per_image = {name: fidelity_per_image(m, target) for name, m in fidelity_rows(ctx).items()}
+        results = {name: ci_row(v) for name, v in per_image.items()}
+        for g in ctx.gans:
+            over, maps = best_baseline(d["image"], d["priors"], baseline_choice(g))
+            results[g.label]["margin"] = margin_row(per_image[g.label], fidelity_per_image(maps, target), over)
+        return results
 
     def render(self, report: Report, results: Any, folder: Path, ctx: EvalContext) -> None:
         m = ctx.pf.meta
-        report.p(f"Mean over the **N = {ctx.count} images**; the target is the stored {cams.title(m.get('method'))} "
-                 f"map of `{m.get('target_layer')}` (priors.target: {m.get('target')}). Best per column in bold.")
+        report.p(f"Mean [95 % bootstrap interval] over the **N = {ctx.count} images**; the target is the stored "
+                 f"{cams.title(m.get('method'))} map of `{m.get('target_layer')}` (priors.target: {m.get('target')}). "
+                 f"Best mean per column in bold.")
         report.table(Table.of_metrics("method", results, COLUMNS))
+        margin_table(report, results, COLUMNS,
+                     f"Each GAN's margin over the best trivial baseline (best single prior, mean of the priors or image "
+                     f"intensity, as chosen on the validation prior file and stored in its checkpoint): GAN minus "
+                     f"baseline per image, mean [95 % paired bootstrap interval], **N = {ctx.count} images**. The "
+                     f"arrows are the columns' above: a negative Δ L1 and a positive Δ r favour the GAN.")
+
+
+def margin_table(report: Report, results: dict[str, Any], cols: Sequence[tuple], caption: str) -> None:
+    """The `margin` entries of a section's rows (a GAN minus its reference, paired per image) as a captioned table:
+    GAN | minus | Δ per column of `cols` ((key, header, better, fmt) each); nothing when no row has one."""
+    margins = {label: row["margin"] for label, row in results.items() if isinstance(row, dict) and "margin" in row}
+    if not margins:
+        return
+    report.p(caption)
+    rows = [[label, mg["over"]] + [Estimate.of(mg, c[0]) for c in cols] for label, mg in margins.items()]
+    report.table(Table(["GAN", "minus"] + [f"Δ {c[1]}" for c in cols], rows, [None] * (len(cols) + 2),
+                       [None, None] + [c[3] for c in cols]))

@@ -9,9 +9,10 @@ from cnnprior.config import EvalSet
 from cnnprior.errors import UserError
 from cnnprior.maps import generate
 from cnnprior.priorfile import read_priors
-from cnnprior.report import Report, Table
+from cnnprior.report import Estimate, Report, Table
+from cnnprior.sanity import ci_row, margin_row
 from cnnprior.sections.base import EvalContext, Section, not_run_note
-from cnnprior.sections.fidelity import COLUMNS, fidelity_means
+from cnnprior.sections.fidelity import COLUMNS, MEAN_OF_PRIORS, fidelity_per_image
 
 
 def _skip_reason(gans: list, fit: list, size: int, n: int) -> str:
@@ -45,10 +46,12 @@ def generalise(s: EvalSet, ctx: EvalContext) -> dict:
         entry["reason"] = "the prior file holds no samples"
         return entry
     d = pf.tensors(slice(0, m))
+    reference = fidelity_per_image(d["priors"].mean(1, keepdim=True), d["target"])
     for g in fit:
-        entry["results"][g.label] = fidelity_means(generate(g.model, d["image"], d["priors"], ctx.cfg.batch_size,
-                                                            ctx.device), d["target"])
-    entry["results"]["mean of priors"] = fidelity_means(d["priors"].mean(1, keepdim=True), d["target"])
+        scores = fidelity_per_image(generate(g.model, d["image"], d["priors"], ctx.cfg.batch_size, ctx.device),
+                                    d["target"])
+        entry["results"][g.label] = {**ci_row(scores), "margin": margin_row(scores, reference, MEAN_OF_PRIORS)}
+    entry["results"][MEAN_OF_PRIORS] = ci_row(reference)
     entry.update(status="ok", images=m)
     skipped = [g.label for g in ctx.gans if g not in fit]
     if skipped:
@@ -58,7 +61,8 @@ def generalise(s: EvalSet, ctx: EvalContext) -> dict:
 
 class GeneralisationSection(Section, name="generalisation", title="Generalisation to other prior files", order=5,
                                      default=True, announce=False):
-    """Fidelity (L1, r, SSIM) of the generators on each `generalisation:` prior file with their S and n."""
+    """Fidelity (L1, r, SSIM) of the generators on each `generalisation:` prior file with their S and n [95 %
+    bootstrap interval], and each GAN's margin over the mean of that file's priors (paired per image)."""
 
     def empty(self) -> list:
         return []
@@ -71,17 +75,27 @@ class GeneralisationSection(Section, name="generalisation", title="Generalisatio
             not_run_note(report)
         elif not ctx.cfg.generalisation:
             report.p("No extra prior files configured (`generalisation`).")
-        rows, skipped = [], []
+        rows, margins, skipped = [], [], []
         for e in results:
             if e["status"] != "ok":
                 skipped.append(f"{e['name']} (`{e['priors']}`): skipped: {e['reason']}")
                 continue
             if e["reason"]:
                 skipped.append(f"{e['name']}: {e['reason']}")
+            first = [e["name"], e.get("dataset"), e.get("cnn_arch"), e["images"]]
             for method, vals in e["results"].items():
-                rows.append([e["name"], e.get("dataset"), e.get("cnn_arch"), e["images"], method]
-                            + [vals[c[0]] for c in COLUMNS])
+                rows.append(first + [method] + [Estimate.of(vals, c[0]) for c in COLUMNS])
+                if "margin" in vals:
+                    margins.append(first + [method, vals["margin"]["over"]]
+                                   + [Estimate.of(vals["margin"], c[0]) for c in COLUMNS])
         if rows:
+            report.p("Fidelity on each file's first `num` records (N = the images column): mean [95 % bootstrap "
+                     "interval over the images].")
             report.table(Table(["set", "dataset", "CNN", "images", "method"] + [c[1] for c in COLUMNS], rows,
                                [None] * 8, [None] * 5 + [c[3] for c in COLUMNS]))
+        if margins:
+            report.p("Each GAN minus the mean of that file's priors: mean of the per-image differences [95 % paired "
+                     "bootstrap interval] over the file's images; a negative Δ L1 and a positive Δ r favour the GAN.")
+            report.table(Table(["set", "dataset", "CNN", "images", "GAN", "minus"] + [f"Δ {c[1]}" for c in COLUMNS],
+                               margins, [None] * 9, [None] * 6 + [c[3] for c in COLUMNS]))
         report.ul(skipped)

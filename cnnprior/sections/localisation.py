@@ -10,18 +10,19 @@ from torch import Tensor
 
 from cnnprior import metrics
 from cnnprior.report import Report, Table
-from cnnprior.sanity import pointing_chance
+from cnnprior.sanity import ci_row, pointing_chance
 from cnnprior.sections.base import EvalContext, Section, not_run_note
-from cnnprior.sections.faithfulness import input_size_maps
+from cnnprior.sections.faithfulness import add_margins, input_size_maps, stored_target_label
+from cnnprior.sections.fidelity import margin_table
 
 COLUMNS = (("pointing_game", "Pointing game ↑", "max", ".3f"),
            ("energy_pointing_game", "Energy pointing game ↑", "max", ".3f"))
 
 
-def localisation_means(maps: Tensor, masks: Tensor) -> dict[str, float]:
-    """Mean pointing-game hit rate and energy-based pointing game."""
-    return {"pointing_game": float(metrics.pointing_game(maps, masks).mean()),
-            "energy_pointing_game": float(metrics.energy_pointing_game(maps, masks).mean())}
+def localisation_per_image(maps: Tensor, masks: Tensor) -> dict[str, Tensor]:
+    """Pointing-game hit (1/0) and energy-based pointing game per image, (B,) each."""
+    return {"pointing_game": metrics.pointing_game(maps, masks),
+            "energy_pointing_game": metrics.energy_pointing_game(maps, masks)}
 
 
 class LocalisationSection(Section, name="localisation", title="Localisation", order=3, default=True, announce=False):
@@ -36,9 +37,12 @@ class LocalisationSection(Section, name="localisation", title="Localisation", or
         masks_r = F.interpolate(d["mask"].unsqueeze(1), size=(r, r), mode="nearest")
         # the blurred-noise "random" map is no fair chance level (its maxima sit at the border): the chance of a
         # uniform random point, = the mask-area fraction (also a uniform map's energy share), replaces it
-        results = {name: localisation_means(m, masks_r) for name, m in input_size_maps(ctx).items() if name != "random"}
-        chance = float(pointing_chance(masks_r).mean())
-        results["chance (uniform random point)"] = {"pointing_game": chance, "energy_pointing_game": chance}
+        per_image = {name: localisation_per_image(m, masks_r) for name, m in input_size_maps(ctx).items()
+                     if name != "random"}
+        chance = pointing_chance(masks_r)
+        per_image["chance (uniform random point)"] = {"pointing_game": chance, "energy_pointing_game": chance}
+        results = {name: ci_row(v) for name, v in per_image.items()}
+        add_margins(results, per_image, [g.label for g in ctx.gans], stored_target_label(ctx.pf.meta))
         if float(d["mask"].flatten(1).amax(1).min()) == 0:
             ctx.notes.append("some evaluated images have an empty mask: they count as misses in the pointing game")
         return results
@@ -53,5 +57,9 @@ class LocalisationSection(Section, name="localisation", title="Localisation", or
                      f"(masks upsampled nearest); the pointing game counts a hit when the map's maximum lies in the "
                      f"mask (no tolerance). Chance: a uniform random point hits the mask with probability = its area "
                      f"fraction (a uniform map's energy share is the same); σ rows: the target blurred at the map "
-                     f"size.")
+                     f"size. Mean [95 % bootstrap interval over the images]; best mean per column in bold.")
             report.table(Table.of_metrics("method", results, COLUMNS))
+            margin_table(report, results, COLUMNS,
+                         f"Each GAN minus `{stored_target_label(ctx.pf.meta)}`, the map it was trained to reproduce: "
+                         f"mean of the per-image differences [95 % paired bootstrap interval], **N = {ctx.count} "
+                         f"images**; a positive Δ favours the GAN.")

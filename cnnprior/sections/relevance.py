@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 
 from cnnprior.maps import generate
-from cnnprior.report import Report, Table
+from cnnprior.report import Estimate, Report, Table
+from cnnprior.sanity import mean_ci
 from cnnprior.sections.base import EvalContext, Section, not_run_note
 from cnnprior.viz import grouped_bar_chart
 
@@ -58,19 +59,39 @@ def prior_labels(meta: dict, n: int) -> list[str]:
 
 
 @torch.no_grad()
-def prior_relevance(generator: Callable[[Tensor, Tensor], Tensor], image: Tensor, priors: Tensor, batch_size: int,
-                    device: torch.device) -> dict[str, list[float]]:
-    """Relevance of each prior: mean |G(x, P) - G(x, P with prior k := v)| for v = zeros and v = prior k's mean map."""
+def prior_relevance_per_image(generator: Callable[[Tensor, Tensor], Tensor], image: Tensor, priors: Tensor,
+                              batch_size: int, device: torch.device) -> dict[str, list[Tensor]]:
+    """Per prior k and image: mean over pixels of |G(x, P) - G(x, P with prior k := v)|, (B,) float64 each, for
+    v = zeros and v = prior k's mean map over the images."""
     base = generate(generator, image, priors, batch_size, device)
-    out: dict[str, list[float]] = {"zeros": [], "mean": []}
+    out: dict[str, list[Tensor]] = {"zeros": [], "mean": []}
     for k in range(priors.shape[1]):
         for neutral in out:
             value = torch.zeros_like(priors[0, k]) if neutral == "zeros" else priors[:, k].mean(0)
             swapped = priors.clone()
             swapped[:, k] = value
             diff = (generate(generator, image, swapped, batch_size, device) - base).abs()
-            out[neutral].append(float(diff.double().mean()))
+            out[neutral].append(diff.double().flatten(1).mean(1))
     return out
+
+
+def prior_relevance(generator: Callable[[Tensor, Tensor], Tensor], image: Tensor, priors: Tensor, batch_size: int,
+                    device: torch.device) -> dict[str, list]:
+    """Relevance of each prior: mean |G(x, P) - G(x, P with prior k := v)| for v = zeros and v = prior k's mean map
+    (lists over k under "zeros" and "mean"), and its 95 % bootstrap interval over the images (lists of [lo, hi]
+    under "zeros_ci95" and "mean_ci95")."""
+    out: dict[str, list] = {}
+    for neutral, per_prior in prior_relevance_per_image(generator, image, priors, batch_size, device).items():
+        stats = [mean_ci(v) for v in per_prior]
+        out[neutral] = [s["mean"] for s in stats]
+        out[f"{neutral}_ci95"] = [[s["lo"], s["hi"]] for s in stats]
+    return out
+
+
+def relevance_cell(rel: dict, neutral: str, k: int) -> Any:
+    """Prior k's relevance (replaced by `neutral`) as a table cell, with its interval when the results hold one."""
+    ci = rel.get(f"{neutral}_ci95")
+    return Estimate(rel[neutral][k], *ci[k]) if ci else rel[neutral][k]
 
 
 def _layers_table(meta: dict, n: int) -> Table:
@@ -96,8 +117,9 @@ class RelevanceSection(Section, name="relevance", title="GAN interpretation: rel
 
     def render(self, report: Report, results: Any, folder: Path, ctx: EvalContext) -> None:
         n = ctx.pf.n
-        report.p("Relevance of prior k = mean |G(x, P) − G(x, P with C_k replaced)| over images and pixels; replaced "
-                 "by zeros, or by the mean map of C_k over the evaluated images. Which layers each prior averages:")
+        report.p(f"Relevance of prior k = mean |G(x, P) − G(x, P with C_k replaced)| over images and pixels; replaced "
+                 f"by zeros, or by the mean map of C_k over the evaluated images; **N = {ctx.count} images**, mean "
+                 f"[95 % bootstrap interval over the images]. Which layers each prior averages:")
         report.table(_layers_table(ctx.pf.meta, n))
         if not self.selected(ctx.cfg):
             not_run_note(report)
@@ -107,7 +129,7 @@ class RelevanceSection(Section, name="relevance", title="GAN interpretation: rel
             return
         labels = prior_labels(ctx.pf.meta, n)
         header = ["prior"] + [f"{g.label} ({v})" for g in ctx.gans for v in ("zeros", "mean")]
-        rows = [[labels[k]] + [results[g.label][v][k] for g in ctx.gans for v in ("zeros", "mean")]
+        rows = [[labels[k]] + [relevance_cell(results[g.label], v, k) for g in ctx.gans for v in ("zeros", "mean")]
                 for k in range(n)]
         report.table(Table(header, rows, [None] * len(header), [None] + [".3g"] * (len(header) - 1)))
         for g in ctx.gans:
