@@ -54,11 +54,12 @@ def sidecar_path(npy: str | Path) -> Path:
     return Path(npy).with_suffix(".json")
 
 
-def record_chunks(arr: np.ndarray, nbytes: int = 64 << 20) -> Iterator[bytes]:
-    """The records' bytes in order, in chunks of about `nbytes` (what the content hashes read)."""
+def record_chunks(arr: np.ndarray, nbytes: int = 64 << 20) -> Iterator[memoryview]:
+    """The records' bytes in order, in chunks of about `nbytes` (what the content hashes read); views of the
+    memmap where it is contiguous, so hashing a file adds no copy of it to the process's anonymous memory."""
     step = max(1, nbytes // max(1, arr.dtype.itemsize))
     for i in range(0, len(arr), step):
-        yield np.ascontiguousarray(arr[i:i + step]).tobytes()
+        yield memoryview(np.ascontiguousarray(arr[i:i + step])).cast("B")
 
 
 def content_hash(arr: np.ndarray) -> str:
