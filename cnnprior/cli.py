@@ -70,11 +70,12 @@ def train_main(argv: list[str] | None = None) -> int:
                 continue
             train_cnn(cfg, resume=args.resume, overwrite=args.overwrite)
         elif stage == "priors":
-            from cnnprior.priors import run_priors_stage
+            from cnnprior.priors import joined, run_priors_stage
             from cnnprior.random_priors import run_random_priors_stage
 
-            run_priors_stage(cfg, resume=args.resume, overwrite=args.overwrite)
-            run_random_priors_stage(cfg, resume=args.resume, overwrite=args.overwrite)
+            with joined(cfg.priors.device):  # one process group for the whole stage under torchrun
+                run_priors_stage(cfg, resume=args.resume, overwrite=args.overwrite)
+                run_random_priors_stage(cfg, resume=args.resume, overwrite=args.overwrite)
         elif stage == "gan":
             from cnnprior.gan import run_gan_stage
 

@@ -9,6 +9,7 @@ import contextlib
 import functools
 import json
 import math
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ from cnnprior.priorset import (
     shared_meta,
     write_manifest,
 )
-from cnnprior.runtime import Log
+from cnnprior.runtime import Log, resolve_device
 
 
 # ----------------------------------------------------------------------------------------- per-layer maps
@@ -439,14 +440,23 @@ def remove_other_outputs(path: Path, world: int, log: Log) -> None:
 
 @contextlib.contextmanager
 def joined(device_name: str) -> Iterator[tuple[Dist, torch.device]]:
-    """This process's rank and device for one stage: joins a torchrun job's process group and leaves it after."""
+    """This process's rank and device for one stage: joins a torchrun job's process group and leaves it after.
+
+    Re-entrant: inside an outer `joined` (the priors stage holds one group for its split and randomised files;
+    leaving and re-joining a torchrun agent's store between them can hang) it reuses that group."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        device = resolve_device(device_name)
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        yield Dist(dist.get_rank(), dist.get_world_size()), device
+        return
     ctx, device = init_distributed(device_name)
     try:
         yield ctx, device
     finally:
         if ctx.enabled:
-            import torch.distributed as dist
-
             dist.destroy_process_group()
 
 
