@@ -1,8 +1,12 @@
 """Benchmark the generators: conv GFLOP/s of this machine, inference efficiency, LSFT vectorised vs loop.
 
 Usage: python bench/generator.py [--batch 32] [--size 64] [--repeats 3] [--device auto|cpu|cuda]
-                                 [--threads N] [--cpu-chunk-mib M] [--train-step [--train-batch 16]]
+                                 [--threads N] [--cpu-chunk-mib M] [--train auto|on|off]
+                                 [--train-preset paper|cpu] [--train-batch 16] [--train-step] [--json PATH] [--quick]
 
+Inference: images/s, GFLOP/s and efficiency (against a 64->64 3x3 conv) of LSFT and GSFT in both presets.
+Training (`--train`, on by default on CUDA): images/s of one pix2pix step (D then G) of each variant in
+`--train-preset`, fp32 and bf16 autocast. `--train-step` times only the training steps (fp32).
 Timings are interleaved (reference conv, model, ...) and every ratio is taken per repeat, then the median,
 so a machine shared with other jobs still gives comparable numbers.
 """
@@ -13,7 +17,6 @@ import argparse
 import contextlib
 import statistics
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,6 +26,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.timing import (  # noqa: E402
+    device_name,
+    interleaved,
+    load_average,
+    positive_int,
+    ratios,
+    resolve_bench_device,
+    write_json,
+)
 from cnnprior.models import build_discriminator, build_generator, sft  # noqa: E402
 
 N_PRIORS = 8
@@ -54,38 +66,11 @@ def make_inputs(batch: int, size: int, device: torch.device) -> tuple[Tensor, Te
     return image.to(device), priors.to(device), target.to(device)
 
 
-def timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
-    """A function returning the wall time of one call, synchronising CUDA around it."""
-
-    def run(fn: Callable[[], object]) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start
-
-    return run
-
-
 def count_flops(fn: Callable[[], object]) -> int:
     """FLOPs of one call, counted by torch.utils.flop_counter."""
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
-
-
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, list[float]]:
-    """Seconds per call of each fn, one warm-up then `repeats` rounds taking the fns in turn."""
-    run = timer(device)
-    for fn in fns.values():
-        run(fn)
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(run(fn))
-    return times
 
 
 @contextlib.contextmanager
@@ -107,18 +92,6 @@ def conv_reference(batch: int, size: int, device: torch.device) -> tuple[Callabl
     return (lambda: [conv(x) for _ in range(3)]), 3 * 2 * batch * 64 * 64 * 9 * size * size
 
 
-def load_average() -> str:
-    """The 1-minute load average (other jobs slow small ops most), or '?' where unknown."""
-    try:
-        return Path("/proc/loadavg").read_text().split()[0]
-    except OSError:
-        return "?"
-
-
-def ratios(num: list[float], den: list[float]) -> float:
-    """Median over repeats of num[i] / den[i]."""
-    return statistics.median(a / b for a, b in zip(num, den, strict=True))
-
 
 def bench_inference(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
     """Conv reference, images/s and efficiency of every variant x preset, and the LSFT loop ratio."""
@@ -128,7 +101,7 @@ def bench_inference(args: argparse.Namespace, device: torch.device) -> dict[str,
     conv_speeds: list[float] = []
     load = load_average()
     print(
-        f"device {device} | threads {torch.get_num_threads()} | batch {args.batch} | size {args.size} | "
+        f"device {device} ({device_name(device)}) | threads {torch.get_num_threads()} | batch {args.batch} | size {args.size} | "
         f"cpu chunk {sft.CPU_CHUNK_BYTES_PER_THREAD / (1 << 20):g} MiB/thread | load average {load}"
     )
     if device.type == "cpu" and load != "?" and float(load) > 0.5:
@@ -152,11 +125,12 @@ def bench_inference(args: argparse.Namespace, device: torch.device) -> dict[str,
                 speed = [flops / s / 1e9 for s in t["model"]]
                 eff = ratios([flops / m for m in t["model"]], [conv_flops / c for c in t["conv"]])
                 results[f"{variant} {preset} efficiency"] = eff
+                results[f"infer {variant} {preset} images/s"] = args.batch / statistics.median(t["model"])
                 params = sum(p.numel() for p in gen.parameters()) / 1e6
                 print(
                     f"{variant} {preset:5s} {PRESETS[preset][variant]} {params:.2f} M params | "
                     f"{flops / args.batch / 1e9:.2f} GFLOP/image | "
-                    f"{args.batch / statistics.median(t['model']):.1f} images/s | "
+                    f"{results[f'infer {variant} {preset} images/s']:.1f} images/s | "
                     f"{statistics.median(speed):.1f} GFLOP/s | efficiency {eff:.2f}"
                 )
                 if "loop" in t:
@@ -204,52 +178,72 @@ def train_step_fn(
     return step
 
 
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
+
+
 def bench_training(
-    preset: str, batch: int, size: int, repeats: int, device: torch.device, dtypes: list[torch.dtype | None]
-) -> None:
-    """Print training images/s (generator + discriminator step) per variant and precision."""
+    preset: str, batch: int, size: int, repeats: int, device: torch.device, precisions: list[str]
+) -> dict[str, float]:
+    """Print and return training images/s (generator + discriminator step) per variant and precision."""
+    results = {}
     for variant in ("lsft", "gsft"):
-        for dtype in dtypes:
-            step = train_step_fn(variant, preset, batch, size, device, dtype)
+        for precision in precisions:
+            step = train_step_fn(variant, preset, batch, size, device, PRECISIONS[precision])
             t = statistics.median(interleaved({"step": step}, repeats, device)["step"])
-            precision = "fp32" if dtype is None else f"{str(dtype).removeprefix('torch.')} autocast"
-            print(f"train {variant} {preset} {precision} batch {batch} size {size}: {batch / t:.1f} images/s")
+            shown = precision if PRECISIONS[precision] is None else f"{precision} autocast"
+            results[f"train {variant} {preset} {precision}"] = batch / t
+            print(f"train {variant} {preset} {shown} batch {batch} size {size}: {batch / t:.1f} images/s", flush=True)
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; the last lines carry the efficiency and loop-ratio figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=positive_int, default=32, help="inference batch (default 32)")
+    parser.add_argument("--size", type=positive_int, default=64, help="image and prior size (default 64)")
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--train-step", action="store_true", help="only time CPU-preset training steps")
-    parser.add_argument("--train-batch", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--train", choices=["auto", "on", "off"], default="auto",
+                        help="also time training steps, fp32 and bf16 autocast (auto: on CUDA only)")
+    parser.add_argument("--train-preset", choices=sorted(PRESETS), default="paper",
+                        help="the preset --train times (default paper)")
+    parser.add_argument("--train-step", action="store_true", help="only time CPU-preset training steps (fp32)")
+    parser.add_argument("--train-batch", type=positive_int, default=16,
+                        help="training batch (default 16, the configs' gan.batch_size)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument(
         "--cpu-chunk-mib", type=float, default=None, help="CPU inference chunk MiB per thread (0: no chunks)"
     )
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    parser.add_argument("--quick", action="store_true",
+                        help="batch 2, size 16, one repeat: checks the code paths (the numbers mean little)")
     args = parser.parse_args(argv)
+    if args.cpu_chunk_mib is not None and args.cpu_chunk_mib < 0:
+        parser.error(f"--cpu-chunk-mib: {args.cpu_chunk_mib} is not >= 0")
+    if args.quick:
+        args.batch, args.size, args.repeats, args.train_batch = 2, 16, 1, 2
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.cpu_chunk_mib is not None:
         sft.CPU_CHUNK_BYTES_PER_THREAD = int(args.cpu_chunk_mib * (1 << 20)) or (1 << 62)
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda" if use_cuda else "cpu")
-    if use_cuda:
+    device = resolve_bench_device(args.device, parser)
+    if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if args.train_step:
-        bench_training("cpu", args.train_batch, args.size, args.repeats, device, [None])
+        bench_training("cpu", args.train_batch, args.size, args.repeats, device, ["fp32"])
         return 0
     results = bench_inference(args, device)
-    if use_cuda:
-        bench_training("paper", args.batch, args.size, args.repeats, device, [None, torch.bfloat16])
+    if args.train == "on" or (args.train == "auto" and device.type == "cuda"):
+        results.update(bench_training(args.train_preset, args.train_batch, args.size, args.repeats, device,
+                                      list(PRECISIONS)))
     print(f"conv 64->64 3x3 reference: {results['conv']:.1f} GFLOP/s | load average {load_average()}")
     print(f"lsft cpu efficiency: {results['lsft cpu efficiency']:.2f}")
     print(f"gsft cpu efficiency: {results['gsft cpu efficiency']:.2f}")
     print(f"lsft paper efficiency: {results['lsft paper efficiency']:.2f}")
     print(f"gsft paper efficiency: {results['gsft paper efficiency']:.2f}")
     print(f"lsft vectorised/loop: {results['lsft vectorised/loop']:.2f}")
+    write_json(args.json, {"device": str(device), "device_name": device_name(device),
+                           "threads": torch.get_num_threads(), "settings": vars(args), "results": results})
     return 0
 
 
