@@ -110,8 +110,11 @@ class SplitView(Dataset):
         img, mask = self._load(i)
         if self._served == len(self):
             self.end_pass()
-        img = resize_uint8(img, self.size)
-        image = torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1).float().div_(255.0)
+        pixels = torch.from_numpy(np.array(resize_uint8(img, self.size), copy=True)).float().div_(255.0)
+        if pixels.ndim == 2:  # a grayscale plane (load_native) becomes three equal channels after resizing
+            image = pixels.expand(3, self.size, self.size).contiguous()
+        else:
+            image = pixels.permute(2, 0, 1)
         if mask is None:
             m = torch.zeros(self.size, self.size)
         else:
@@ -131,7 +134,7 @@ class SplitView(Dataset):
     def _load(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
         """Item i's image, or if its file is unreadable the next readable one of its class in this split."""
         try:
-            return self.source.load(int(self.indices[i]))
+            return self.source.load_native(int(self.indices[i]))
         except UnreadableImageError as exc:
             self._pass_bad[int(self.indices[i])] = str(exc)
         label = int(self.labels[i])
@@ -141,7 +144,7 @@ class SplitView(Dataset):
         start = int(np.searchsorted(same, i))
         for k in range(1, len(same)):
             try:
-                return self.source.load(int(self.indices[same[(start + k) % len(same)]]))
+                return self.source.load_native(int(self.indices[same[(start + k) % len(same)]]))
             except UnreadableImageError:
                 continue
         example = self._pass_bad.pop(int(self.indices[i]))  # fatal below: nothing replaced to report later

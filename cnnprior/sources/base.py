@@ -67,6 +67,11 @@ class ImageSource:
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
         raise NotImplementedError
 
+    def load_native(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Like `load`, but a grayscale source may give one (H, W) plane, as it stores it: resizing one plane
+        instead of three equal ones makes SplitView's items about twice as fast (Fashion-MNIST to 128 px)."""
+        return self.load(index)
+
     def describe(self) -> str:
         """What the pool is, in a few words (for logs and messages)."""
         return self.name

@@ -37,10 +37,14 @@ class TorchvisionSource(ImageSource):
         return f"{self.name} '{self.root}'"
 
     def load(self, index: int) -> tuple[np.ndarray, None]:
-        img = self.data[index]
+        img, _ = self.load_native(index)
         if img.ndim == 2:
             img = np.repeat(img[..., None], 3, axis=2)
         return img, None
+
+    def load_native(self, index: int) -> tuple[np.ndarray, None]:
+        """The stored image: (H, W) for Fashion-MNIST, (H, W, 3) RGB for CIFAR-10."""
+        return self.data[index], None
 
 
 def _fashion_mnist_raw(r: Path) -> Path:
