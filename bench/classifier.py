@@ -25,7 +25,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.timing import device_name, interleaved, load_average, positive_int, resolve_bench_device, write_json  # noqa: E402
+from bench.timing import (  # noqa: E402
+    device_name,
+    interleaved,
+    load_average,
+    positive_int,
+    resolve_bench_device,
+    write_json,
+)
 from cnnprior.cnn import build_cnn  # noqa: E402
 from cnnprior.config import ARCHS  # noqa: E402
 

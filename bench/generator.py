@@ -101,7 +101,8 @@ def bench_inference(args: argparse.Namespace, device: torch.device) -> dict[str,
     conv_speeds: list[float] = []
     load = load_average()
     print(
-        f"device {device} ({device_name(device)}) | threads {torch.get_num_threads()} | batch {args.batch} | size {args.size} | "
+        f"device {device} ({device_name(device)}) | threads {torch.get_num_threads()} | batch {args.batch} | "
+        f"size {args.size} | "
         f"cpu chunk {sft.CPU_CHUNK_BYTES_PER_THREAD / (1 << 20):g} MiB/thread | load average {load}"
     )
     if device.type == "cpu" and load != "?" and float(load) > 0.5:
