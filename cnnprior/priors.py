@@ -56,12 +56,13 @@ class _ConvRecorder(ActivationsAndGradients):
 
     - Outputs are keyed by layer (a layer run twice keeps its first call; an unused layer has none), so
       no map can shift onto another layer as grad-cam's execution-order lists would.
-    - With `copy`, the hook hands the rest of the network a *copy* of the conv output: an in-place op
-      downstream (VGG's ReLU(inplace=True)) modifies the copy, never the recorded tensor, on every device.
-      Without it, `overwritten()` (version counters) tells whether such an op changed a recorded output.
+    - For the layers in `copy` (all with `copy=True`), the hook hands the rest of the network a *copy* of the
+      output: an in-place op downstream (VGG's ReLU(inplace=True), ResNet's `out += identity` after bn2)
+      modifies the copy, never the recorded tensor, on every device. For the others, `overwritten()` (version
+      counters) tells which recorded outputs such an op changed.
     """
 
-    def __init__(self, model: nn.Module, target_layers: Sequence[nn.Module], copy: bool = True):
+    def __init__(self, model: nn.Module, target_layers: Sequence[nn.Module], copy: bool | frozenset[int] = True):
         super().__init__(model, [], None, detach=True)
         self.copy = copy
         self.outputs: dict[int, torch.Tensor] = {}
@@ -73,11 +74,11 @@ class _ConvRecorder(ActivationsAndGradients):
         if i in self.outputs or not torch.is_grad_enabled():
             return None
         self.outputs[i], self.versions[i] = output, output._version
-        return output.clone() if self.copy else None
+        return output.clone() if self.copy is True or (self.copy and i in self.copy) else None
 
-    def overwritten(self) -> bool:
-        """Whether an in-place op changed a recorded output after its conv (possible only without `copy`)."""
-        return any(t._version != self.versions[i] for i, t in self.outputs.items())
+    def overwritten(self) -> frozenset[int]:
+        """The layers whose recorded output an in-place op changed after the layer (only uncopied ones can be)."""
+        return frozenset(i for i, t in self.outputs.items() if t._version != self.versions[i])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         self.outputs, self.versions = {}, {}
@@ -119,6 +120,37 @@ def scale_and_resize(cams: torch.Tensor, size: int) -> torch.Tensor:
         else:  # the same bilinear weights as two small matmuls: ~3x faster than F.interpolate on CPU
             cams = _bilinear_matrix(cams.shape[-2], size) @ cams @ _bilinear_matrix(cams.shape[-1], size).T
     return minmax(cams.clamp_min(0))
+
+
+def scale_and_resize_all(cams: Sequence[torch.Tensor], size: int) -> torch.Tensor:
+    """scale_and_resize of every layer's CAMs (each (B,h,w)) -> (L, B, size, size), the same numbers.
+
+    Consecutive layers with maps of one size are scaled and resized together, straight into one buffer, and the
+    second min-max runs once over all maps, in place (no clamp: bilinear weights are >= 0, so the resized maps
+    of [0, 1] maps are >= 0): a few batched ops instead of a dozen per layer, and no stacking copy.
+    """
+    b = cams[0].shape[0]
+    maps = cams[0].new_empty(len(cams), b, size, size)
+    start = 0
+    while start < len(cams):
+        end = start + 1
+        while end < len(cams) and cams[end].shape == cams[start].shape:
+            end += 1
+        h, w = cams[start].shape[-2:]
+        group = minmax(torch.cat(cams[start:end]).clamp_min(0))  # ((end - start) * B, h, w)
+        dst = maps[start:end].view(-1, size, size)
+        if (h, w) == (size, size):
+            dst.copy_(group)
+        elif group.is_cuda:
+            dst.copy_(F.interpolate(group.unsqueeze(1), size=(size, size), mode="bilinear",
+                                    align_corners=False)[:, 0])
+        else:
+            torch.matmul(_bilinear_matrix(h, size) @ group, _bilinear_matrix(w, size).T, out=dst)
+        start = end
+    flat = maps.view(len(cams) * b, -1)
+    lo, hi = flat.amin(dim=1, keepdim=True), flat.amax(dim=1, keepdim=True)
+    flat.sub_(lo).div_(hi.sub_(lo).add_(1e-7))
+    return maps
 
 
 @functools.lru_cache(maxsize=64)
@@ -183,7 +215,9 @@ class PriorExtractor:
         self.layers = [m for _, m in layers]
         self.fast_cam = method.fast  # the method's torch formula, if it has one
         self.cam = method.cam_class()(model, target_layers=[])  # method-specific weighting only
-        self._copy_outputs = False  # set once a forward pass shows an in-place op after a recorded output
+        # the layers whose outputs an in-place op downstream overwrites (found by the forward passes): only their
+        # outputs are copied (the shipped ResNet-18: the 8 bn2 outputs the residual add overwrites, of 21)
+        self._copy_outputs: frozenset[int] = frozenset()
         L = self.conv_count = len(layers)
         self.target_name, target = self._target(model, spec)
         if spec.target == "first":
@@ -239,10 +273,10 @@ class PriorExtractor:
         try:
             with torch.enable_grad():
                 logits = rec(images)
-                if rec.overwritten():
-                    # an in-place op after a conv (VGG's ReLU): redo the pass with copies, and copy from now
-                    # on; networks without such ops skip the copies (ResNet-18, CPU: ~7% faster)
-                    self._copy_outputs = rec.copy = True
+                while changed := rec.overwritten() - self._copy_outputs:
+                    # an in-place op after a recorded layer (VGG's ReLU, ResNet's residual add): redo the pass
+                    # copying those layers' outputs, and copy them from now on; other layers are never copied
+                    self._copy_outputs = rec.copy = self._copy_outputs | changed
                     logits = rec(images)
                 pred = logits.argmax(1)
                 if classes is not None:
@@ -261,14 +295,13 @@ class PriorExtractor:
                 score = logits.gather(1, cls.view(-1, 1)).sum()
                 grads = torch.autograd.grad(score, outs, allow_unused=True)
             prob = torch.softmax(logits.detach().float(), 1).gather(1, cls.view(-1, 1))[:, 0]
-            maps = []
-            for layer, act, grad in zip(self.layers, outs, grads, strict=True):
-                cam = self._cam(images, layer, act.detach().float(),
-                                torch.zeros_like(act, dtype=torch.float32) if grad is None else grad.float())
-                maps.append(scale_and_resize(cam, self.spec.size).cpu())
+            cams = [self._cam(images, layer, act.detach().float(),
+                              torch.zeros_like(act, dtype=torch.float32) if grad is None else grad.float())
+                    for layer, act, grad in zip(self.layers, outs, grads, strict=True)]
+            maps = scale_and_resize_all(cams, self.spec.size)
         finally:
             rec.release()
-        return torch.stack(maps, 1), cls.cpu(), prob.cpu(), pred.cpu()
+        return maps.transpose(0, 1).cpu(), cls.cpu(), prob.cpu(), pred.cpu()
 
     def _cam(self, images: torch.Tensor, layer: nn.Module, act: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """One layer's raw CAM (B,h,w): grad-cam's get_cam_image, or the method's torch formula (on the device)."""

@@ -31,6 +31,7 @@ from cnnprior.priors import (
     position_indices,
     run_priors_stage,
     scale_and_resize,
+    scale_and_resize_all,
 )
 from cnnprior.released import import_released
 from cnnprior.runtime import file_sha256
@@ -166,6 +167,35 @@ def test_scale_and_resize_matches_interpolate(shape: tuple[int, int], size: int)
     got = scale_and_resize(cams, size)
     assert got.shape == (3, size, size) and (got - ref).abs().max() < 1e-6
     assert torch.allclose(got.amax((1, 2)), torch.ones(3)) and (got.amin((1, 2)) == 0).all()
+
+
+def test_scale_and_resize_all_equals_one_layer_at_a_time() -> None:
+    """Runs of same-size layers scaled together into one (L, B, S, S) buffer: scale_and_resize's numbers."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(32, 32), (16, 16), (16, 16), (64, 64), (4, 4), (4, 4), (4, 4), (1, 1), (5, 9)]
+    cams = [torch.randn(3, *hw, generator=g) for hw in shapes]
+    cams[2][1] = 0.0  # an all-zero map stays all zero
+    got = scale_and_resize_all(cams, 64)
+    assert got.shape == (len(shapes), 3, 64, 64)
+    for i, cam in enumerate(cams):
+        assert (got[i] - scale_and_resize(cam, 64)).abs().max() < 1e-6, shapes[i]
+    assert (got[2, 1] == 0).all()
+
+
+def test_resnet_copies_only_the_outputs_an_inplace_op_overwrites(shape_batch: torch.Tensor) -> None:
+    """Activated ResNet outputs: the residual add overwrites each block's bn2 output, so those (and only those)
+    are copied; the maps equal an extraction that copies every output."""
+    torch.manual_seed(0)
+    model = build_cnn("resnet18", ["a", "b", "c", "d", "e"], 64).eval()
+    layers = cam_layers(model)
+    ex = PriorExtractor(model, layers, PriorSpec(size=64))
+    maps = ex.layer_maps(shape_batch)[0]
+    assert sorted(ex.layer_names[i] for i in ex._copy_outputs) == sorted(
+        n for n in ex.layer_names[:ex.conv_count] if n.endswith(".bn2"))
+    every = PriorExtractor(model, layers, PriorSpec(size=64))
+    every._copy_outputs = frozenset(range(len(every.layers)))
+    assert torch.equal(every.layer_maps(shape_batch)[0], maps)
+    assert torch.equal(ex.layer_maps(shape_batch)[0], maps)
 
 
 def test_layer_run_twice_or_unused_does_not_shift_maps(zigzag: nn.Module) -> None:
