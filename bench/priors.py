@@ -12,7 +12,7 @@ printed at the start and at the end.
                on seeded random 128 px inputs
   resnet18     a randomly initialised ResNet-18 at 64 px on synthetic shapes images, its 20 conv layers read
                raw (the earlier measurement)
-  stage        the priors stage, cnnprior.priors.write_prior_file: a DataLoader over a data set split (loading,
+  stage        the priors stage, cnnprior.prior_stage.write_prior_file: a DataLoader over a data set split (loading,
                resizing), the extraction, and the records written to a prior file in a temp folder -- against
                the extraction alone on the same images, loaded beforehand. With the shipped CNN. `--stage-data`:
                `fixture` = Fashion-MNIST's idx files holding grayscale shapes images, written to a temp folder;
@@ -67,14 +67,8 @@ from cnnprior.cnn import build_cnn  # noqa: E402
 from cnnprior.config import Config, load_config  # noqa: E402
 from cnnprior.errors import cli_main  # noqa: E402
 from cnnprior.layers import conv_layers  # noqa: E402
-from cnnprior.priors import (  # noqa: E402
-    PriorExtractor,
-    PriorSpec,
-    extractor_for_checkpoint,
-    file_meta,
-    split_dataset,
-    write_prior_file,
-)
+from cnnprior.prior_stage import file_meta, split_dataset, write_prior_file  # noqa: E402
+from cnnprior.priors import PriorExtractor, PriorSpec, extractor_for_checkpoint  # noqa: E402
 from cnnprior.sources.base import datasets_root  # noqa: E402
 from cnnprior.sources.shapes import ShapesSource  # noqa: E402
 from cnnprior.sources.torchvision_sets import FASHION_MNIST_FILES  # noqa: E402

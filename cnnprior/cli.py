@@ -70,7 +70,8 @@ def train_main(argv: list[str] | None = None) -> int:
                 continue
             train_cnn(cfg, resume=args.resume, overwrite=args.overwrite)
         elif stage == "priors":
-            from cnnprior.priors import joined, run_priors_stage
+            from cnnprior.distributed import joined
+            from cnnprior.prior_stage import run_priors_stage
             from cnnprior.random_priors import run_random_priors_stage
 
             with joined(cfg.priors.device):  # one process group for the whole stage under torchrun

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -53,6 +54,28 @@ def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
     else:
         dist.init_process_group("gloo")
     return Dist(rank, world), device
+
+
+@contextlib.contextmanager
+def joined(device_name: str) -> Iterator[tuple[Dist, torch.device]]:
+    """This process's rank and device for one stage: joins a torchrun job's process group and leaves it after.
+
+    Re-entrant: inside an outer `joined` (the priors stage holds one group for its split and randomised files;
+    leaving and re-joining a torchrun agent's store between them can hang) it reuses that group."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        device = resolve_device(device_name)
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        yield Dist(dist.get_rank(), dist.get_world_size()), device
+        return
+    ctx, device = init_distributed(device_name)
+    try:
+        yield ctx, device
+    finally:
+        if ctx.enabled:
+            dist.destroy_process_group()
 
 
 def agree(ctx: Dist, error: str | None) -> None:

@@ -21,9 +21,10 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 
-from cnnprior.distributed import everywhere
+from cnnprior.distributed import everywhere, joined
 from cnnprior.errors import UserError
-from cnnprior.priors import PriorExtractor, extractor_from, file_meta, joined, split_dataset, write_prior_file
+from cnnprior.prior_stage import file_meta, split_dataset, write_prior_file
+from cnnprior.priors import PriorExtractor, extractor_from
 from cnnprior.randomise import model_stages, randomised_copy
 from cnnprior.runtime import Log
 

@@ -324,7 +324,7 @@ def test_train_py_classifier_refuses_and_stage_all_skips(tmp_path: Path, monkeyp
     assert train_main(["--config", str(config), "--stage", "classifier"]) == 2
     assert "classifier outputs exist" in capsys.readouterr().err and ckpt.read_bytes() == before
     ran: list[str] = []
-    monkeypatch.setattr("cnnprior.priors.run_priors_stage", lambda *a, **k: ran.append("priors"))
+    monkeypatch.setattr("cnnprior.prior_stage.run_priors_stage", lambda *a, **k: ran.append("priors"))
     monkeypatch.setattr("cnnprior.gan.run_gan_stage", lambda *a, **k: ran.append("gan"))
     assert train_main(["--config", str(config)]) == 0
     assert f"classifier: {ckpt} exists, skipping" in capsys.readouterr().out

@@ -22,6 +22,7 @@ from cnnprior.cli import train_main
 from cnnprior.cnn import build_cnn, load_cnn, save_cnn
 from cnnprior.errors import UserError
 from cnnprior.layers import cam_layers, conv_layers
+from cnnprior.prior_stage import run_priors_stage
 from cnnprior.priorfile import PRIORS_FORMAT, PriorWriter, make_records, read_priors, record_dtype, sidecar_path, to_u8
 from cnnprior.priors import (
     PriorExtractor,
@@ -29,7 +30,6 @@ from cnnprior.priors import (
     main,
     minmax,
     position_indices,
-    run_priors_stage,
     scale_and_resize,
     scale_and_resize_all,
 )

@@ -17,6 +17,7 @@ from cnnprior.config import Config, load_config, save_config
 from cnnprior.distributed import Dist
 from cnnprior.errors import UserError
 from cnnprior.gan_data import MapData, load_gan_data
+from cnnprior.prior_stage import check_outputs, run_priors_stage, write_shard
 from cnnprior.priorfile import (
     PriorFile,
     PriorWriter,
@@ -25,7 +26,7 @@ from cnnprior.priorfile import (
     record_dtype,
     zero_map_fractions,
 )
-from cnnprior.priors import PriorSpec, check_outputs, main, run_priors_stage, write_shard
+from cnnprior.priors import PriorSpec, main
 from cnnprior.priorset import (
     PRIORSET_FORMAT,
     PriorSet,

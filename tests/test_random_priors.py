@@ -12,8 +12,8 @@ from cnnprior.cnn import build_cnn, load_cnn, save_cnn
 from cnnprior.config import load_config
 from cnnprior.errors import UserError
 from cnnprior.gan_data import MapData, with_randomised
+from cnnprior.prior_stage import run_priors_stage
 from cnnprior.priorfile import read_priors
-from cnnprior.priors import run_priors_stage
 from cnnprior.random_priors import random_prior_path, run_random_priors_stage, stage_steps
 
 
