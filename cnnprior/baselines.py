@@ -47,21 +47,58 @@ class BaselineChoice:
                    dict(d.get("val_r") or {}))
 
 
+class BaselineScores:
+    """Running sums of the validation Pearson r that `choose` compares, fed batch by batch: choosing on a
+    validation set of any size keeps O(batch) memory (the GAN stage streams its validation prior file)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.per_prior: Tensor | None = None
+        self.sums = {"mean_prior": 0.0, "gray": 0.0, "inverted": 0.0}
+
+    def add(self, image: Tensor, priors: Tensor, target: Tensor) -> None:
+        """One batch: image (B,3,S,S), priors (B,n,S,S), target (B,1,S,S), floats in [0, 1]."""
+        b, n = priors.shape[:2]
+        t = target.expand(b, n, *target.shape[-2:]).reshape(b * n, *target.shape[-2:])
+        per_prior = pearson(priors.reshape(b * n, *priors.shape[-2:]), t).view(b, n).double().sum(0)
+        self.per_prior = per_prior if self.per_prior is None else self.per_prior + per_prior
+        gray = grayscale(image)
+        self.sums["mean_prior"] += pearson(priors.mean(1, keepdim=True), target).double().sum().item()
+        self.sums["gray"] += pearson(gray, target).double().sum().item()
+        self.sums["inverted"] += pearson(1.0 - gray, target).double().sum().item()
+        self.count += b
+
+    def choice(self, chosen_on: str) -> BaselineChoice:
+        """The best single prior (mean r), the intensity sign and the best baseline over every batch added."""
+        if self.per_prior is None:
+            raise ValueError("BaselineScores.choice: no validation samples were added")
+        per_prior = (self.per_prior / self.count).tolist()
+        best = max(range(len(per_prior)), key=per_prior.__getitem__)
+        r_gray, r_inv = self.sums["gray"] / self.count, self.sums["inverted"] / self.count
+        val_r = {"best_prior": per_prior[best], "mean_prior": self.sums["mean_prior"] / self.count,
+                 "image": max(r_gray, r_inv), "per_prior": per_prior}
+        best_baseline = max(BASELINES, key=lambda k: val_r[k])
+        return BaselineChoice(best, r_inv > r_gray, best_baseline, chosen_on, val_r)
+
+
 def choose(image: Tensor, priors: Tensor, target: Tensor, chosen_on: str) -> BaselineChoice:
-    """Choose the best single prior (mean Pearson r), the intensity sign and the best baseline on validation data.
+    """Choose the best single prior (mean Pearson r), the intensity sign and the best baseline on validation data
+    held in memory (BaselineScores streams it).
 
     image (B,3,S,S), priors (B,n,S,S), target (B,1,S,S), floats in [0, 1].
     """
-    b, n = priors.shape[:2]
-    t = target.expand(b, n, *target.shape[-2:]).reshape(b * n, *target.shape[-2:])
-    per_prior = pearson(priors.reshape(b * n, *priors.shape[-2:]), t).view(b, n).mean(0)
-    best = int(per_prior.argmax())
-    gray = grayscale(image)
-    r_gray, r_inv = pearson(gray, target).mean().item(), pearson(1.0 - gray, target).mean().item()
-    val_r = {"best_prior": float(per_prior[best]), "mean_prior": pearson(priors.mean(1, keepdim=True), target)
-             .mean().item(), "image": max(r_gray, r_inv), "per_prior": [float(v) for v in per_prior]}
-    best_baseline = max(BASELINES, key=lambda k: val_r[k])
-    return BaselineChoice(best, r_inv > r_gray, best_baseline, chosen_on, val_r)
+    scores = BaselineScores()
+    scores.add(image, priors, target)
+    return scores.choice(chosen_on)
+
+
+def choose_streamed(pf, chosen_on: str, chunk: int = 64) -> BaselineChoice:
+    """`choose` over a prior file or set (anything with len() and .tensors(slice)), `chunk` records at a time."""
+    scores = BaselineScores()
+    for start in range(0, len(pf), chunk):
+        t = pf.tensors(slice(start, start + chunk))
+        scores.add(t["image"], t["priors"], t["target"])
+    return scores.choice(chosen_on)
 
 
 def baseline_maps(image: Tensor, priors: Tensor, choice: BaselineChoice) -> dict[str, Tensor]:

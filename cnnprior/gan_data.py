@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cnnprior.baselines import choose
+from cnnprior.baselines import choose_streamed
 from cnnprior.config import Config
 from cnnprior.errors import UserError
 from cnnprior.priorfile import PriorFile, read_priors
@@ -194,7 +194,6 @@ def load_gan_data(cfg: Config) -> tuple[MapData, MapData, dict]:
     # priors-only generator (the image never reaches it)
     use = {"use_priors": cfg.gan.priors != "none", "use_image": cfg.gan.image != "none"}
     train_data, val_data = replace(train_data, **use), replace(val_data, **use)
-    t = val.tensors()
-    meta["baselines"] = choose(t["image"], t["priors"], t["target"], chosen_on=val_name).as_dict()
+    meta["baselines"] = choose_streamed(val, chosen_on=val_name).as_dict()
     meta["val_file"] = val_name
     return train_data, val_data, meta

@@ -13,13 +13,14 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from cnnprior.baselines import BaselineChoice, baseline_maps, choose, grayscale
+from cnnprior.baselines import BaselineChoice, baseline_maps, choose, choose_streamed, grayscale
 from cnnprior.cnn import build_cnn
 from cnnprior.config import Config, load_config
 from cnnprior.errors import UserError
 from cnnprior.layers import cam_layers, final_layer
+from cnnprior.priorfile import read_priors
 from cnnprior.priors import PriorSpec, extractor_from, spec_from_sidecar
-from tests.helpers import REPO
+from tests.helpers import REPO, write_priors
 
 FINAL = {"resnet18": "net.layer4.1", "densenet121": "net.features.norm5", "vgg11": "net.features.19",
          "mobilenet_v2": "net.features.18"}
@@ -136,3 +137,19 @@ def test_baselines_are_chosen_on_validation_and_applied_elsewhere() -> None:
     assert torch.equal(maps["best_prior"], priors[:, 2:3])
     assert torch.allclose(maps["mean_prior_rescaled"].amax((1, 2, 3)), torch.ones(8))
     assert BaselineChoice.from_dict(choice.as_dict()) == choice and BaselineChoice.from_dict(None) is None
+
+
+def test_baselines_chosen_chunk_by_chunk_equal_the_choice_on_the_whole_file(tmp_path) -> None:
+    # the GAN stage streams its validation file (O(batch) memory at any size): chunks of 7 over 30 records, the
+    # last one short, give the choice and the mean r's of one pass over everything
+    pf = read_priors(write_priors(tmp_path / "val.npy", 30, seed=3, split="val"))
+    t = pf.tensors()
+    whole = choose(t["image"], t["priors"], t["target"], chosen_on="val.npy")
+    streamed = choose_streamed(pf, chosen_on="val.npy", chunk=7)
+    assert (streamed.best_prior, streamed.image_inverted, streamed.best_baseline) == \
+        (whole.best_prior, whole.image_inverted, whole.best_baseline)
+    assert streamed.val_r["per_prior"] == pytest.approx(whole.val_r["per_prior"], abs=1e-6)
+    for key in ("best_prior", "mean_prior", "image"):
+        assert streamed.val_r[key] == pytest.approx(whole.val_r[key], abs=1e-6)
+    # the per-prior r's differ, so which prior is best is a real choice, made the same both ways
+    assert len({round(v, 6) for v in whole.val_r["per_prior"]}) > 1
