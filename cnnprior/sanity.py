@@ -201,17 +201,18 @@ def explain_batched(extractor: Callable[..., dict], images: Tensor, classes: Ten
 
 # ----------------------------------------------------------------------------------------- MPRT
 def mprt(model: nn.Module, maps_of: Callable[[nn.Module], dict[str, Tensor]], seed: int,
-         steps: int = 0) -> dict:
+         steps: int = 0, ref: dict[str, Tensor] | None = None) -> dict:
     """Cascading model-parameter randomisation: `maps_of(copy)` for the trained model (step 0) and for copies
     with the first 1..K stages re-initialised (`randomise.randomised_copy`, seeded); per step and method the
     per-image Spearman (of |maps|) and SSIM similarity to the step-0 maps of the same method.
 
     steps: K (0 = every stage). An image whose step-0 map is constant has no rank order: its Spearman is NaN
-    (left out of means); a randomised map that is constant against a non-constant one scores 0.
+    (left out of means); a randomised map that is constant against a non-constant one scores 0. `ref`: the
+    step-0 maps when already computed (they do not depend on the seed); the result holds them under "ref".
     """
     stages = [name for name, _ in model_stages(model)]
     k = len(stages) if steps <= 0 else min(steps, len(stages))
-    ref = maps_of(randomised_copy(model, 0, seed))
+    ref = maps_of(randomised_copy(model, 0, seed)) if ref is None else ref
     flat = {m: constant(v) for m, v in ref.items()}
     out = []
     for s in range(k + 1):
@@ -220,7 +221,7 @@ def mprt(model: nn.Module, maps_of: Callable[[nn.Module], dict[str, Tensor]], se
         rho = {m: torch.where(flat[m], torch.full_like(r, math.nan), r) for m, r in rho.items()}
         out.append({"step": s, "randomised": "none" if s == 0 else stages[s - 1], "spearman": rho,
                     "ssim": {m: metrics.ssim_or_nan(v.double(), ref[m].double()) for m, v in maps.items()}})
-    return {"stages": stages, "steps": out}
+    return {"stages": stages, "steps": out, "ref": ref}
 
 
 def mprt_verdict(spearman: dict[str, list[float]], stages: list[str], method: str, reference: str,

@@ -222,6 +222,10 @@ def test_mprt_deterministic_and_image_only_method_never_falls(small_cnn):
     c = mprt(small_cnn, fn, seed=2, steps=3)
     assert not torch.equal(torch.nan_to_num(a["steps"][3]["spearman"]["cam"], 9.0),
                            torch.nan_to_num(c["steps"][3]["spearman"]["cam"], 9.0))
+    # the step-0 maps do not depend on the seed: handed in, they give the same result
+    d = mprt(small_cnn, fn, seed=2, steps=3, ref=a["ref"])
+    for sc, sd in zip(c["steps"], d["steps"], strict=True):
+        assert torch.equal(torch.nan_to_num(sc["spearman"]["cam"], 9.0), torch.nan_to_num(sd["spearman"]["cam"], 9.0))
 
 
 def test_explain_batched_fixes_the_class(small_cnn):
@@ -484,7 +488,9 @@ def test_end_to_end_mprt(sanity_report):
     for label in ("LSFT", "GSFT"):
         v = m["verdicts"][label]
         assert v["steps"] == 6 and v["reference"] == "Grad-CAM (target)" and isinstance(v["passes"], bool)
-    assert m["options"] == {"num": 6, "steps": 0, "seed": 0}
+    assert m["options"] == {"num": 6, "steps": 0, "seed": 0, "seeds": 1}
+    assert m["seeds"] == [0] and set(m["per_seed"]) == {"0"}
+    assert m["per_seed"]["0"]["LSFT"]["worst_gap"] == pytest.approx(m["verdicts"]["LSFT"]["worst_gap"], abs=1e-9)
 
 
 def test_end_to_end_swap_control_gridpg(sanity_report):
@@ -524,6 +530,28 @@ def test_end_to_end_report(sanity_report):
     assert md.count("MPRT**:") == 2  # one verdict sentence per GAN
     assert "sections not run: faithfulness, localisation, relevance, generalisation" in md
     assert (out / "report.html").read_text().count('src="data:image/png;base64,') >= 1
+
+
+def test_mprt_pools_several_seeds_and_gives_each_seed_its_verdict(world, tmp_path):
+    def run(name: str, **mprt_opts: int) -> dict:
+        path = _eval_yaml(world, tmp_path / f"{name}.yaml", sections=["mprt"], mprt={"num": 4, "steps": 2, **mprt_opts})
+        assert main(["--config", str(path), "--out", str(tmp_path / name)]) == 0
+        return json.loads((tmp_path / name / "metrics.json").read_text())["mprt"]
+
+    both, alone = run("both", seed=5, seeds=2), run("alone", seed=6)
+    assert both["seeds"] == [5, 6] and set(both["per_seed"]) == {"5", "6"} and alone["seeds"] == [6]
+    for label in ("LSFT", "GSFT"):  # seed 6 within the pooled run = seed 6 run alone
+        assert both["per_seed"]["6"][label] == pytest.approx(alone["verdicts"][label], nan_ok=True)
+    for k, (st, st1) in enumerate(zip(both["steps"], alone["steps"], strict=True)):
+        for m in both["methods"]:
+            assert st["spearman"][m]["n"] == 2 * st1["spearman"][m]["n"], (k, m)  # 4 images x 2 seeds
+    for label in ("LSFT", "GSFT"):
+        # each pooled step mean averages the seeds' means (same images), so no pooled gap exceeds a seed's worst
+        v = both["verdicts"][label]
+        assert v["worst_gap"] <= max(both["per_seed"][s][label]["worst_gap"] for s in ("5", "6")) + 1e-9
+    md = (tmp_path / "both" / "report.md").read_text()
+    assert "seeds 5–6: each step's per-image similarities of the 2 randomised networks are pooled" in md
+    assert "| passes |" in md and " of 2 |" in md
 
 
 def test_mprt_names_the_training_seeds_and_defaults_to_a_held_out_seed():

@@ -35,6 +35,10 @@ class MPRTOptions:
     seed: int = option(1000, lo=0, help="seed of the re-initialised weights; keep it apart from the seeds of "
                                         "the randomised copies the generators trained on (priors.randomised_seeds "
                                         "writes seeds 0, 1, ...), or the test reuses networks they have seen")
+    seeds: int = option(1, lo=1, help="randomise with seeds seed, seed+1, ..., seed+seeds-1: each step's "
+                                      "similarities are pooled over them (N x seeds values per mean) and the "
+                                      "report gives each seed's verdict as well; one seed is one draw of random "
+                                      "networks, and a verdict near the margin can flip with the next")
 
 
 def target_label(meta: dict) -> str:
@@ -79,21 +83,33 @@ class MPRTSection(Section, name="mprt", title="Sanity check: model-parameter ran
         n = min(opts.num, ctx.count)
         first: dict = {}
         ref = target_label(ctx.pf.meta)
-        raw = mprt(ctx.cnn, _maps_fn(ctx, n, first), opts.seed, opts.steps)
-        methods = list(raw["steps"][0]["spearman"])
+        seeds = [opts.seed + i for i in range(opts.seeds)]
+        maps_of = _maps_fn(ctx, n, first)
+        raws, step0 = [], None
+        for seed in seeds:  # the trained CNN's maps (step 0) are computed once and shared by every seed
+            raws.append(mprt(ctx.cnn, maps_of, seed, opts.steps, ref=step0))
+            step0 = raws[-1]["ref"]
+        stages = raws[0]["stages"]
+        methods = list(raws[0]["steps"][0]["spearman"])
         steps = []
-        for st in raw["steps"]:
-            rho = st["spearman"]
+        for k, st in enumerate(raws[0]["steps"]):  # per-image values of every seed, pooled
+            rho = {m: torch.cat([r["steps"][k]["spearman"][m] for r in raws]) for m in methods}
+            ssim = {m: torch.cat([torch.as_tensor(r["steps"][k]["ssim"][m]) for r in raws]) for m in methods}
             steps.append({"step": st["step"], "randomised": st["randomised"],
                           "spearman": {m: mean_ci(v) for m, v in rho.items()},
-                          "ssim": {m: mean_ci(v) for m, v in st["ssim"].items()},
+                          "ssim": {m: mean_ci(v) for m, v in ssim.items()},
                           "gap": {g.label: mean_ci(rho[g.label] - rho[ref]) for g in ctx.gans}})
         means = {m: [s["spearman"][m]["mean"] for s in steps] for m in methods}
-        verdicts = {g.label: mprt_verdict(means, raw["stages"], g.label, ref) for g in ctx.gans}
+        verdicts = {g.label: mprt_verdict(means, stages, g.label, ref) for g in ctx.gans}
+        per_seed = {}
+        for seed, r in zip(seeds, raws, strict=True):
+            seed_means = {m: [float(torch.nanmean(st["spearman"][m].double())) for st in r["steps"]] for m in methods}
+            per_seed[str(seed)] = {g.label: mprt_verdict(seed_means, stages, g.label, ref) for g in ctx.gans}
         stored = ctx.data["target"][:n]
-        return {"images": n, "stages": raw["stages"], "methods": methods, "reference": ref,
-                "steps": steps, "verdicts": verdicts, "margin": MPRT_MARGIN, "seed": opts.seed,
-                "seen_in_training": [g.label for g in ctx.gans if opts.seed in training_seeds(g.meta)],
+        return {"images": n, "stages": stages, "methods": methods, "reference": ref,
+                "steps": steps, "verdicts": verdicts, "margin": MPRT_MARGIN, "seed": opts.seed, "seeds": seeds,
+                "per_seed": per_seed,
+                "seen_in_training": [g.label for g in ctx.gans if set(seeds) & set(training_seeds(g.meta))],
                 "training_seeds": {g.label: training_seeds(g.meta) for g in ctx.gans},
                 "step0_target_l1": mean_ci(metrics.l1(first["target"], stored))}
 
@@ -108,10 +124,15 @@ class MPRTSection(Section, name="mprt", title="Sanity check: model-parameter ran
                  f"interval]. A method that reads the CNN falls with the randomisation; one that reads only the "
                  f"image stays high. Step-0 targets recomputed vs the prior file's: mean L1 "
                  f"{format_ci(results['step0_target_l1'])} (about 0 when the file was made with this CNN and code).")
-        seeds = {k: v for k, v in results.get("training_seeds", {}).items() if v}
-        report.p(f"Randomised weights: seed {results.get('seed', 0)}"
+        trained = {k: v for k, v in results.get("training_seeds", {}).items() if v}
+        seeds = results.get("seeds") or [results.get("seed", 0)]
+        pooled = (f"seeds {seeds[0]}–{seeds[-1]}: each step's per-image similarities of the {len(seeds)} "
+                  f"randomised networks are pooled (means over {results['images']} × {len(seeds)} values; the "
+                  f"intervals resample (image, seed) pairs, so they ignore that an image recurs per seed)"
+                  if len(seeds) > 1 else f"seed {seeds[0]}")
+        report.p(f"Randomised weights: {pooled}"
                  + (f"; the generators trained on randomised copies with seeds "
-                    f"{'; '.join(f'{k}: ' + ', '.join(map(str, v)) for k, v in seeds.items())}" if seeds else "")
+                    f"{'; '.join(f'{k}: ' + ', '.join(map(str, v)) for k, v in trained.items())}" if trained else "")
                  + ".")
         if results.get("seen_in_training"):
             report.p(f"**Warning**: {', '.join(results['seen_in_training'])} trained on prior files from the very "
@@ -122,6 +143,16 @@ class MPRTSection(Section, name="mprt", title="Sanity check: model-parameter ran
         for v in results["verdicts"].values():
             means = {m: [s["spearman"][m]["mean"] for s in results["steps"]] for m in results["methods"]}
             report.p(verdict_sentence(v, means))
+        per_seed = results.get("per_seed") or {}
+        if len(per_seed) > 1:
+            gans = list(results["verdicts"])
+            report.p(f"Each seed alone (one draw of random networks, {results['images']} images): the verdict and "
+                     f"the largest gap over {results['reference']}, at the step named.")
+            rows = [[seed] + [f"{'pass' if v[g]['passes'] else 'fail'}, {v[g]['worst_gap']:+.3f} "
+                              f"(`{v[g]['worst_stage']}`)" for g in gans] for seed, v in per_seed.items()]
+            rows.append(["passes"] + [f"{sum(v[g]['passes'] for v in per_seed.values())} of {len(per_seed)}"
+                                      for g in gans])
+            report.table(Table.plain(["seed"] + gans, rows))
         mprt_chart(results, folder / "mprt.png")
         report.img("mprt.png", "MPRT: similarity to the trained CNN's maps per randomisation step")
         methods = results["methods"]
@@ -155,5 +186,7 @@ def mprt_chart(results: dict, path: Path) -> None:
         ax.set_ylabel(f"{label} vs trained CNN")
         ax.grid(alpha=0.3)
     fig.axes[0].legend(fontsize=8)
-    fig.suptitle(f"MPRT, N = {results['images']} images, explained class fixed")
+    seeds = results.get("seeds") or [0]
+    fig.suptitle(f"MPRT, N = {results['images']} images"
+                 + (f" x {len(seeds)} seeds (pooled)" if len(seeds) > 1 else "") + ", explained class fixed")
     fig.savefig(path, format="png")
