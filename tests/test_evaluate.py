@@ -34,17 +34,19 @@ from cnnprior.sections.relevance import prior_labels, prior_relevance
 from tests.helpers import gan_config
 
 SIZE, N, COUNT, CLASSES = 16, 4, 8, ["a", "b", "c", "d", "e"]
+PX = 64  # the CNN's input: ResNet-18's final feature map is 2x2 (at 32 px it is 1x1 and every target map is empty)
 
 
 def _shapes(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """32 px noise images, each with one bright square; the square is the ground-truth mask."""
+    """PX px noise images, each with one bright square; the square is the ground-truth mask."""
     g = torch.Generator().manual_seed(seed)
-    images = torch.rand(count, 3, 32, 32, generator=g) * 0.3
-    masks = torch.zeros(count, 32, 32)
+    images = torch.rand(count, 3, PX, PX, generator=g) * 0.3
+    masks = torch.zeros(count, PX, PX)
+    side = PX * 3 // 8
     for i in range(count):
-        y, x = torch.randint(0, 20, (2,), generator=g).tolist()
-        images[i, :, y:y + 12, x:x + 12] = 0.9
-        masks[i, y:y + 12, x:x + 12] = 1
+        y, x = torch.randint(0, PX - side, (2,), generator=g).tolist()
+        images[i, :, y:y + side, x:x + side] = 0.9
+        masks[i, y:y + side, x:x + side] = 1
     return images, masks
 
 
@@ -58,7 +60,7 @@ def _write_real_priors(path: Path, cnn_path: Path, model, count: int = COUNT, n:
     meta = {"format": PRIORS_FORMAT, **extractor.spec.as_dict(), **extractor.describe(), "split": split,
             "dataset": "shapes" if has_masks else "noise", "class_names": CLASSES, "has_masks": has_masks,
             "cnn": {"arch": "resnet18", "checkpoint": str(cnn_path), "checkpoint_sha256": file_sha256(cnn_path),
-                    "image_size": 32, "val_accuracy": 0.5}, "config": {}}
+                    "image_size": PX, "val_accuracy": 0.5}, "config": {}}
     writer = PriorWriter(path, count, meta)
     writer.write(make_records(out, images, labels, masks, torch.arange(count), SIZE, n, with_mask=has_masks))
     return writer.close()
@@ -69,7 +71,7 @@ def tiny(tmp_path_factory) -> dict:
     """CNN, prior files (main with masks, a same-shape other one, one with n=3) and tiny LSFT/GSFT checkpoints."""
     root = tmp_path_factory.mktemp("eval")
     torch.manual_seed(0)
-    model = build_cnn("resnet18", CLASSES, image_size=32).eval()
+    model = build_cnn("resnet18", CLASSES, image_size=PX).eval()
     cnn_path = save_cnn(model, root / "models" / "tiny-cnn.pt", val_accuracy=0.5, epoch=0, config={},
                         dataset="shapes")
     main_priors = _write_real_priors(root / "npys" / "tiny-test.npy", cnn_path, model)
@@ -145,9 +147,10 @@ def test_end_to_end_tables_filled(report, tiny):
         "chance (uniform random point)"]
     for section in ("fidelity", "faithfulness", "localisation"):
         assert _finite(m[section]), section
-    # numbers, not just presence: the mean-of-priors row against a direct computation
     d = read_priors(tiny["priors"]).tensors()
-    chance = float(d["mask"].mean())  # the masks' area fraction (nearest 2x upsampling keeps it)
+    assert bool((d["target"].flatten(1).std(1) > 0.05).all())  # real target maps, not empty ones: scores mean something
+    # numbers, not just presence: the mean-of-priors row against a direct computation
+    chance = float(d["mask"].mean())  # the stored masks' area fraction
     row = m["localisation"]["chance (uniform random point)"]
     assert row["pointing_game"] == pytest.approx(chance) and row["energy_pointing_game"] == pytest.approx(chance)
     assert row["pointing_game_ci95"] == row["energy_pointing_game_ci95"]  # one per-image vector, one seed
