@@ -8,6 +8,7 @@ does not change under rescaling, L1 and SSIM do.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -72,8 +73,9 @@ class BaselineScores:
         """The best single prior (mean r), the intensity sign and the best baseline over every batch added."""
         if self.per_prior is None:
             raise ValueError("BaselineScores.choice: no validation samples were added")
-        per_prior = (self.per_prior / self.count).tolist()
-        best = max(range(len(per_prior)), key=per_prior.__getitem__)
+        means = self.per_prior / self.count
+        per_prior = means.tolist()
+        best = int(means.nan_to_num(-math.inf).argmax())  # a NaN r (not produced by pearson today) never wins
         r_gray, r_inv = self.sums["gray"] / self.count, self.sums["inverted"] / self.count
         val_r = {"best_prior": per_prior[best], "mean_prior": self.sums["mean_prior"] / self.count,
                  "image": max(r_gray, r_inv), "per_prior": per_prior}

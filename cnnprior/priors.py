@@ -255,6 +255,10 @@ class PriorExtractor:
                     # copying those layers' outputs, and copy them from now on; other layers are never copied
                     self._copy_outputs = rec.copy = self._copy_outputs | changed
                     logits = rec(images)
+                if rec.overwritten():  # a copied output changed anyway (it aliases a tensor modified later)
+                    raise RuntimeError(f"layers {sorted(rec.overwritten())} of {type(self.model).__name__}: an "
+                                       f"in-place op changed their outputs even when copied; their maps would be "
+                                       f"wrong (please report the model)")
                 pred = logits.argmax(1)
                 if classes is not None:
                     cls = classes.to(device).long()
@@ -297,7 +301,8 @@ class PriorExtractor:
                 running += maps[:, i]
             done = max(done, p + 1)
             priors.append(running / (p + 1))
-        return torch.stack(priors, 1), maps[:, self.target_index]
+        # the target cloned: a view would keep the whole (B,L,S,S) buffer alive in callers that hold outputs
+        return torch.stack(priors, 1), maps[:, self.target_index].clone()
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor | None = None,
                  classes: torch.Tensor | None = None) -> dict:

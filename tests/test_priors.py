@@ -198,6 +198,30 @@ def test_resnet_copies_only_the_outputs_an_inplace_op_overwrites(shape_batch: to
     assert torch.equal(ex.layer_maps(shape_batch)[0], maps)
 
 
+class _AliasedOutput(nn.Module):
+    """A recorded layer whose output is a view of its input, which the network then modifies in place: copying
+    the output handed on cannot protect the recorded tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.alias, self.conv2 = nn.Conv2d(3, 4, 3, padding=1), nn.Identity(), nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(x)
+        v = self.alias(h[:])  # a view of h
+        h.mul_(2.0)  # changes v too
+        return self.fc(self.conv2(v).mean((2, 3)))
+
+
+def test_an_output_overwritten_even_when_copied_is_an_error_not_a_wrong_map() -> None:
+    model = _AliasedOutput().eval()
+    layers = [("conv1", model.conv1), ("alias", model.alias), ("conv2", model.conv2)]
+    ex = PriorExtractor(model, layers, PriorSpec(size=8, n=2, target="last_conv"))
+    with pytest.raises(RuntimeError, match=r"layers \[1\] of _AliasedOutput: an in-place op changed"):
+        ex.layer_maps(torch.rand(2, 3, 8, 8))
+
+
 def test_layer_run_twice_or_unused_does_not_shift_maps(zigzag: nn.Module) -> None:
     x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     layers = conv_layers(zigzag, image_size=16)

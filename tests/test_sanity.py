@@ -538,19 +538,23 @@ def test_mprt_pools_several_seeds_and_gives_each_seed_its_verdict(world, tmp_pat
         assert main(["--config", str(path), "--out", str(tmp_path / name)]) == 0
         return json.loads((tmp_path / name / "metrics.json").read_text())["mprt"]
 
-    both, alone = run("both", seed=5, seeds=2), run("alone", seed=6)
-    assert both["seeds"] == [5, 6] and set(both["per_seed"]) == {"5", "6"} and alone["seeds"] == [6]
-    for label in ("LSFT", "GSFT"):  # seed 6 within the pooled run = seed 6 run alone
-        assert both["per_seed"]["6"][label] == pytest.approx(alone["verdicts"][label], nan_ok=True)
-    for k, (st, st1) in enumerate(zip(both["steps"], alone["steps"], strict=True)):
+    both, five, six = run("both", seed=5, seeds=2), run("five", seed=5), run("six", seed=6)
+    assert both["seeds"] == [5, 6] and set(both["per_seed"]) == {"5", "6"} and six["seeds"] == [6]
+    for label in ("LSFT", "GSFT"):  # each seed within the pooled run = that seed run alone
+        assert both["per_seed"]["5"][label] == pytest.approx(five["verdicts"][label], nan_ok=True)
+        assert both["per_seed"]["6"][label] == pytest.approx(six["verdicts"][label], nan_ok=True)
+    for k, st in enumerate(both["steps"]):
         for m in both["methods"]:
-            assert st["spearman"][m]["n"] == 2 * st1["spearman"][m]["n"], (k, m)  # 4 images x 2 seeds
-    for label in ("LSFT", "GSFT"):
-        # each pooled step mean averages the seeds' means (same images), so no pooled gap exceeds a seed's worst
+            # per image averaged over the seeds, then over the N images: N values, the mean of the seeds' means
+            pooled, a, b = st["spearman"][m], five["steps"][k]["spearman"][m], six["steps"][k]["spearman"][m]
+            assert pooled["n"] == a["n"] == b["n"], (k, m)
+            if pooled["n"]:
+                assert pooled["mean"] == pytest.approx((a["mean"] + b["mean"]) / 2, abs=1e-9), (k, m)
+    for label in ("LSFT", "GSFT"):  # so no pooled gap exceeds both seeds' worst
         v = both["verdicts"][label]
         assert v["worst_gap"] <= max(both["per_seed"][s][label]["worst_gap"] for s in ("5", "6")) + 1e-9
     md = (tmp_path / "both" / "report.md").read_text()
-    assert "seeds 5–6: each step's per-image similarities of the 2 randomised networks are pooled" in md
+    assert "seeds 5–6: at each step every image's similarity is averaged over the 2 randomised networks" in md
     assert "| passes |" in md and " of 2 |" in md
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,11 @@ def training_seeds(meta: dict) -> list[int]:
     return sorted({int(m.group(1)) for m in found if m})
 
 
+def seed_mean(per_seed: list[torch.Tensor]) -> torch.Tensor:
+    """Per-image mean over seeds of (N,) similarity vectors; NaN where an image has no finite value."""
+    return torch.stack([v.double() for v in per_seed]).nanmean(0)
+
+
 def _maps_fn(ctx: EvalContext, n: int, first: dict) -> Any:
     """maps_of(model) for sanity.mprt: every method's maps of the first n images, class fixed per image."""
     images, classes = ctx.data["image"][:n], ctx.data["explained"][:n]
@@ -92,9 +98,12 @@ class MPRTSection(Section, name="mprt", title="Sanity check: model-parameter ran
         stages = raws[0]["stages"]
         methods = list(raws[0]["steps"][0]["spearman"])
         steps = []
-        for k, st in enumerate(raws[0]["steps"]):  # per-image values of every seed, pooled
-            rho = {m: torch.cat([r["steps"][k]["spearman"][m] for r in raws]) for m in methods}
-            ssim = {m: torch.cat([torch.as_tensor(r["steps"][k]["ssim"][m]) for r in raws]) for m in methods}
+        for k, st in enumerate(raws[0]["steps"]):
+            # each image's similarity averaged over the seeds, then mean and interval over the N images: the seeds
+            # sharpen each image's value, the interval resamples images (the seeds of one image are not independent
+            # samples). An image's Spearman is NaN for every seed alike (its step-0 map is constant)
+            rho = {m: seed_mean([r["steps"][k]["spearman"][m] for r in raws]) for m in methods}
+            ssim = {m: seed_mean([torch.as_tensor(r["steps"][k]["ssim"][m]) for r in raws]) for m in methods}
             steps.append({"step": st["step"], "randomised": st["randomised"],
                           "spearman": {m: mean_ci(v) for m, v in rho.items()},
                           "ssim": {m: mean_ci(v) for m, v in ssim.items()},
@@ -126,9 +135,9 @@ class MPRTSection(Section, name="mprt", title="Sanity check: model-parameter ran
                  f"{format_ci(results['step0_target_l1'])} (about 0 when the file was made with this CNN and code).")
         trained = {k: v for k, v in results.get("training_seeds", {}).items() if v}
         seeds = results.get("seeds") or [results.get("seed", 0)]
-        pooled = (f"seeds {seeds[0]}–{seeds[-1]}: each step's per-image similarities of the {len(seeds)} "
-                  f"randomised networks are pooled (means over {results['images']} × {len(seeds)} values; the "
-                  f"intervals resample (image, seed) pairs, so they ignore that an image recurs per seed)"
+        pooled = (f"seeds {seeds[0]}–{seeds[-1]}: at each step every image's similarity is averaged over the "
+                  f"{len(seeds)} randomised networks, then mean and interval are taken over the "
+                  f"{results['images']} images (the interval resamples images)"
                   if len(seeds) > 1 else f"seed {seeds[0]}")
         report.p(f"Randomised weights: {pooled}"
                  + (f"; the generators trained on randomised copies with seeds "
@@ -148,9 +157,9 @@ class MPRTSection(Section, name="mprt", title="Sanity check: model-parameter ran
             gans = list(results["verdicts"])
             report.p(f"Each seed alone (one draw of random networks, {results['images']} images): the verdict and "
                      f"the largest gap over {results['reference']}, at the step named.")
-            rows = [[seed] + [f"{'pass' if v[g]['passes'] else 'fail'}, {v[g]['worst_gap']:+.3f} "
-                              f"(`{v[g]['worst_stage']}`)" for g in gans] for seed, v in per_seed.items()]
-            rows.append(["passes"] + [f"{sum(v[g]['passes'] for v in per_seed.values())} of {len(per_seed)}"
+            rows = [[seed] + [seed_cell(v[g]) for g in gans] for seed, v in per_seed.items()]
+            rows.append(["passes"] + [f"{sum(v[g]['passes'] for v in per_seed.values())} of "
+                                      f"{sum(math.isfinite(v[g]['worst_gap']) for v in per_seed.values())}"
                                       for g in gans])
             report.table(Table.plain(["seed"] + gans, rows))
         mprt_chart(results, folder / "mprt.png")
@@ -160,6 +169,13 @@ class MPRTSection(Section, name="mprt", title="Sanity check: model-parameter ran
         rows = [[s["step"], s["randomised"]] + [format_ci(s["spearman"][m]) for m in methods]
                 + [format_ci(s["ssim"][m]) for m in methods] for s in results["steps"]]
         report.table(Table.plain(header, rows))
+
+
+def seed_cell(v: dict) -> str:
+    """One seed's verdict in the per-seed table: pass/fail with the largest gap, or no verdict (no finite step)."""
+    if not math.isfinite(v["worst_gap"]):
+        return "no verdict"
+    return f"{'pass' if v['passes'] else 'fail'}, {v['worst_gap']:+.3f} (`{v['worst_stage']}`)"
 
 
 def mprt_chart(results: dict, path: Path) -> None:
@@ -188,5 +204,5 @@ def mprt_chart(results: dict, path: Path) -> None:
     fig.axes[0].legend(fontsize=8)
     seeds = results.get("seeds") or [0]
     fig.suptitle(f"MPRT, N = {results['images']} images"
-                 + (f" x {len(seeds)} seeds (pooled)" if len(seeds) > 1 else "") + ", explained class fixed")
+                 + (f", each averaged over {len(seeds)} seeds" if len(seeds) > 1 else "") + ", explained class fixed")
     fig.savefig(path, format="png")
