@@ -12,9 +12,10 @@ from tqdm import tqdm
 
 from cnnprior.distributed import Dist, everywhere, from_main, joined
 from cnnprior.errors import UserError
-from cnnprior.priorfile import PRIORS_FORMAT, PriorWriter, make_records, read_prior_file, sidecar_path
+from cnnprior.priorfile import PRIORS_FORMAT, PriorWriter, make_records, read_prior_file, read_priors, sidecar_path
 from cnnprior.priors import PriorExtractor, extractor_for_checkpoint
 from cnnprior.priorset import (
+    first_difference,
     manifest_path,
     set_outputs,
     shard_bounds,
@@ -82,6 +83,27 @@ def write_prior_set(extractor: PriorExtractor, dataset, path: Path, meta: dict, 
         return write_manifest(manifest_path(path), shards, batch_size=batch_size, overwrite=overwrite)
 
     return from_main(ctx, manifest)
+
+
+def finished(final: Path, meta: dict, count: int) -> bool:
+    """Whether --resume can keep a split's finished prior file or set: it exists with these settings and count
+    (another run's output is refused, not silently kept)."""
+    if not final.is_file():
+        return False
+    kept = read_priors(final, verify=False)
+
+    def essentials(m: dict) -> dict:
+        # what decides the records: spec, layers, split, data, CNN; of the whole config only its data section
+        # (a resume that adds randomised-copy seeds changes the config but not these files)
+        out = {k: v for k, v in shared_meta(m).items() if k not in ("count", "content_sha256", "config")}
+        return {**out, "config.data": (m.get("config") or {}).get("data")}
+
+    want, got = essentials(json.loads(json.dumps(meta))), essentials(kept.meta)
+    if got != want or len(kept) != count:
+        key = first_difference(got, want) if got != want else f"count ({len(kept)} != {count})"
+        raise UserError(f"{final}: a finished prior file of other settings ({key}); delete it, drop --resume, or "
+                        f"use --overwrite")
+    return True
 
 
 def check_outputs(path: Path, world: int, resume: bool, overwrite: bool) -> None:
@@ -174,9 +196,14 @@ def priors_stage(cfg, ctx: Dist, device: torch.device, resume: bool, overwrite: 
     written = []
     for split in cfg.priors.splits:
         path = Path(f"{cfg.priors_prefix}-{split}.npy")
-        from_main(ctx, lambda path=path: check_outputs(path, ctx.world, resume, overwrite))
         ds = split_dataset(cfg, split)
         meta = file_meta(cfg, extractor, cnn_meta, ds, split)
+        final, count = (path if ctx.world == 1 else manifest_path(path)), len(ds)
+        if resume and not overwrite and from_main(ctx, lambda f=final, m=meta, k=count: finished(f, m, k)):
+            log(f"priors: {final} exists (--resume: kept)")  # e.g. a run stopped in the randomised-copy files
+            written.append(final)
+            continue
+        from_main(ctx, lambda path=path: check_outputs(path, ctx.world, resume, overwrite))
         log(f"priors: {split}: {len(ds)} images, {extractor.conv_count} conv layers, target "
             f"{meta['target_layer']}, positions {extractor.positions}"
             + (f"; {ctx.world} processes, one shard each" if ctx.enabled else ""))

@@ -17,7 +17,7 @@ from cnnprior.config import Config, load_config, save_config
 from cnnprior.distributed import Dist
 from cnnprior.errors import UserError
 from cnnprior.gan_data import MapData, load_gan_data
-from cnnprior.prior_stage import check_outputs, run_priors_stage, write_shard
+from cnnprior.prior_stage import check_outputs, finished, run_priors_stage, write_shard
 from cnnprior.priorfile import (
     PriorFile,
     PriorWriter,
@@ -322,3 +322,29 @@ def test_two_process_priors_stage_writes_the_records_of_one_process(tmp_path: Pa
     assert redo == [two / "tiny-val.npy"] and not list(two.glob("tiny-val-shard*")) and not (
         two / "tiny-val.priorset.json").exists()
     assert read_priors(redo[0]).meta["content_sha256"] == read_priors(singles[1]).meta["content_sha256"]
+
+
+def test_resume_keeps_finished_split_files_and_refuses_other_settings(tmp_path: Path, prior_set) -> None:
+    # a priors stage stopped in its randomised-copy files is resumed: the finished split files are kept as they are
+    cfg = _stage_config(tmp_path, "r", "priors.splits=[val]", "priors.randomised_stages=[]")
+    torch.manual_seed(0)
+    save_cnn(build_cnn("resnet18", CLASSES, 32), cfg.cnn_checkpoint, val_accuracy=0.2, epoch=0, config={},
+             dataset="shapes")
+    [val] = run_priors_stage(cfg, log=lambda _m: None)
+    before, lines = val.stat().st_mtime_ns, []
+    assert run_priors_stage(cfg, resume=True, log=lines.append) == [val]
+    assert val.stat().st_mtime_ns == before and any("exists (--resume: kept)" in line for line in lines)
+    with pytest.raises(UserError, match=r"prior file exists; use --overwrite"):  # no --resume: never replaced
+        run_priors_stage(cfg, log=lambda _m: None)
+    more = _stage_config(tmp_path, "r", "priors.splits=[val]", "priors.randomised_stages=[]", "priors.randomised_seeds=6")
+    assert run_priors_stage(more, resume=True, log=lambda _m: None) == [val]  # other randomised copies: still kept
+    assert val.stat().st_mtime_ns == before
+    other = _stage_config(tmp_path, "r", "priors.splits=[val]", "priors.randomised_stages=[]", "priors.n=3")
+    with pytest.raises(UserError, match=r"tiny-val\.npy: a finished prior file of other settings \(n\); delete it"):
+        run_priors_stage(other, resume=True, log=lambda _m: None)
+    # a prior set is checked the same way, through its manifest
+    manifest, _ = prior_set
+    meta = read_priors(manifest, verify=False).meta
+    assert finished(manifest, {k: v for k, v in meta.items() if k not in ("count", "content_sha256")}, 10)
+    with pytest.raises(UserError, match=r"count \(10 != 11\)"):
+        finished(manifest, {k: v for k, v in meta.items() if k not in ("count", "content_sha256")}, 11)
