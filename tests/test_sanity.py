@@ -470,13 +470,21 @@ def sanity_report(world) -> dict:
                       control={"lsft": world["ckpts"]["control"], "speed_num": 8})
     out = world["root"] / "report"
     assert main(["--config", str(path), "--out", str(out)]) == 0
-    return {"out": out, "metrics": json.loads((out / "metrics.json").read_text())}
+    return {"out": out, "metrics": json.loads((out / "metrics.json").read_text()), "lsft": world["ckpts"]["lsft"]}
+
+
+def m_choice(report: dict) -> int:
+    """The best single prior the tiny LSFT chose on validation (its checkpoint's baselines)."""
+    gen_meta = torch.load(report["lsft"], map_location="cpu", weights_only=True)["priors_meta"]
+    return int(gen_meta["baselines"]["best_prior"])
 
 
 def test_end_to_end_mprt(sanity_report):
     m = sanity_report["metrics"]["mprt"]
     assert m["images"] == 6 and m["stages"] == ["fc", "layer4", "layer3", "layer2", "layer1", "stem"]
-    assert m["methods"] == ["LSFT", "GSFT", "Grad-CAM (target)", "Grad-CAM++", "LayerCAM"]
+    assert m["methods"][:5] == ["LSFT", "GSFT", "Grad-CAM (target)", "Grad-CAM++", "LayerCAM"]
+    best = f"C{m_choice(sanity_report)} (val)"
+    assert m["methods"][5:] == ["mean of priors", best]  # the GANs' inputs, recomputed per step
     assert len(m["steps"]) == 7 and m["steps"][0]["randomised"] == "none"
     for method in m["methods"]:
         s0 = m["steps"][0]["spearman"][method]

@@ -25,6 +25,7 @@ from cnnprior.sanity import (
     verdict_sentence,
 )
 from cnnprior.sections.base import EvalContext, Section, option
+from cnnprior.sections.fidelity import MEAN_OF_PRIORS, baseline_choice
 
 
 @dataclass
@@ -64,6 +65,8 @@ def _maps_fn(ctx: EvalContext, n: int, first: dict) -> Any:
     images, classes = ctx.data["image"][:n], ctx.data["explained"][:n]
     images_r = resize_maps(images, ctx.image_size).to(ctx.device)
     spec, bs = spec_from_sidecar(ctx.pf.meta), ctx.cfg.batch_size
+    choice = next((c for c in (baseline_choice(g) for g in ctx.gans) if c is not None), None)
+    best = None if choice is None else choice.best_prior  # the best single prior, chosen on validation
 
     def maps_of(model: nn.Module) -> dict[str, torch.Tensor]:
         """Each method's maps for the (possibly randomised) `model`."""
@@ -75,6 +78,11 @@ def _maps_fn(ctx: EvalContext, n: int, first: dict) -> Any:
         layer = ex.layers[ex.target_index]
         for method in cams.LIVE_BESIDES_DEFAULT:
             maps[cams.title(method)] = live_cams(model, layer, images_r, classes.to(ctx.device), method, bs).cpu()
+        # the GANs' own inputs as trivial baselines: how much of the trained CNN's maps the recomputed priors keep
+        # (a GAN that falls less than its inputs adds a CNN-independent map of its own)
+        maps[MEAN_OF_PRIORS] = out["priors"].mean(1, keepdim=True)
+        if best is not None:
+            maps[f"C{best} (val)"] = out["priors"][:, best:best + 1]
         return maps
 
     return maps_of
@@ -128,7 +136,9 @@ class MPRTSection(Section, name="mprt", title="Sanity check: model-parameter ran
                  f"({', '.join(f'`{s}`' for s in results['stages'])}); at every step the priors and the target are "
                  f"recomputed from the randomised CNN for the **explained class of the trained CNN** (fixed per "
                  f"image, as Quantus keeps y fixed), the GANs are run on them, and Grad-CAM++ / LayerCAM are "
-                 f"computed live at the target layer. Similarity of each method's maps to **its own maps of the "
+                 f"computed live at the target layer. The GANs' inputs are scored as trivial baselines: the mean of "
+                 f"the recomputed priors and the single prior chosen on validation (a GAN that keeps more of its "
+                 f"trained-CNN maps than its inputs do adds a map of its own). Similarity of each method's maps to **its own maps of the "
                  f"trained CNN** (step 0): Spearman rank correlation of |maps| and SSIM; mean [95 % bootstrap "
                  f"interval]. A method that reads the CNN falls with the randomisation; one that reads only the "
                  f"image stays high. Step-0 targets recomputed vs the prior file's: mean L1 "
