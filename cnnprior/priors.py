@@ -84,19 +84,13 @@ def minmax(maps: torch.Tensor) -> torch.Tensor:
 
 
 def scale_and_resize(cams: torch.Tensor, size: int) -> torch.Tensor:
-    """ReLU, per-image min-max to [0,1], bilinear resize to size x size, min-max again — batched.
+    """ReLU, per-image min-max to [0,1], bilinear resize to size x size, min-max again — batched, one layer.
 
     The same steps as grad-cam's single-layer output (scale_cam_image, cv2 resize, then the aggregation's
     rescale), which matters: a half-pixel bilinear upsampling never hits the peak pixel, so without the second
     min-max a map's maximum would sit below 1.
     """
-    cams = minmax(cams.clamp_min(0))
-    if cams.shape[-1] != size or cams.shape[-2] != size:
-        if cams.is_cuda:
-            cams = F.interpolate(cams.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False)[:, 0]
-        else:  # the same bilinear weights as two small matmuls: ~3x faster than F.interpolate on CPU
-            cams = _bilinear_matrix(cams.shape[-2], size) @ cams @ _bilinear_matrix(cams.shape[-1], size).T
-    return minmax(cams.clamp_min(0))
+    return scale_and_resize_all([cams], size)[0]
 
 
 def scale_and_resize_all(cams: Sequence[torch.Tensor], size: int) -> torch.Tensor:
@@ -121,7 +115,7 @@ def scale_and_resize_all(cams: Sequence[torch.Tensor], size: int) -> torch.Tenso
         elif group.is_cuda:
             dst.copy_(F.interpolate(group.unsqueeze(1), size=(size, size), mode="bilinear",
                                     align_corners=False)[:, 0])
-        else:
+        else:  # the same bilinear weights as two small matmuls: ~3x faster than F.interpolate on CPU
             torch.matmul(_bilinear_matrix(h, size) @ group, _bilinear_matrix(w, size).T, out=dst)
         start = end
     flat = maps.view(len(cams) * b, -1)
