@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from cnnprior.inference import main
+from cnnprior.explain.inference import main
 
 if __name__ == "__main__":
     sys.exit(main(variant="gsft"))

@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from cnnprior.baselines import choose  # noqa: E402
-from cnnprior.cnn import load_cnn  # noqa: E402
-from cnnprior.config import load_config  # noqa: E402
-from cnnprior.data import load_split  # noqa: E402
-from cnnprior.priors import PriorSpec, extractor_from  # noqa: E402
+from cnnprior.cnn.model import load_cnn
+from cnnprior.core.baselines import choose  # noqa: E402
+from cnnprior.core.config import load_config  # noqa: E402
+from cnnprior.data.splits import load_split  # noqa: E402
+from cnnprior.priors.extract import PriorSpec, extractor_from  # noqa: E402
 
 SETTINGS = {  # label -> (include_target_layer, exclude)
     "every layer, the target's block included": (True, []),

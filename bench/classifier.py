@@ -18,14 +18,10 @@ import contextlib
 import statistics
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.timing import (  # noqa: E402
+from timing import (
     device_name,
     interleaved,
     load_average,
@@ -33,8 +29,9 @@ from bench.timing import (  # noqa: E402
     resolve_bench_device,
     write_json,
 )
-from cnnprior.cnn import build_cnn  # noqa: E402
-from cnnprior.config import ARCHS  # noqa: E402
+
+from cnnprior.cnn.model import build_cnn
+from cnnprior.core.config import ARCHS  # noqa: E402
 
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
 

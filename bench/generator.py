@@ -2,11 +2,14 @@
 
 Usage: python bench/generator.py [--batch 32] [--size 64] [--repeats 3] [--device auto|cpu|cuda]
                                  [--threads N] [--cpu-chunk-mib M] [--train auto|on|off]
-                                 [--train-preset paper|cpu] [--train-batch 16] [--train-step] [--json PATH] [--quick]
+                                 [--train-preset all|paper|cpu] [--train-batch 16] [--train-step]
+                                 [--json PATH] [--quick]
 
 Inference: images/s, GFLOP/s and efficiency (against a 64->64 3x3 conv) of LSFT and GSFT in both presets.
 Training (`--train`, on by default on CUDA): images/s of one pix2pix step (D then G) of each variant in
-`--train-preset`, fp32 and bf16 autocast. `--train-step` times only the training steps (fp32).
+`--train-preset` (default both), fp32 and bf16 autocast, and the training-step efficiency
+`ratio train/conv (<variant> <preset> <precision>)`: the step's counted FLOPs per second over the reference conv's,
+timed interleaved. `--train-step` times only the CPU-preset training steps (fp32).
 Timings are interleaved (reference conv, model, ...) and every ratio is taken per repeat, then the median,
 so a machine shared with other jobs still gives comparable numbers.
 """
@@ -18,15 +21,9 @@ import contextlib
 import statistics
 import sys
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import torch
-from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.timing import (  # noqa: E402
+from timing import (
     device_name,
     interleaved,
     load_average,
@@ -35,7 +32,10 @@ from bench.timing import (  # noqa: E402
     resolve_bench_device,
     write_json,
 )
-from cnnprior.models import build_discriminator, build_generator, sft  # noqa: E402
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from cnnprior.gan.models import build_discriminator, build_generator, sft  # noqa: E402
 
 N_PRIORS = 8
 # depth = n_plain for lsft, n_blocks for gsft (as in build_generator)
@@ -183,18 +183,41 @@ PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat1
 
 
 def bench_training(
-    preset: str, batch: int, size: int, repeats: int, device: torch.device, precisions: list[str]
+    presets: list[str], batch: int, size: int, repeats: int, device: torch.device, precisions: list[str],
+    conv: Callable[[], object] | None = None, conv_flops: int = 0,
 ) -> dict[str, float]:
-    """Print and return training images/s (generator + discriminator step) per variant and precision."""
+    """Print and return training images/s (generator + discriminator step) per preset, variant and precision and,
+    with a conv reference, the training-step efficiency: the FLOPs of one full step (D and G, forward and
+    backward, counted by torch.utils.flop_counter) per second over the reference conv's FLOP/s, both timed
+    interleaved in the same repeats (`ratio train/conv (<variant> <preset> <precision>)`)."""
     results = {}
-    for variant in ("lsft", "gsft"):
-        for precision in precisions:
-            step = train_step_fn(variant, preset, batch, size, device, PRECISIONS[precision])
-            t = statistics.median(interleaved({"step": step}, repeats, device)["step"])
-            shown = precision if PRECISIONS[precision] is None else f"{precision} autocast"
-            results[f"train {variant} {preset} {precision}"] = batch / t
-            print(f"train {variant} {preset} {shown} batch {batch} size {size}: {batch / t:.1f} images/s", flush=True)
+    for preset in presets:
+        for variant in ("lsft", "gsft"):
+            for precision in precisions:
+                step = train_step_fn(variant, preset, batch, size, device, PRECISIONS[precision])
+                fns: dict[str, Callable[[], object]] = {"step": step}
+                if conv is not None:
+                    fns["conv"] = conv
+                flops = count_flops(step)  # one full step: D fwd+bwd on real and fake pairs, G fwd+bwd
+                t = interleaved(fns, repeats, device)
+                per = statistics.median(t["step"])
+                shown = precision if PRECISIONS[precision] is None else f"{precision} autocast"
+                results[f"train {variant} {preset} {precision}"] = batch / per
+                line = f"train {variant} {preset} {shown} batch {batch} size {size}: {batch / per:.1f} images/s"
+                if conv is not None:
+                    ratio = ratios([flops / s for s in t["step"]], [conv_flops / c for c in t["conv"]])
+                    results[f"ratio train/conv {variant} {preset} {precision}"] = ratio
+                    line += f" | {flops / batch / 1e9:.2f} GFLOP/image/step | {flops / per / 1e9:.1f} GFLOP/s"
+                print(line, flush=True)
     return results
+
+
+def print_train_ratios(results: dict[str, float]) -> None:
+    """The figure of merit of training speed, one line per preset, variant and precision."""
+    for key, value in results.items():
+        if key.startswith("ratio train/conv "):
+            variant, preset, precision = key.removeprefix("ratio train/conv ").split()
+            print(f"ratio train/conv ({variant} {preset} {precision}): {value:.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,8 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--train", choices=["auto", "on", "off"], default="auto",
                         help="also time training steps, fp32 and bf16 autocast (auto: on CUDA only)")
-    parser.add_argument("--train-preset", choices=sorted(PRESETS), default="paper",
-                        help="the preset --train times (default paper)")
+    parser.add_argument("--train-preset", choices=[*sorted(PRESETS), "all"], default="all",
+                        help="the preset(s) --train times (default all: cpu and paper)")
     parser.add_argument("--train-step", action="store_true", help="only time CPU-preset training steps (fp32)")
     parser.add_argument("--train-batch", type=positive_int, default=16,
                         help="training batch (default 16, the configs' gan.batch_size)")
@@ -231,18 +254,21 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if args.train_step:
-        bench_training("cpu", args.train_batch, args.size, args.repeats, device, ["fp32"])
+        bench_training(["cpu"], args.train_batch, args.size, args.repeats, device, ["fp32"])
         return 0
     results = bench_inference(args, device)
     if args.train == "on" or (args.train == "auto" and device.type == "cuda"):
-        results.update(bench_training(args.train_preset, args.train_batch, args.size, args.repeats, device,
-                                      list(PRECISIONS)))
+        conv, conv_flops = conv_reference(args.batch, args.size, device)
+        presets = sorted(PRESETS) if args.train_preset == "all" else [args.train_preset]
+        results.update(bench_training(presets, args.train_batch, args.size, args.repeats, device,
+                                      list(PRECISIONS), conv, conv_flops))
     print(f"conv 64->64 3x3 reference: {results['conv']:.1f} GFLOP/s | load average {load_average()}")
     print(f"lsft cpu efficiency: {results['lsft cpu efficiency']:.2f}")
     print(f"gsft cpu efficiency: {results['gsft cpu efficiency']:.2f}")
     print(f"lsft paper efficiency: {results['lsft paper efficiency']:.2f}")
     print(f"gsft paper efficiency: {results['gsft paper efficiency']:.2f}")
     print(f"lsft vectorised/loop: {results['lsft vectorised/loop']:.2f}")
+    print_train_ratios(results)
     write_json(args.json, {"device": str(device), "device_name": device_name(device),
                            "threads": torch.get_num_threads(), "settings": vars(args), "results": results})
     return 0

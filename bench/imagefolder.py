@@ -26,12 +26,10 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from cnnprior.config import load_config  # noqa: E402
-from cnnprior.data import load_split  # noqa: E402
-from cnnprior.sources.base import IMAGE_EXTENSIONS  # noqa: E402
-from cnnprior.sources.imagefolder import ImageFolderSource  # noqa: E402
+from cnnprior.core.config import load_config  # noqa: E402
+from cnnprior.data.sources.base import IMAGE_EXTENSIONS  # noqa: E402
+from cnnprior.data.sources.imagefolder import ImageFolderSource  # noqa: E402
+from cnnprior.data.splits import load_split  # noqa: E402
 
 
 def build_folder(root: Path, files: int, classes: int) -> Path:

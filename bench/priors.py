@@ -8,11 +8,11 @@ taken from the same round, so load from other jobs cancels as far as it can. The
 printed at the start and at the end.
 
   shipped cnn  the shipped default's CNN, models/fashion_resnet18-cnn.pt (ResNet-18 at 128 px, loaded by
-               cnnprior.priors.extractor_for_checkpoint with configs/fashion_resnet18.yaml's priors section),
+               cnnprior.priors.extract.extractor_for_checkpoint with configs/fashion_resnet18.yaml's priors section),
                on seeded random 128 px inputs
   resnet18     a randomly initialised ResNet-18 at 64 px on synthetic shapes images, its 20 conv layers read
                raw (the earlier measurement)
-  stage        the priors stage, cnnprior.prior_stage.write_prior_file: a DataLoader over a data set split (loading,
+  stage        the priors stage, cnnprior.priors.stage.write_prior_file: a DataLoader over a data set split (loading,
                resizing), the extraction, and the records written to a prior file in a temp folder -- against
                the extraction alone on the same images, loaded beforehand. With the shipped CNN. `--stage-data`:
                `fixture` = Fashion-MNIST's idx files holding grayscale shapes images, written to a temp folder;
@@ -50,12 +50,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from pytorch_grad_cam import GradCAM
-from torch.utils.data import DataLoader
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from bench.timing import (  # noqa: E402
+from timing import (
     device_name,
     load_average,
     positive_int,
@@ -63,15 +58,19 @@ from bench.timing import (  # noqa: E402
     timer,
     write_json,
 )
-from cnnprior.cnn import build_cnn  # noqa: E402
-from cnnprior.config import Config, load_config  # noqa: E402
-from cnnprior.errors import cli_main  # noqa: E402
-from cnnprior.layers import conv_layers  # noqa: E402
-from cnnprior.prior_stage import file_meta, split_dataset, write_prior_file  # noqa: E402
-from cnnprior.priors import PriorExtractor, PriorSpec, extractor_for_checkpoint  # noqa: E402
-from cnnprior.sources.base import datasets_root  # noqa: E402
-from cnnprior.sources.shapes import ShapesSource  # noqa: E402
-from cnnprior.sources.torchvision_sets import FASHION_MNIST_FILES  # noqa: E402
+from torch.utils.data import DataLoader
+
+from cnnprior.cnn.layers import conv_layers
+from cnnprior.cnn.model import build_cnn
+from cnnprior.core.config import Config, load_config
+from cnnprior.core.errors import cli_main
+from cnnprior.data.sources.base import datasets_root
+from cnnprior.data.sources.shapes import ShapesSource
+from cnnprior.data.sources.torchvision_sets import FASHION_MNIST_FILES
+from cnnprior.priors.extract import PriorExtractor, PriorSpec, extractor_for_checkpoint
+from cnnprior.priors.stage import file_meta, split_dataset, write_prior_file
+
+REPO = Path(__file__).resolve().parents[1]
 
 SHIPPED_CONFIG = REPO / "configs" / "fashion_resnet18.yaml"
 SHIPPED_CNN = REPO / "models" / "fashion_resnet18-cnn.pt"

@@ -19,13 +19,10 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from cnnprior.sources.shapes import ShapesSource  # noqa: E402
+from cnnprior.data.sources.shapes import ShapesSource  # noqa: E402
 
 
 def noise_images(size: int, count: int) -> None:

@@ -1,13 +1,28 @@
-"""Command-line entry points (the top-level scripts only call these)."""
+"""Command-line entry points: `train.py` (train_main) and the `cnnprior` command (main) that `pip install .`
+installs; the top-level scripts only call these."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 
-from cnnprior.config import Config, load_config
-from cnnprior.errors import UserError, cli_main
-from cnnprior.schema import describe_keys
+from cnnprior.cnn.importer import main as import_cnn_main
+from cnnprior.cnn.train import cnn_paths, train_cnn
+from cnnprior.core import generators
+from cnnprior.core.config import Config, load_config
+from cnnprior.core.distributed import joined
+from cnnprior.core.errors import UserError, cli_main
+from cnnprior.core.schema import describe_keys
+from cnnprior.core.version import __version__
+from cnnprior.evaluate.run import main as evaluate_main
+from cnnprior.explain.inference import main as inference_main
+from cnnprior.gan.train import run_gan_stage
+from cnnprior.priors.extract import main as priors_main
+from cnnprior.priors.random_priors import run_random_priors_stage
+from cnnprior.priors.stage import run_priors_stage
+
+__all__ = ["build_train_parser", "COMMANDS", "main", "STAGES", "TRAIN_EPILOG", "train_main"]
 
 STAGES = ("classifier", "priors", "gan")
 
@@ -60,8 +75,6 @@ def train_main(argv: list[str] | None = None) -> int:
                         "then gan), each with the same torchrun command")
     for stage in stages:
         if stage == "classifier":
-            from cnnprior.cnn import cnn_paths, train_cnn
-
             paths = cnn_paths(cfg)
             resumable = args.resume and paths["last"].is_file()
             if args.stage == "all" and paths["best"].exists() and not args.overwrite and not resumable:
@@ -70,15 +83,60 @@ def train_main(argv: list[str] | None = None) -> int:
                 continue
             train_cnn(cfg, resume=args.resume, overwrite=args.overwrite)
         elif stage == "priors":
-            from cnnprior.distributed import joined
-            from cnnprior.prior_stage import run_priors_stage
-            from cnnprior.random_priors import run_random_priors_stage
-
             with joined(cfg.priors.device):  # one process group for the whole stage under torchrun
                 run_priors_stage(cfg, resume=args.resume, overwrite=args.overwrite)
                 run_random_priors_stage(cfg, resume=args.resume, overwrite=args.overwrite)
         elif stage == "gan":
-            from cnnprior.gan import run_gan_stage
-
             run_gan_stage(cfg, resume=args.resume, overwrite=args.overwrite)
     return 0
+
+
+COMMANDS = {
+    "train": "run the pipeline from a YAML config: classifier -> priors -> gan (= python train.py)",
+    "explain": "run a generator on a prior file or on images, write outputs/<run>/ (= lsft_inference.py; "
+               "--variant gsft = gsft_inference.py)",
+    "evaluate": "write an evaluation report (= python -m cnnprior.evaluate)",
+    "priors": "inspect, verify or convert prior files (= python -m cnnprior.priors)",
+    "import-cnn": "make a project CNN checkpoint from your torchvision state_dict (= python -m cnnprior.cnn import)",
+}
+
+
+def _explain(argv: list[str]) -> int:
+    """`cnnprior explain [--variant lsft|gsft] ...`: the inference scripts under one command."""
+    variant = generators.DEFAULT
+    rest = list(argv)
+    for i, arg in enumerate(rest):
+        if arg == "--variant" and i + 1 < len(rest):
+            variant = rest[i + 1]
+            del rest[i:i + 2]
+            break
+        if arg.startswith("--variant="):
+            variant = arg.split("=", 1)[1]
+            del rest[i]
+            break
+    if variant not in generators.VARIANTS:
+        raise UserError(f"--variant: {variant!r} is not one of {', '.join(generators.NAMES)}")
+    return inference_main(rest, variant=variant, prog="cnnprior explain" + ("" if variant == generators.DEFAULT
+                                                                             else f" --variant {variant}"))
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    """`cnnprior <command> ...`: one command for every stage (installed by `pip install .`)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        width = max(map(len, COMMANDS))
+        print("usage: cnnprior {" + ",".join(COMMANDS) + "} ...\n\nInterpret CNNs with conditional GANs that use "
+              "per-layer Grad-CAM maps as conditional priors.\n\ncommands:\n"
+              + "\n".join(f"  {k:<{width}}  {v}" for k, v in COMMANDS.items())
+              + "\n\n`cnnprior <command> --help` describes each command's options.")
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "--version":
+        print(f"cnnprior {__version__}")
+        return 0
+    if command not in COMMANDS:
+        raise UserError(f"unknown command {command!r}; choose one of {', '.join(COMMANDS)} (cnnprior --help)")
+    run = {"train": train_main, "explain": _explain, "evaluate": evaluate_main, "priors": priors_main,
+           "import-cnn": lambda args: import_cnn_main(["import", *args])}[command]
+    return int(run(rest) or 0)

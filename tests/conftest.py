@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnprior.config import Config, load_config
-from cnnprior.sources.shapes import ShapesSource
+from cnnprior.core.config import Config, load_config
+from cnnprior.data.sources.shapes import ShapesSource
 from tests.helpers import REPO
 
 # Tiny models on a shared, loaded CPU: one intra-op thread is several times faster than two that spin

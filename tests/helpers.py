@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from cnnprior.priorfile import PRIORS_FORMAT, PriorWriter, record_dtype, to_u8
+from cnnprior.priors.priorfile import PRIORS_FORMAT, PriorWriter, record_dtype, to_u8
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE, N = 16, 4

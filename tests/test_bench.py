@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from cnnprior.sources.shapes import ShapesSource
+from cnnprior.data.sources.shapes import ShapesSource
 from tests.helpers import REPO
 
 
@@ -59,7 +59,7 @@ def _restoring_threads(fn):
 
 def test_fashion_mnist_fixture_reads_back_through_the_source(tmp_path: Path) -> None:
     """The priors bench's stage fixture is Fashion-MNIST as torchvision reads it: 28x28 gray, labels i mod 10."""
-    from cnnprior.sources.torchvision_sets import fashion_mnist
+    from cnnprior.data.sources.torchvision_sets import fashion_mnist
 
     bench = _bench("priors")
     root = bench.write_fashion_mnist_fixture(tmp_path / "fm", 12)
@@ -166,9 +166,9 @@ def test_device_script_bad_arguments_exit_2_with_one_line(args: list[str]) -> No
 def test_grayscale_items_equal_the_rgb_path(tmp_path: Path) -> None:
     """SplitView resizes a grayscale source's one plane (load_native) and repeats it: the same pixels, bit for
     bit, as resizing the three-channel image (the faster path the priors stage bench measures)."""
-    from cnnprior.config import load_config
-    from cnnprior.data import load_split
-    from cnnprior.sources.base import resize_uint8
+    from cnnprior.core.config import load_config
+    from cnnprior.data.sources.base import resize_uint8
+    from cnnprior.data.splits import load_split
 
     root = _bench("priors").write_fashion_mnist_fixture(tmp_path / "fm", 6)
     cfg = load_config(None, ["data.source=fashion_mnist", f"data.root={root}", "data.image_size=50"])

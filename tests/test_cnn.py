@@ -1,4 +1,4 @@
-"""Tests for cnnprior.cnn: every architecture builds, conv layers in execution order, checkpoints, training."""
+"""Tests for cnnprior.cnn.train: every architecture builds, conv layers in execution order, checkpoints, training."""
 
 from __future__ import annotations
 
@@ -17,25 +17,16 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from cnnprior.cli import train_main
-from cnnprior.cnn import (
-    CNN_FORMAT,
-    CNN_STATE_FORMAT,
-    EpochBatches,
-    build_cnn,
-    cnn_paths,
-    evaluate_accuracy,
-    load_cnn,
-    save_cnn,
-    train_cnn,
-)
-from cnnprior.cnn_import import import_cnn, read_foreign_state
-from cnnprior.config import ARCHS, to_dict
-from cnnprior.data import load_split
-from cnnprior.errors import UserError
-from cnnprior.layers import conv_layers
-from cnnprior.runtime import epoch_order
-from cnnprior.sources.shapes import SHAPE_CLASSES
-from cnnprior.testhooks import KILL_ENV
+from cnnprior.cnn.importer import import_cnn, read_foreign_state
+from cnnprior.cnn.layers import conv_layers
+from cnnprior.cnn.model import CNN_FORMAT, build_cnn, load_cnn, save_cnn
+from cnnprior.cnn.train import CNN_STATE_FORMAT, EpochBatches, cnn_paths, evaluate_accuracy, train_cnn
+from cnnprior.core.config import ARCHS, to_dict
+from cnnprior.core.errors import UserError
+from cnnprior.core.runtime import epoch_order
+from cnnprior.core.testhooks import KILL_ENV
+from cnnprior.data.sources.shapes import SHAPE_CLASSES
+from cnnprior.data.splits import load_split
 from tests.helpers import REPO, subprocess_env
 
 # conv layers per architecture: all of them run in a forward pass (numbers from torchvision's definitions)
@@ -324,8 +315,8 @@ def test_train_py_classifier_refuses_and_stage_all_skips(tmp_path: Path, monkeyp
     assert train_main(["--config", str(config), "--stage", "classifier"]) == 2
     assert "classifier outputs exist" in capsys.readouterr().err and ckpt.read_bytes() == before
     ran: list[str] = []
-    monkeypatch.setattr("cnnprior.prior_stage.run_priors_stage", lambda *a, **k: ran.append("priors"))
-    monkeypatch.setattr("cnnprior.gan.run_gan_stage", lambda *a, **k: ran.append("gan"))
+    monkeypatch.setattr("cnnprior.cli.run_priors_stage", lambda *a, **k: ran.append("priors"))
+    monkeypatch.setattr("cnnprior.cli.run_gan_stage", lambda *a, **k: ran.append("gan"))
     assert train_main(["--config", str(config)]) == 0
     assert f"classifier: {ckpt} exists, skipping" in capsys.readouterr().out
     assert ran == ["priors", "gan"] and ckpt.read_bytes() == before
@@ -449,8 +440,8 @@ def test_own_cnn_readme_path_from_state_dict_to_explained_images(foreign: dict, 
     """README "Your own CNN": import -> priors on an image folder -> GAN -> lsft_inference --images --cnn."""
     from PIL import Image
 
-    from cnnprior import inference
-    from cnnprior.cnn import main as cnn_main
+    from cnnprior.cnn.importer import main as cnn_main
+    from cnnprior.explain import inference
 
     monkeypatch.chdir(tmp_path)
     rng = torch.Generator().manual_seed(0)

@@ -14,14 +14,14 @@ import yaml
 from torch.utils.data import DataLoader
 
 from cnnprior.cli import train_main
-from cnnprior.cnn import CNN_STATE_FORMAT, EpochBatches, evaluate_accuracy, load_cnn, train_cnn
-from cnnprior.config import load_config
-from cnnprior.data import load_split
-from cnnprior.distributed import Dist, gather_objects, main_first, rank_seed, shard
-from cnnprior.errors import UserError
-from cnnprior.gan import state_sha256
-from cnnprior.runtime import epoch_order
-from cnnprior.testhooks import DUMP_ENV, KILL_ENV
+from cnnprior.cnn.model import load_cnn
+from cnnprior.cnn.train import CNN_STATE_FORMAT, EpochBatches, evaluate_accuracy, train_cnn
+from cnnprior.core.config import load_config
+from cnnprior.core.distributed import Dist, gather_objects, main_first, rank_seed, shard
+from cnnprior.core.errors import UserError
+from cnnprior.core.runtime import epoch_order, state_sha256
+from cnnprior.core.testhooks import DUMP_ENV, KILL_ENV
+from cnnprior.data.splits import load_split
 from tests.helpers import REPO, free_port, subprocess_env
 
 # 40 shapes: 20 train, 10 val. Batch 3 per process: each rank's shard is 10 images, 3 batches (steps) per epoch

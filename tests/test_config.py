@@ -1,4 +1,4 @@
-"""Tests for cnnprior.config: every bad config is one UserError naming file and key; overrides; round trips; CLI."""
+"""Tests for cnnprior.core.config: every bad config is one UserError naming file and key; overrides; round trips; CLI."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cnnprior.config import Config, from_dict, load_config, parse_override, save_config, to_dict
-from cnnprior.errors import UserError
+from cnnprior.core.config import Config, from_dict, load_config, save_config, to_dict
+from cnnprior.core.errors import UserError
+from cnnprior.core.schema import parse_override
 from tests.helpers import REPO
 
 # (YAML text, fragments the one-line message must contain besides the file name)

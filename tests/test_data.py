@@ -1,4 +1,4 @@
-"""Tests for cnnprior.data: every image source on tiny data, RGB conversion, exact shape masks, split determinism.
+"""Tests for cnnprior.data.splits: every image source on tiny data, RGB conversion, exact shape masks, split determinism.
 
 Fashion-MNIST and CIFAR-10 run on tiny files in their real on-disk formats, written here, through torchvision's
 readers; the real datasets are only read by tests marked `real_data` (deselected unless -m real_data).
@@ -20,13 +20,13 @@ import pytest
 import torch
 from PIL import Image
 
-from cnnprior.config import load_config
-from cnnprior.data import SplitView, load_split, open_source, split_indices, stratified_take
-from cnnprior.errors import UserError
-from cnnprior.sources.base import datasets_root, to_rgb
-from cnnprior.sources.imagefolder import ImageFolderSource
-from cnnprior.sources.shapes import SHAPE_CLASSES, ShapesSource
-from cnnprior.sources.torchvision_sets import FASHION_MNIST_CLASSES, fashion_mnist
+from cnnprior.core.config import load_config
+from cnnprior.core.errors import UserError
+from cnnprior.data.sources.base import datasets_root, to_rgb
+from cnnprior.data.sources.imagefolder import ImageFolderSource
+from cnnprior.data.sources.shapes import SHAPE_CLASSES, ShapesSource
+from cnnprior.data.sources.torchvision_sets import FASHION_MNIST_CLASSES, fashion_mnist
+from cnnprior.data.splits import SplitView, load_split, open_source, split_indices, stratified_take
 
 # ------------------------------------------------------------------------------------------ imagefolder
 # file -> (writer, expected RGB of the uniform image after conversion, tolerance)
@@ -393,7 +393,7 @@ def test_shapes_mask_is_exactly_the_painted_shape(monkeypatch: pytest.MonkeyPatc
 
 @pytest.mark.parametrize("size", [17, 64, 128])
 def test_shapes_background_upsampling_is_pillows_bicubic(size: int) -> None:
-    from cnnprior.sources.shapes import cubic_upsampling_matrix
+    from cnnprior.data.sources.shapes import cubic_upsampling_matrix
     coarse = np.random.default_rng(size).uniform(0.15, 0.85, size=(4, 4)).astype(np.float32)
     up = cubic_upsampling_matrix(4, size)
     ours = up @ coarse @ up.T

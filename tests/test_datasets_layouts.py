@@ -13,10 +13,10 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from cnnprior.cli import train_main
-from cnnprior.config import load_config, save_config
-from cnnprior.data import SplitView, load_split, open_source
-from cnnprior.errors import UserError
-from cnnprior.sources.imagefolder import FOOD11_CLASSES, ImageFolderSource
+from cnnprior.core.config import load_config, save_config
+from cnnprior.core.errors import UserError
+from cnnprior.data.sources.imagefolder import FOOD11_CLASSES, ImageFolderSource
+from cnnprior.data.splits import SplitView, load_split, open_source
 from tests.helpers import REPO
 
 ANIMALS10 = {"cane": "dog", "cavallo": "horse", "elefante": "elephant", "farfalla": "butterfly", "gallina": "chicken",

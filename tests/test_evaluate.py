@@ -1,4 +1,4 @@
-"""Tests for cnnprior.evaluate: a tiny end-to-end report, prior relevance on hand-built generators, config errors."""
+"""Tests for cnnprior.evaluate.run: a tiny end-to-end report, prior relevance on hand-built generators, config errors."""
 
 from __future__ import annotations
 
@@ -13,24 +13,26 @@ import pytest
 import torch
 import yaml
 
-from cnnprior import metrics
-from cnnprior.baselines import BaselineChoice
-from cnnprior.cnn import build_cnn, save_cnn
-from cnnprior.config import load_config, load_eval_config, parse_sections
-from cnnprior.evaluate import main
-from cnnprior.gan import run_gan_stage
-from cnnprior.layers import conv_layers
-from cnnprior.maps import random_maps
-from cnnprior.models import build_generator
-from cnnprior.models.sft import SFTResBlock
-from cnnprior.priorfile import PRIORS_FORMAT, PriorWriter, make_records, read_priors
-from cnnprior.priors import PriorExtractor, PriorSpec
-from cnnprior.report import Estimate, Report, Table
-from cnnprior.runtime import file_sha256
-from cnnprior.sanity import ci_row, margin_row, mean_ci, paired_ci
-from cnnprior.sections.faithfulness import drop_and_increase
-from cnnprior.sections.fidelity import intensity_rows
-from cnnprior.sections.relevance import prior_labels, prior_relevance
+from cnnprior.cnn.layers import conv_layers
+from cnnprior.cnn.model import build_cnn, save_cnn
+from cnnprior.core import metrics
+from cnnprior.core.baselines import BaselineChoice
+from cnnprior.core.config import load_config
+from cnnprior.core.maps import random_maps
+from cnnprior.core.report import Estimate, Report, Table
+from cnnprior.core.runtime import file_sha256
+from cnnprior.evaluate.config import load_eval_config, parse_sections
+from cnnprior.evaluate.run import main
+from cnnprior.evaluate.sanity import ci_row, margin_row, mean_ci, paired_ci
+from cnnprior.evaluate.sections.faithfulness import drop_and_increase
+from cnnprior.evaluate.sections.fidelity import intensity_rows
+from cnnprior.evaluate.sections.relevance import prior_labels, prior_relevance
+from cnnprior.gan.models import build_generator
+from cnnprior.gan.models.sft import SFTResBlock
+from cnnprior.gan.train import run_gan_stage
+from cnnprior.priors.extract import PriorExtractor, PriorSpec
+from cnnprior.priors.priorfile import PRIORS_FORMAT, PriorWriter, make_records
+from cnnprior.priors.read import read_priors
 from tests.helpers import gan_config
 
 SIZE, N, COUNT, CLASSES = 16, 4, 8, ["a", "b", "c", "d", "e"]

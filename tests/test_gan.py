@@ -1,4 +1,4 @@
-"""Tests for cnnprior.gan: checkpoints, exact resume after SIGKILL, DDP on CPU, one-line errors, learning."""
+"""Tests for cnnprior.gan.train: checkpoints, exact resume after SIGKILL, DDP on CPU, one-line errors, learning."""
 
 from __future__ import annotations
 
@@ -13,16 +13,17 @@ import pytest
 import torch
 
 from cnnprior.cli import train_main
-from cnnprior.config import load_config
-from cnnprior.distributed import shard
-from cnnprior.errors import UserError
-from cnnprior.gan import GAN_FORMAT, load_generator, run_gan_stage, state_sha256
-from cnnprior.gan_data import MapData
-from cnnprior.metrics import fidelity
-from cnnprior.models import build_generator
-from cnnprior.priorfile import read_priors
-from cnnprior.runtime import epoch_order, rng_state, seed_everything, set_rng_state
-from cnnprior.testhooks import DUMP_ENV, KILL_ENV
+from cnnprior.core.config import load_config
+from cnnprior.core.distributed import shard
+from cnnprior.core.errors import UserError
+from cnnprior.core.metrics import fidelity
+from cnnprior.core.runtime import epoch_order, rng_state, seed_everything, set_rng_state, state_sha256
+from cnnprior.core.testhooks import DUMP_ENV, KILL_ENV
+from cnnprior.gan.checkpoint import GAN_FORMAT, load_generator
+from cnnprior.gan.data import MapData
+from cnnprior.gan.models import build_generator
+from cnnprior.gan.train import run_gan_stage
+from cnnprior.priors.read import read_priors
 from tests.helpers import SIZE, N, free_port, gan_config, subprocess_env, tiny_data, train_cmd, write_priors
 
 SCHEMA = {"format", "variant", "generator_config", "generator", "discriminator_config", "discriminator", "optim_g",

@@ -1,4 +1,4 @@
-"""Tests for cnnprior.inference and the lsft/gsft_inference.py scripts: run folders, metrics, --images, errors."""
+"""Tests for cnnprior.explain.inference and the lsft/gsft_inference.py scripts: run folders, metrics, --images, errors."""
 
 from __future__ import annotations
 
@@ -14,20 +14,23 @@ import pytest
 import torch
 from PIL import Image
 
-from cnnprior import inference, scores, viz
-from cnnprior.baselines import choose
-from cnnprior.cnn import build_cnn, load_cnn, save_cnn
-from cnnprior.config import load_config
-from cnnprior.gan import GAN_FORMAT, load_generator, run_gan_stage
-from cnnprior.gan_data import priors_meta
-from cnnprior.layers import conv_layers
-from cnnprior.metrics import fidelity
-from cnnprior.models import build_generator
-from cnnprior.priorfile import read_priors, to_u8
-from cnnprior.priors import PriorExtractor, PriorSpec, extractor_from
-from cnnprior.runtime import atomic_torch_save
-from cnnprior.sources.base import read_image, resize_uint8
-from cnnprior.viz import colorize
+from cnnprior.cnn.layers import conv_layers
+from cnnprior.cnn.model import build_cnn, load_cnn, save_cnn
+from cnnprior.core import viz
+from cnnprior.core.baselines import choose
+from cnnprior.core.config import load_config
+from cnnprior.core.metrics import fidelity
+from cnnprior.core.runtime import atomic_torch_save
+from cnnprior.core.viz import colorize
+from cnnprior.data.sources.base import read_image, resize_uint8
+from cnnprior.explain import inference, scores
+from cnnprior.gan.checkpoint import GAN_FORMAT, load_generator
+from cnnprior.gan.data import priors_meta
+from cnnprior.gan.models import build_generator
+from cnnprior.gan.train import run_gan_stage
+from cnnprior.priors.extract import PriorExtractor, PriorSpec, extractor_from
+from cnnprior.priors.priorfile import to_u8
+from cnnprior.priors.read import read_priors
 from tests.helpers import REPO, gan_config, subprocess_env, write_priors
 
 COUNT = 12
@@ -212,7 +215,7 @@ def test_failure_mid_run_leaves_nothing(world, tmp_path, monkeypatch) -> None:
     def boom(*_a, **_k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("cnnprior.viz.make_sheet", boom)
+    monkeypatch.setattr("cnnprior.explain.inference.make_sheet", boom)
     assert run_main(["--checkpoint", world["ckpt"]["lsft"], "--priors", world["priors"], "--quiet"]) == 2
     assert list((tmp_path / "outputs").iterdir()) == []
 
@@ -265,7 +268,7 @@ def test_images_folder_with_odd_modes_and_a_corrupt_file(world, tmp_path, monkey
         titles.extend(kwargs["titles"])
         real_sheet(*args, **kwargs)
 
-    monkeypatch.setattr("cnnprior.viz.make_sheet", sheet)
+    monkeypatch.setattr("cnnprior.explain.inference.make_sheet", sheet)
     assert run_main(["--checkpoint", world["img_ckpt"], "--images", world["images"], "--cnn", world["cnn"]]) == 0
     err = capsys.readouterr().err
     warnings = [line for line in err.splitlines() if line.startswith("warning:")]

@@ -1,4 +1,4 @@
-"""Tests for cnnprior.models: SFT parts, LSFT/GSFT generators, PatchGAN discriminator."""
+"""Tests for cnnprior.gan.models: SFT parts, LSFT/GSFT generators, PatchGAN discriminator."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from cnnprior.models import (
+from cnnprior.gan.models import (
     GSFTGenerator,
     LSFTGenerator,
     PatchDiscriminator,
@@ -16,8 +16,8 @@ from cnnprior.models import (
     lsft,
     sft,
 )
-from cnnprior.models.lsft import plain_blocks_per_gap
-from cnnprior.models.sft import CondNet, ResBlock, SFTLayer, SFTResBlock
+from cnnprior.gan.models.lsft import plain_blocks_per_gap
+from cnnprior.gan.models.sft import CondNet, ResBlock, SFTLayer, SFTResBlock
 
 N = 4  # priors
 TINY = {"n_priors": N, "width": 8, "cond_channels": 4, "cond_hidden": 8}

@@ -1,4 +1,4 @@
-"""Tests for cnnprior.priors: maps equal grad-cam's single-layer GradCAM, prior positions and averages, safe files."""
+"""Tests for cnnprior.priors.extract: maps equal grad-cam's single-layer GradCAM, prior positions and averages, safe files."""
 
 from __future__ import annotations
 
@@ -17,14 +17,15 @@ from pytorch_grad_cam.activations_and_gradients import ActivationsAndGradients
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from cnnprior import cams
 from cnnprior.cli import train_main
-from cnnprior.cnn import build_cnn, load_cnn, save_cnn
-from cnnprior.errors import UserError
-from cnnprior.layers import cam_layers, conv_layers
-from cnnprior.prior_stage import run_priors_stage
-from cnnprior.priorfile import PRIORS_FORMAT, PriorWriter, make_records, read_priors, record_dtype, sidecar_path, to_u8
-from cnnprior.priors import (
+from cnnprior.cnn.layers import cam_layers, conv_layers
+from cnnprior.cnn.model import build_cnn, load_cnn, save_cnn
+from cnnprior.core import cams
+from cnnprior.core.errors import UserError
+from cnnprior.core.runtime import file_sha256
+from cnnprior.core.viz import colorize
+from cnnprior.data.sources.shapes import ShapesSource
+from cnnprior.priors.extract import (
     PriorExtractor,
     PriorSpec,
     main,
@@ -33,10 +34,10 @@ from cnnprior.priors import (
     scale_and_resize,
     scale_and_resize_all,
 )
-from cnnprior.released import import_released
-from cnnprior.runtime import file_sha256
-from cnnprior.sources.shapes import ShapesSource
-from cnnprior.viz import colorize
+from cnnprior.priors.priorfile import PRIORS_FORMAT, PriorWriter, make_records, record_dtype, sidecar_path, to_u8
+from cnnprior.priors.read import read_priors
+from cnnprior.priors.released import import_released
+from cnnprior.priors.stage import run_priors_stage
 from tests.helpers import REPO
 
 

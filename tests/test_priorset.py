@@ -1,4 +1,4 @@
-"""Prior sets (cnnprior.priorset): shards plus a manifest read as one prior file; the priors stage on torchrun."""
+"""Prior sets (cnnprior.priors.priorset): shards plus a manifest read as one prior file; the priors stage on torchrun."""
 
 from __future__ import annotations
 
@@ -12,22 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from cnnprior.cnn import build_cnn, save_cnn
-from cnnprior.config import Config, load_config, save_config
-from cnnprior.distributed import Dist
-from cnnprior.errors import UserError
-from cnnprior.gan_data import MapData, load_gan_data
-from cnnprior.prior_stage import check_outputs, finished, run_priors_stage, write_shard
-from cnnprior.priorfile import (
-    PriorFile,
-    PriorWriter,
-    content_hash,
-    read_priors,
-    record_dtype,
-    zero_map_fractions,
-)
-from cnnprior.priors import PriorSpec, main
-from cnnprior.priorset import (
+from cnnprior.cnn.model import build_cnn, save_cnn
+from cnnprior.core.config import Config, load_config, save_config
+from cnnprior.core.distributed import Dist
+from cnnprior.core.errors import UserError
+from cnnprior.gan.data import MapData, load_gan_data
+from cnnprior.priors.extract import PriorSpec, main
+from cnnprior.priors.priorfile import PriorFile, PriorWriter, content_hash, record_dtype
+from cnnprior.priors.priorset import (
     PRIORSET_FORMAT,
     PriorSet,
     manifest_path,
@@ -36,7 +28,9 @@ from cnnprior.priorset import (
     shard_path,
     write_manifest,
 )
-from cnnprior.random_priors import random_prior_path, run_random_priors_stage
+from cnnprior.priors.random_priors import random_prior_path, run_random_priors_stage
+from cnnprior.priors.read import read_priors, zero_map_fractions
+from cnnprior.priors.stage import check_outputs, finished, run_priors_stage, write_shard
 from tests.helpers import REPO, blob_maps, free_port, gan_config, sidecar_meta, subprocess_env
 
 SIZE, N = 8, 2

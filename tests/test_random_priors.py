@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from cnnprior.cnn import build_cnn, load_cnn, save_cnn
-from cnnprior.config import load_config
-from cnnprior.errors import UserError
-from cnnprior.gan_data import MapData, with_randomised
-from cnnprior.prior_stage import run_priors_stage
-from cnnprior.priorfile import read_priors
-from cnnprior.random_priors import random_prior_path, run_random_priors_stage, stage_steps
+from cnnprior.cnn.model import build_cnn, load_cnn, save_cnn
+from cnnprior.core.config import load_config
+from cnnprior.core.errors import UserError
+from cnnprior.gan.data import MapData, with_randomised
+from cnnprior.priors.random_priors import random_prior_path, run_random_priors_stage, stage_steps
+from cnnprior.priors.read import read_priors
+from cnnprior.priors.stage import run_priors_stage
 
 
 @pytest.fixture

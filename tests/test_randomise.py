@@ -1,4 +1,4 @@
-"""Tests for cnnprior.randomise: stages top-down per architecture, seeded cascading re-initialised copies."""
+"""Tests for cnnprior.cnn.randomise: stages top-down per architecture, seeded cascading re-initialised copies."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from cnnprior.cnn import build_cnn
-from cnnprior.config import ARCHS
-from cnnprior.randomise import model_stages, randomised_copy
+from cnnprior.cnn.model import build_cnn
+from cnnprior.cnn.randomise import model_stages, randomised_copy
+from cnnprior.core.config import ARCHS
 
 RESNET_STAGES = {"fc": ["net.fc"], "layer4": ["net.layer4"], "layer3": ["net.layer3"], "layer2": ["net.layer2"],
                  "layer1": ["net.layer1"], "stem": ["net.conv1", "net.bn1"]}

@@ -1,4 +1,4 @@
-"""Tests for the sanity checks: scores in cnnprior.sanity (hand-checked values), the image-only control generator
+"""Tests for the sanity checks: scores in cnnprior.evaluate.sanity (hand-checked values), the image-only control generator
 (`gan.priors: none`), section options, and a tiny end-to-end evaluation with the mprt / prior_swap / control /
 gridpg sections."""
 
@@ -14,18 +14,16 @@ import pytest
 import torch
 import yaml
 
-from cnnprior import metrics, sanity
-from cnnprior.cnn import build_cnn, save_cnn
-from cnnprior.config import load_config, load_eval_config
-from cnnprior.errors import UserError
-from cnnprior.evaluate import main
-from cnnprior.gan import MaskedInputGenerator, load_generator, run_gan_stage
-from cnnprior.gan_data import load_gan_data
-from cnnprior.maps import live_cams, resize_maps
-from cnnprior.priorfile import PRIORS_FORMAT, PriorWriter, make_records
-from cnnprior.priors import extractor_from, spec_from_sidecar
-from cnnprior.runtime import file_sha256
-from cnnprior.sanity import (
+from cnnprior.cnn.model import build_cnn, save_cnn
+from cnnprior.core import metrics
+from cnnprior.core.config import load_config
+from cnnprior.core.errors import UserError
+from cnnprior.core.maps import live_cams, resize_maps
+from cnnprior.core.runtime import file_sha256
+from cnnprior.evaluate import sanity
+from cnnprior.evaluate.config import load_eval_config
+from cnnprior.evaluate.run import main
+from cnnprior.evaluate.sanity import (
     average_ranks,
     cell_masks,
     energy_in_cell,
@@ -40,7 +38,12 @@ from cnnprior.sanity import (
     spearman_abs,
     swap_donors,
 )
-from cnnprior.sections import EvalContext
+from cnnprior.evaluate.sections import EvalContext
+from cnnprior.gan.checkpoint import MaskedInputGenerator, load_generator
+from cnnprior.gan.data import load_gan_data
+from cnnprior.gan.train import run_gan_stage
+from cnnprior.priors.extract import extractor_from, spec_from_sidecar
+from cnnprior.priors.priorfile import PRIORS_FORMAT, PriorWriter, make_records
 from tests.helpers import gan_config
 
 CLASSES = ["a", "b", "c", "d", "e"]
@@ -259,7 +262,7 @@ def _stub_ctx(kind: str) -> EvalContext:
 
 @pytest.mark.parametrize("kind", ["priors", "image"])
 def test_prior_swap_on_stub_generators(kind):
-    from cnnprior.sections.swap import PriorSwapSection
+    from cnnprior.evaluate.sections.swap import PriorSwapSection
 
     res = PriorSwapSection().run(_stub_ctx(kind))
     for donors in res["donors"].values():
@@ -419,7 +422,7 @@ def test_section_options_parse_and_override(world, tmp_path):
     path = _eval_yaml(world, tmp_path / "e.yaml", sections=["mprt", "gridpg"], mprt={"num": 8},
                       control={"lsft": world["ckpts"]["control"]}, faithfulness={"insertion": "blurred"})
     cfg = load_eval_config(path, ["mprt.seed=3", "gridpg.min_prob=0.5", "gridpg.num=2"])
-    from cnnprior.sections import options_of
+    from cnnprior.evaluate.sections import options_of
 
     assert cfg.sections == ["mprt", "gridpg"]
     assert (options_of(cfg, "mprt").num, options_of(cfg, "mprt").seed, options_of(cfg, "mprt").steps) == (8, 3, 0)
@@ -571,7 +574,7 @@ def test_mprt_pools_several_seeds_and_gives_each_seed_its_verdict(world, tmp_pat
 
 
 def test_mprt_names_the_training_seeds_and_defaults_to_a_held_out_seed():
-    from cnnprior.sections.mprt import MPRTOptions, training_seeds
+    from cnnprior.evaluate.sections.mprt import MPRTOptions, training_seeds
 
     meta = {"priors_meta": {"randomised": {"files": ["npys/x-train-random-fc-s0.npy", "npys/x-train-random-stem-s2.npy",
                                                      "npys/x-train-random-fc-s0.npy"]}}}

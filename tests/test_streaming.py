@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from cnnprior.config import load_config
-from cnnprior.gan_data import MapData, with_randomised
-from cnnprior.priorfile import PriorWriter, read_priors, record_dtype
+from cnnprior.core.config import load_config
+from cnnprior.gan.data import MapData, with_randomised
+from cnnprior.priors.priorfile import PriorWriter, record_dtype
+from cnnprior.priors.read import read_priors
 from tests.helpers import gan_config, sidecar_meta, subprocess_env, write_priors
 
 CPU = torch.device("cpu")
@@ -100,9 +101,9 @@ RSS_SIZE, RSS_N, RSS_COUNT = 64, 4, 4096  # 32,786-byte records: 134 MB for 1x, 
 # set-up, training), and after_step samples it at every training step and stops the run after `steps` steps.
 RSS_SCRIPT = """
 import json, sys, threading, time
-from cnnprior.config import load_config
-from cnnprior.gan import run_gan_stage
-from cnnprior.testhooks import TestHooks
+from cnnprior.core.config import load_config
+from cnnprior.gan.train import run_gan_stage
+from cnnprior.core.testhooks import TestHooks
 
 def rss_anon():
     with open("/proc/self/status") as f:

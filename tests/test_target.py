@@ -13,13 +13,13 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from cnnprior.baselines import BaselineChoice, baseline_maps, choose, choose_streamed, grayscale
-from cnnprior.cnn import build_cnn
-from cnnprior.config import Config, load_config
-from cnnprior.errors import UserError
-from cnnprior.layers import cam_layers, final_layer
-from cnnprior.priorfile import read_priors
-from cnnprior.priors import PriorSpec, extractor_from, spec_from_sidecar
+from cnnprior.cnn.layers import cam_layers, final_layer
+from cnnprior.cnn.model import build_cnn
+from cnnprior.core.baselines import BaselineChoice, baseline_maps, choose, choose_streamed, grayscale
+from cnnprior.core.config import Config, load_config
+from cnnprior.core.errors import UserError
+from cnnprior.priors.extract import PriorSpec, extractor_from, spec_from_sidecar
+from cnnprior.priors.read import read_priors
 from tests.helpers import REPO, write_priors
 
 FINAL = {"resnet18": "net.layer4.1", "densenet121": "net.features.norm5", "vgg11": "net.features.19",

@@ -1,0 +1,234 @@
+"""The run config (data -> cnn -> priors -> gan): YAML -> validated, typed dataclasses
+(their field checks: schema.py); `--set` overrides; clear one-line errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from cnnprior.core import cams, generators
+from cnnprior.core.errors import UserError
+from cnnprior.core.runtime import atomic_write_text
+from cnnprior.core.schema import fill, opt, parse_override, read_yaml_mapping
+
+__all__ = [
+    "ARCHS", "CNNConfig", "Config", "DataConfig", "from_dict", "GANConfig", "load_config", "PriorsConfig",
+    "save_config", "sets_nothing", "SOURCES", "to_dict"
+]
+
+SOURCES = ("shapes", "fashion_mnist", "cifar10", "imagefolder")
+ARCHS = ("resnet18", "resnet34", "resnet50", "vgg11", "vgg11_bn", "vgg16", "vgg16_bn", "densenet121",
+         "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "inception_v3")
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are split."""
+
+    source: str = opt("shapes", choices=SOURCES, help="image source")
+    root: str = opt("", help="dataset folder (imagefolder/cifar10/fashion_mnist); empty = the source's default")
+    homepage: str = opt("", help="where to get the dataset (shown when it is missing)")
+    download: bool = opt(False, help="cifar10 only: allow torchvision to download the dataset")
+    image_size: int = opt(128, lo=16, hi=1024, help="CNN input size in pixels (square)")
+    limit: int = opt(0, lo=0, help="cap on the number of images used (0 = all)")
+    val_fraction: float = opt(0.1, lo=0.0, hi=0.5, help="fraction held out for validation")
+    test_fraction: float = opt(0.1, lo=0.0, hi=0.5, help="fraction held out for test")
+    seed: int = opt(0, lo=0, help="seed of the split (and of the synthetic shapes)")
+    layout: str = opt("auto", choices=("auto", "classes", "splits", "food11_flat"),
+                       help="imagefolder: root/<class>/ (classes), root/<split>/<class>/ (splits), "
+                            "root/<split>/<index>_<n>.jpg (food11_flat); auto detects them")
+    class_names: dict | list = opt({}, help="display names: {folder name: name} or a list in class order "
+                                             "(empty = the folder names); stored in checkpoints and prior files")
+    shapes_count: int = opt(6000, lo=8, hi=10_000_000, help="shapes: number of images generated")
+    num_workers: int = opt(0, lo=0, hi=64, help="DataLoader worker processes")
+
+
+@dataclass
+class CNNConfig:
+    """The target CNN to be explained, and how it is trained."""
+
+    arch: str = opt("resnet18", choices=ARCHS, help="torchvision classification model")
+    pretrained: bool = opt(False, help="start from torchvision weights (must already be in the torch cache)")
+    checkpoint: str = opt("", help="checkpoint path; empty = models/<name>-cnn.pt")
+    epochs: int = opt(3, lo=0, hi=10_000)
+    batch_size: int = opt(64, lo=1, hi=65_536)
+    lr: float = opt(1e-3, lo=0.0, hi=10.0)
+    weight_decay: float = opt(1e-4, lo=0.0, hi=1.0)
+    optimizer: str = opt("adamw", choices=("adamw", "sgd"))
+    augment: bool = opt(True, help="random flips/crops while training")
+    save_half: bool = opt(False, help="store conv/linear weights as float16 in the checkpoint (half the size)")
+    device: str = opt("auto", choices=("auto", "cpu", "cuda"))
+    checkpoint_every: int = opt(0, lo=0, help="also save the full-state `-last.pt` every N steps (0 = end of "
+                                               "epoch only); --resume continues from it")
+
+
+@dataclass
+class PriorsConfig:
+    """How the conditional priors are computed and stored."""
+
+    size: int = opt(64, lo=8, hi=1024, help="prior/map size S in pixels")
+    n: int = opt(8, lo=1, hi=64, help="number of cumulative priors kept")
+    method: str = opt(cams.DEFAULT, choices=cams.NAMES, help="CAM method for the per-layer maps")
+    order: str = opt("output_to_input", choices=("output_to_input", "input_to_output"),
+                      help="order in which per-layer maps are cumulatively averaged")
+    target: str = opt("final", choices=("final", "last_conv", "first", "last"),
+                       help="the map the GAN learns: final = Grad-CAM at the CNN's final feature map (the layer "
+                            "pytorch-grad-cam recommends); last_conv (alias last) / first = that conv layer's map")
+    target_layer: str = opt("", help="target: final only: a module name instead of the per-architecture choice")
+    include_target_layer: bool = opt(False, help="keep the layers inside the target module in the priors "
+                                                   "(reproduces the released code; makes the task a copy)")
+    exclude: list = opt([], help="module names whose CAM layers are left out of the priors (e.g. net.layer4.1)")
+    layer_outputs: str = opt("activated", choices=("activated", "raw"),
+                              help="read each conv after its batch norm/activation (activated) or raw (old files)")
+    explain: str = opt("predicted", choices=("predicted", "label"), help="class explained")
+    batch_size: int = opt(32, lo=1, hi=65_536)
+    splits: list = opt(["test", "val", "train"], help="splits to write, of train/val/test (val: GAN model "
+                                                        "and baseline selection)")
+    train_limit: int = opt(0, lo=0, help="cap on train-split samples (0 = all)")
+    randomised_stages: list = opt([], help="also write train prior files from copies of the CNN re-initialised "
+                                            "from the head down to each of these stages (e.g. [fc, layer4], or "
+                                            "[all]); see gan.randomised_share")
+    randomised_seeds: int = opt(1, lo=1, hi=1000, help="random copies per randomised stage")
+    randomised_limit: int = opt(1000, lo=0, help="train images per randomised-copy file (0 = all)")
+    test_limit: int = opt(0, lo=0, help="cap on val/test-split samples (0 = all)")
+    out: str = opt("", help="prior file prefix; empty = npys/<name>")
+    device: str = opt("auto", choices=("auto", "cpu", "cuda"))
+
+
+@dataclass
+class GANConfig:
+    """The conditional GAN: generator variant, sizes and training."""
+
+    variant: str = opt(generators.DEFAULT, choices=generators.ALL)
+    width: int = opt(64, lo=4, hi=1024, help="trunk channels")
+    depth: int = opt(7, lo=0, hi=256, help="lsft: plain residual blocks; gsft: SFT residual blocks")
+    cond_channels: int = opt(32, lo=1, hi=1024)
+    cond_hidden: int = opt(128, lo=1, hi=4096)
+    disc_width: int = opt(64, lo=4, hi=1024)
+    disc_layers: int = opt(3, lo=1, hi=8)
+    loss: str = opt("bce", choices=("bce", "lsgan"))
+    adv_weight: float = opt(1.0, lo=0.0, hi=1e6)
+    l1_weight: float = opt(100.0, lo=0.0, hi=1e6)
+    lr: float = opt(2e-4, lo=0.0, hi=1.0)
+    beta1: float = opt(0.5, lo=0.0, hi=1.0)
+    beta2: float = opt(0.999, lo=0.0, hi=1.0)
+    epochs: int = opt(10, lo=0, hi=100_000)
+    batch_size: int = opt(16, lo=1, hi=65_536)
+    train: list = opt([], help="training prior files; empty = <priors.out>-train.npy")
+    randomised_share: float = opt(0.0, lo=0.0, hi=0.9, help="fraction of the training samples taken from "
+                                   "randomised-copy prior files (priors.randomised_stages): they force the "
+                                   "generator to read its priors")
+    randomised: list = opt([], help="randomised-copy prior files; empty = every <priors.out>-train-random-*.npy")
+    val: str = opt("", help="validation prior file (checkpoint and baseline selection); empty = "
+                             "<priors.out>-val.npy")
+    val_limit: int = opt(256, lo=0, help="cap on validation samples per epoch (0 = all)")
+    out: str = opt("", help="checkpoint prefix; empty = models/<name>-<variant>")
+    seed: int = opt(0, lo=0)
+    device: str = opt("auto", choices=("auto", "cpu", "cuda"))
+    amp: str = opt("none", choices=("none", "bf16"), help="autocast dtype on CUDA")
+    checkpoint_every: int = opt(0, lo=0, help="also save `last` every N steps (0 = end of epoch only)")
+    priors: str = opt("cnn", choices=("cnn", "none"), help="none: the priors are zeroed in training, validation "
+                                                            "and inference (the image-only control generator)")
+    image: str = opt("use", choices=("use", "none"), help="none: the image is zeroed in training, validation and "
+                                                          "inference (a priors-only generator: it can only read "
+                                                          "the CNN)")
+    image_dropout: float = opt(0.0, lo=0.0, hi=1.0, help="probability that a training sample's image is zeroed "
+                                                         "(generator and discriminator); inference keeps the image")
+    init: str = opt("", help="warm start from this GAN checkpoint's generator and discriminator weights (same "
+                             "architecture; optimisers, epochs and history start fresh)")
+
+
+@dataclass
+class Config:
+    """A whole run: data -> cnn -> priors -> gan."""
+
+    name: str = opt("run", help="run name, used in default file names")
+    data: DataConfig = field(default_factory=DataConfig)
+    cnn: CNNConfig = field(default_factory=CNNConfig)
+    priors: PriorsConfig = field(default_factory=PriorsConfig)
+    gan: GANConfig = field(default_factory=GANConfig)
+    source_file: str = field(default="", metadata={"internal": True})
+
+    # Derived default paths
+    @property
+    def cnn_checkpoint(self) -> str:
+        return self.cnn.checkpoint or f"models/{self.name}-cnn.pt"
+
+    @property
+    def priors_prefix(self) -> str:
+        return self.priors.out or f"npys/{self.name}"
+
+    @property
+    def gan_prefix(self) -> str:
+        return self.gan.out or f"models/{self.name}-{self.gan.variant}"
+
+    def gan_train_files(self) -> list[str]:
+        return list(self.gan.train) or [f"{self.priors_prefix}-train.npy"]
+
+    def gan_val_file(self) -> str:
+        return self.gan.val or f"{self.priors_prefix}-val.npy"
+
+
+_SECTIONS = {"data": DataConfig, "cnn": CNNConfig, "priors": PriorsConfig, "gan": GANConfig}
+
+def _validate(cfg: Config, where: str) -> None:
+    """Cross-field checks that a single key's range cannot express."""
+    if cfg.data.val_fraction + cfg.data.test_fraction >= 0.9:
+        raise UserError(f"{where}: key 'data.val_fraction' + 'data.test_fraction' must leave >= 10% for training")
+    for s in cfg.priors.splits:
+        if s not in ("train", "val", "test"):
+            raise UserError(f"{where}: key 'priors.splits': {s!r} is not one of train, val, test")
+    if not cfg.name or any(c in cfg.name for c in "/\\ "):
+        raise UserError(f"{where}: key 'name': {cfg.name!r} must be non-empty without spaces or slashes")
+
+def sets_nothing(raw: dict) -> bool:
+    """Whether a parsed config sets no key: an empty mapping, or only sections that are null or empty."""
+    return all(key in _SECTIONS and value in (None, {}) for key, value in raw.items())
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (or the defaults when path is None), apply `--set` overrides and validate."""
+    raw: dict = {}
+    where = "defaults"
+    if path is not None:
+        where = str(Path(path))
+        raw = read_yaml_mapping(path, "configs/", "sections (data, cnn, priors, gan)")
+        if sets_nothing(raw):
+            raise UserError(f"{where}: the config sets nothing (empty, only comments, null or empty sections); "
+                            f"copy one of configs/*.yaml and set at least name and data.source")
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--set {text!r}: '{k}' is not a section")
+        node[keys[-1]] = value
+    cfg = Config()
+    fill(cfg, raw, where)
+    _validate(cfg, where)
+    cfg.source_file = "" if path is None else str(path)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    """The resolved config as plain data (what `save_config` writes)."""
+    d = dataclasses.asdict(cfg)
+    d.pop("source_file", None)
+    return d
+
+
+def from_dict(d: dict, where: str = "saved config") -> Config:
+    """Rebuild a Config from `to_dict` output (e.g. one stored in a checkpoint)."""
+    cfg = Config()
+    fill(cfg, d, where)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> Path:
+    """Write the resolved config as YAML next to a run's outputs (atomically)."""
+    return atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,2 @@
+"""Stage 0, the images: image sources (`sources/`) and the train / val / test splits every stage reads
+(`splits`)."""

@@ -1,0 +1,123 @@
+"""Section `control`: the image-only control generator (trained with `gan.priors: none`) and the GANs' margin."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cnnprior.core import cams, generators, metrics
+from cnnprior.core.errors import UserError
+from cnnprior.core.maps import generate, live_cams, resize_maps
+from cnnprior.core.report import Report, Table
+from cnnprior.evaluate.sanity import format_ci, mean_ci
+from cnnprior.evaluate.sections.base import EvalContext, Section, option
+from cnnprior.gan.checkpoint import load_generator
+
+__all__ = ["ControlOptions", "ControlSection", "images_per_second", "load_control"]
+
+
+@dataclass
+class ControlOptions:
+    """Options of the `control` section."""
+
+    lsft: str = option("", file=True, help="image-only LSFT control checkpoint (trained with gan.priors: none)")
+    gsft: str = option("", file=True, help="image-only GSFT control checkpoint (trained with gan.priors: none)")
+    speed_num: int = option(64, lo=1, help="images timed for the speed figures")
+
+
+def load_control(path: str, variant: str, ctx: EvalContext) -> tuple[Any, dict]:
+    """An image-only generator; a checkpoint trained with priors, or for other S/n, is a one-line error."""
+    model, meta = load_generator(path, device=ctx.device)
+    trained = ((meta.get("config") or {}).get("gan") or {}).get("priors", "cnn")
+    if trained != "none":
+        raise UserError(f"control.{variant}: {path} was trained with gan.priors: {trained}, not an image-only "
+                        f"control (train one with --set gan.priors=none)")
+    pm = meta.get("priors_meta") or {}
+    if (pm.get("size"), pm.get("n")) != (ctx.pf.size, ctx.pf.n):
+        raise UserError(f"control.{variant}: {path} was trained on S={pm.get('size')}, n={pm.get('n')} but "
+                        f"{ctx.pf.path} has S={ctx.pf.size}, n={ctx.pf.n}")
+    return model, meta
+
+
+def images_per_second(fn: Callable[[slice], Any], count: int, batch_size: int) -> float:
+    """Throughput of fn(batch slice) over `count` items, after one untimed warm-up batch."""
+    fn(slice(0, batch_size))
+    t = time.perf_counter()
+    for i in range(0, count, batch_size):
+        fn(slice(i, i + batch_size))
+    return count / max(time.perf_counter() - t, 1e-9)
+
+
+def _speeds(ctx: EvalContext, controls: dict[str, Any], num: int) -> dict[str, float]:
+    """Images/s: each generator alone (no CNN call), and Grad-CAM (a CNN forward + backward) for context."""
+    d, bs, dev = ctx.data, ctx.cfg.batch_size, ctx.device
+    images, zeros = d["image"][:num].to(dev), torch.zeros_like(d["priors"][:num]).to(dev)
+    speeds: dict[str, float] = {}
+    with torch.no_grad():
+        for label, model in [*controls.items(), *((g.label, g.model) for g in ctx.gans)]:
+            speeds[f"{label} generator"] = images_per_second(lambda sl, m=model: m(images[sl], zeros[sl]), num, bs)
+    name = ctx.pf.meta.get("target_layer") or ""
+    try:
+        layer = ctx.cnn.get_submodule(name) if name else None
+    except AttributeError:
+        layer = None
+    if layer is None:
+        return speeds
+    images_r, classes = resize_maps(images, ctx.image_size), d["explained"][:num].to(dev)
+    speeds[f"{cams.title(cams.DEFAULT)} (CNN forward + backward)"] = images_per_second(
+        lambda sl: live_cams(ctx.cnn, layer, images_r[sl], classes[sl], cams.DEFAULT, bs), num, bs)
+    return speeds
+
+
+class ControlSection(Section, name="control", title="Control: image-only generator", options=ControlOptions, order=30):
+    """Fidelity of the image-only control, and each GAN's r minus the control's r (paired per image)."""
+
+    def run(self, ctx: EvalContext) -> dict:
+        opts = ctx.options(self.name)
+        paths = {v: getattr(opts, v) for v in generators.NAMES if getattr(opts, v)}
+        if not paths:
+            ctx.notes.append("control: no image-only generator configured (control.lsft / control.gsft)")
+            return {"images": ctx.count, "controls": {}, "margins": {}, "speed": {}}
+        d = ctx.data
+        controls, fid, r_of = {}, {}, {}
+        for variant, path in paths.items():
+            model, _ = load_control(path, variant, ctx)
+            label = f"{variant.upper()} control"
+            controls[label] = model
+            maps = generate(model, d["image"], torch.zeros_like(d["priors"]), ctx.cfg.batch_size, ctx.device)
+            r_of[label] = metrics.pearson(maps, d["target"])
+            fid[label] = {"path": path, "r": mean_ci(r_of[label]), "l1": mean_ci(metrics.l1(maps, d["target"])),
+                          "ssim": mean_ci(metrics.ssim_or_nan(maps.double(), d["target"].double()))}
+        margins = {}
+        for g in ctx.gans:
+            r_gan = metrics.pearson(g.maps, d["target"])
+            for label, r_c in r_of.items():
+                margins[f"{g.label} − {label}"] = {"gan_r": mean_ci(r_gan), "control_r": mean_ci(r_c),
+                                                  "margin": mean_ci(r_gan - r_c)}
+        return {"images": ctx.count, "controls": fid, "margins": margins,
+                "speed": _speeds(ctx, controls, min(opts.speed_num, ctx.count)), "device": str(ctx.device)}
+
+    def render(self, report: Report, results: Any, folder: Path, ctx: EvalContext) -> None:
+        if not results["controls"]:
+            report.p("No image-only control generator configured (`control: {lsft: …, gsft: …}`, trained with "
+                     "`--set gan.priors=none`).")
+            return
+        report.p(f"The same generator architecture trained with the same budget on the same files, with the priors "
+                 f"zeroed in training, validation and here (`gan.priors: none`): its r is the part of the score "
+                 f"the image alone explains. **N = {results['images']} images**; mean [95 % bootstrap interval]; "
+                 f"margins are paired per image.")
+        rows = [[label, format_ci(s["r"]), format_ci(s["l1"]), format_ci(s["ssim"])]
+                for label, s in results["controls"].items()]
+        report.table(Table.plain(["control", "r ↑", "L1 ↓", "SSIM ↑"], rows))
+        if results["margins"]:
+            rows = [[name, format_ci(s["gan_r"]), format_ci(s["control_r"]), format_ci(s["margin"])]
+                    for name, s in results["margins"].items()]
+            report.table(Table.plain(["GAN − control", "GAN r", "control r", "margin r"], rows))
+        report.p(f"Speed on {results['device']}, images/s (context only: the control never queries the CNN, so "
+                 f"its map is **not an explanation of the CNN**; the number only sizes a future one-pass "
+                 f"explainer): " + "; ".join(f"{k} {v:,.0f}" for k, v in results["speed"].items()) + ".")

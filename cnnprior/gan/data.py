@@ -1,0 +1,204 @@
+"""The GAN stage's data: samples streamed from memmapped prior files, training/validation files, randomised-copy
+mixing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from cnnprior.core.baselines import choose_streamed
+from cnnprior.core.config import Config
+from cnnprior.core.errors import UserError
+from cnnprior.priors.priorfile import PriorFile
+from cnnprior.priors.priorset import manifest_path
+from cnnprior.priors.read import read_priors
+
+__all__ = [
+    "AGREE_KEYS", "check_agree", "load_gan_data", "MapData", "priors_meta", "randomised_files", "with_randomised"
+]
+
+# Prior files trained on together must agree on these sidecar keys.
+AGREE_KEYS = ("size", "n", "order", "target", "method")
+
+
+@dataclass(eq=False)
+class MapData:
+    """Samples streamed from memmapped prior-file records: `batch(idx)` reads only the records it is asked for.
+
+    `parts` are structured record arrays (memmapped; a PriorFile gives one, a prior set one per shard). Sample i
+    is the record at position `rows[i]` of the parts laid end to end (`rows` None: position i, so a plain run
+    holds no per-sample index). `use_image` / `use_priors` False make `batch` give zeros for that input
+    (gan.image / gan.priors: none).
+    """
+
+    parts: list[np.ndarray]
+    rows: np.ndarray | None = None
+    use_image: bool = True
+    use_priors: bool = True
+    starts: np.ndarray = field(init=False, repr=False)  # each part's first position, then the total
+
+    def __post_init__(self) -> None:
+        self.starts = np.cumsum([0] + [len(p) for p in self.parts], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1]) if self.rows is None else len(self.rows)
+
+    @classmethod
+    def from_files(cls, files: list[PriorFile], limit: int = 0) -> MapData:
+        """Prior files (or sets) end to end, the first `limit` records in all when limit > 0; nothing is copied."""
+        parts: list[np.ndarray] = []
+        left = limit or None
+        # a prior set lists its shards in `parts`; getattr(pf, "parts", [pf.records]) would read pf.records first
+        for part in (p for pf in files for p in (pf.parts if hasattr(pf, "parts") else [pf.records])):
+            if left is not None:
+                part = part[:left]  # a view of the memmap
+                left -= len(part)
+            parts.append(part)
+            if left is not None and left <= 0:
+                break
+        return cls(parts)
+
+    def positions(self) -> np.ndarray:
+        """Every sample's position in the parts laid end to end."""
+        return np.arange(self.starts[-1], dtype=np.int64) if self.rows is None else self.rows
+
+    def take(self, idx: Tensor | np.ndarray) -> MapData:
+        """The samples `idx` (in that order) as a MapData over the same parts."""
+        return replace(self, rows=self._positions(idx))
+
+    def join(self, other: MapData) -> MapData:
+        """This data's samples followed by `other`'s (other's input flags are not kept)."""
+        return replace(self, parts=self.parts + other.parts,
+                       rows=np.concatenate([self.positions(), other.positions() + self.starts[-1]]))
+
+    def _positions(self, idx: Tensor | np.ndarray) -> np.ndarray:
+        """The positions of samples `idx` in the parts laid end to end."""
+        idx = np.asarray(idx.cpu() if isinstance(idx, Tensor) else idx, dtype=np.int64).reshape(-1)
+        if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"sample index out of range 0..{len(self) - 1}")
+        return idx if self.rows is None else self.rows[idx]
+
+    def uint8(self, idx: Tensor | np.ndarray) -> tuple[Tensor, Tensor, Tensor]:
+        """uint8 tensors image (B,3,S,S), priors (B,n,S,S), target (B,1,S,S) of samples `idx`, in that order."""
+        pos = self._positions(idx)
+        part = np.searchsorted(self.starts, pos, side="right") - 1  # empty parts are skipped
+        fields = self.parts[0].dtype.fields
+        out = {k: np.empty((len(pos), *fields[k][0].shape), np.uint8) for k in ("image", "priors", "target")}
+        for p in np.unique(part):
+            at = np.flatnonzero(part == p)
+            rows = pos[at] - self.starts[p]
+            ordered = np.argsort(rows, kind="stable")  # ascending reads of the memmap
+            records = self.parts[p][rows[ordered]]
+            for key, arr in out.items():
+                arr[at[ordered]] = records[key]
+        image = torch.from_numpy(out["image"]).permute(0, 3, 1, 2).contiguous()
+        priors, target = torch.from_numpy(out["priors"]), torch.from_numpy(out["target"]).unsqueeze(1)
+        return (image if self.use_image else torch.zeros_like(image),
+                priors if self.use_priors else torch.zeros_like(priors), target)
+
+    def batch(self, idx: Tensor, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """Float tensors in [0, 1] (as PriorFile.tensors gives them) for samples `idx`, on `device`."""
+        return tuple(t.to(device, non_blocking=True).float() / 255.0  # type: ignore[return-value]
+                     for t in self.uint8(idx))
+
+    # The whole data set read into RAM as uint8 tensors: for looking at small data in tests, never for training.
+    @property
+    def image(self) -> Tensor:
+        return self.uint8(np.arange(len(self)))[0]
+
+    @property
+    def priors(self) -> Tensor:
+        return self.uint8(np.arange(len(self)))[1]
+
+    @property
+    def target(self) -> Tensor:
+        return self.uint8(np.arange(len(self)))[2]
+
+
+def check_agree(ref: PriorFile, other: PriorFile) -> None:
+    """Refuse a prior file whose AGREE_KEYS differ from the first training file's."""
+    for key in AGREE_KEYS:
+        if other.meta.get(key) != ref.meta.get(key):
+            raise UserError(f"{other.path}: priors {key} is {other.meta.get(key)!r} but {ref.path} has "
+                            f"{ref.meta.get(key)!r}; GAN prior files must agree on {', '.join(AGREE_KEYS)}")
+
+
+def priors_meta(pf: PriorFile, train_files: list[str]) -> dict:
+    """What a generator was trained on, from a prior file's sidecar (stored in every GAN checkpoint)."""
+    m = pf.meta
+    return {"size": int(m["size"]), "n": int(m["n"]), "order": m.get("order"), "target": m.get("target"),
+            "method": m.get("method"), "include_target_layer": m.get("include_target_layer"),
+            "explain": m.get("explain"), "dataset": m.get("dataset"),
+            "class_names": [str(c) for c in m.get("class_names") or []],
+            "cnn_arch": (m.get("cnn") or {}).get("arch"), "target_layer": m.get("target_layer"),
+            "prior_layers": [[str(x) for x in layers] for layers in m.get("prior_layers") or []],
+            "positions": [int(p) for p in m.get("positions") or []], "train_files": list(train_files),
+            "exclude": list(m.get("exclude") or []), "layer_outputs": m.get("layer_outputs", "raw"),
+            "layers": [str(x) for x in m.get("layers") or []]}
+
+
+def randomised_files(cfg: Config) -> list[str]:
+    """The randomised-copy prior files for gan.randomised_share: gan.randomised, or all the priors stage wrote."""
+    if cfg.gan.randomised:
+        return list(cfg.gan.randomised)
+    prefix = Path(cfg.priors_prefix)
+    return sorted(str(p) for p in prefix.parent.glob(f"{prefix.name}-train-random-*.npy"))
+
+
+def with_randomised(cfg: Config, train: MapData, ref: PriorFile) -> tuple[MapData, dict]:
+    """Training data with randomised-copy records added so that they make up gan.randomised_share of it."""
+    names = randomised_files(cfg)
+    if not names:
+        raise UserError(f"gan.randomised_share is {cfg.gan.randomised_share} but no randomised-copy prior files "
+                        f"exist ({cfg.priors_prefix}-train-random-*.npy); make them with `python train.py --config "
+                        f"{cfg.source_file or '<config>'} --stage priors --set \"priors.splits=[]\" --set "
+                        f"\"priors.randomised_stages=[all]\"` or set gan.randomised")
+    files = [read_priors(f) for f in names]
+    for pf in files:
+        check_agree(ref, pf)
+    pool = MapData.from_files(files)
+    share = cfg.gan.randomised_share
+    want = round(share / (1.0 - share) * len(train))
+    if want > len(pool):
+        raise UserError(f"gan.randomised_share {share} needs {want} randomised-copy records but "
+                        f"{', '.join(names)} hold {len(pool)}; lower the share or raise priors.randomised_limit")
+    pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(cfg.gan.seed))[:want]
+    mixed = train.join(pool.take(pick))
+    return mixed, {"share": share, "files": names, "count": want}
+
+
+def load_gan_data(cfg: Config) -> tuple[MapData, MapData, dict]:
+    """Training data (all train files end to end), validation data (capped), both streamed, and the priors meta."""
+    names = cfg.gan_train_files()
+    files = [read_priors(f) for f in names]
+    for pf in files[1:]:
+        check_agree(files[0], pf)
+    val_name = cfg.gan_val_file()
+    if not (Path(val_name).is_file() or manifest_path(val_name).is_file()):  # a file, or a prior set by its name
+        raise UserError(f"{val_name}: validation prior file not found; make it with `python train.py --config "
+                        f"{cfg.source_file or '<config>'} --stage priors --set \"priors.splits=[val]\"` (or set gan.val; "
+                        f"never the test file: val picks the checkpoint and the baselines)")
+    val = read_priors(val_name)
+    check_agree(files[0], val)
+    if val.meta.get("split") == "test":
+        raise UserError(f"{val_name}: gan.val is a test-split prior file; checkpoints and baselines are chosen on "
+                        f"validation data only (use the -val.npy file of the priors stage)")
+    train_data, val_data = MapData.from_files(files), MapData.from_files([val], cfg.gan.val_limit)
+    if len(train_data) == 0:
+        raise UserError(f"{', '.join(names)}: no training samples")
+    if len(val_data) == 0:
+        raise UserError(f"{val_name}: no validation samples")
+    meta = priors_meta(files[0], names)
+    if cfg.gan.randomised_share > 0:
+        train_data, meta["randomised"] = with_randomised(cfg, train_data, files[0])
+    # gan.priors: none is the image-only control (the generator never sees the CNN's priors); gan.image: none the
+    # priors-only generator (the image never reaches it)
+    use = {"use_priors": cfg.gan.priors != "none", "use_image": cfg.gan.image != "none"}
+    train_data, val_data = replace(train_data, **use), replace(val_data, **use)
+    meta["baselines"] = choose_streamed(val, chosen_on=val_name).as_dict()
+    meta["val_file"] = val_name
+    return train_data, val_data, meta
