@@ -114,8 +114,9 @@ def _explain(argv: list[str]) -> int:
             variant = arg.split("=", 1)[1]
             del rest[i]
             break
-    if variant not in generators.VARIANTS:
-        raise UserError(f"--variant: {variant!r} is not one of {', '.join(generators.NAMES)}")
+    if variant not in generators.NAMES:
+        raise UserError(f"--variant: {variant!r} is not one of {', '.join(generators.NAMES)} (learned baselines are "
+                        f"scored beside a GAN: --learned FILE)")
     return inference_main(rest, variant=variant, prog="cnnprior explain" + ("" if variant == generators.DEFAULT
                                                                              else f" --variant {variant}"))
 

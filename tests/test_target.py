@@ -13,10 +13,10 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from cnnprior.cnn.layers import cam_layers, final_layer
+from cnnprior.cnn.layers import cam_layers, final_layer, within
 from cnnprior.cnn.model import build_cnn
 from cnnprior.core.baselines import BaselineChoice, baseline_maps, choose, choose_streamed, grayscale
-from cnnprior.core.config import Config, load_config
+from cnnprior.core.config import ARCHS, Config, load_config
 from cnnprior.core.errors import UserError
 from cnnprior.priors.extract import PriorSpec, extractor_from, spec_from_sidecar
 from cnnprior.priors.read import read_priors
@@ -153,3 +153,23 @@ def test_baselines_chosen_chunk_by_chunk_equal_the_choice_on_the_whole_file(tmp_
         assert streamed.val_r[key] == pytest.approx(whole.val_r[key], abs=1e-6)
     # the per-prior r's differ, so which prior is best is a real choice, made the same both ways
     assert len({round(v, 6) for v in whole.val_r["per_prior"]}) > 1
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_target_rule_holds_for_every_supported_architecture(arch: str) -> None:
+    """One rule for every architecture: the target is the CNN's final feature map (the map global pooling reads),
+    and the priors leave out exactly the CAM layers inside the target module."""
+    torch.manual_seed(0)
+    size = 96  # inception_v3 needs >= 75 px
+    model = build_cnn(arch, ["a", "b", "c"], size).eval()
+    ex = extractor_from(model, PriorSpec(size=16, n=4))
+    d = ex.describe()
+    name, module = final_layer(model, size)
+    assert d["target_layer"] == name
+    inside = [n for n in d["layers"] if within(n, name)]
+    assert sorted(d["excluded_layers"]) == sorted(inside or [])
+    assert all(not within(n, name) for prior in d["prior_layers"] for n in prior)
+    assert len(d["average_order"]) >= 4, d
+    # the target's output is a spatial map that feeds the classifier head through pooling
+    out = ex(torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(1)))
+    assert out["target"].shape == (2, 16, 16) and out["priors"].shape == (2, 4, 16, 16)

@@ -105,13 +105,15 @@ class GANConfig:
 
     variant: str = opt(generators.DEFAULT, choices=generators.ALL)
     width: int = opt(64, lo=4, hi=1024, help="trunk channels")
-    depth: int = opt(7, lo=0, hi=256, help="lsft: plain residual blocks; gsft: SFT residual blocks")
+    depth: int = opt(7, lo=0, hi=256, help="lsft: plain residual blocks; gsft: SFT residual blocks; convnet: hidden "
+                                           "5x5 convolutions (>= 1); linear: unused")
     cond_channels: int = opt(32, lo=1, hi=1024)
     cond_hidden: int = opt(128, lo=1, hi=4096)
     disc_width: int = opt(64, lo=4, hi=1024)
     disc_layers: int = opt(3, lo=1, hi=8)
     loss: str = opt("bce", choices=("bce", "lsgan"))
-    adv_weight: float = opt(1.0, lo=0.0, hi=1e6)
+    adv_weight: float = opt(1.0, lo=0.0, hi=1e6, help="0 = the L1-only twin (D is not trained); the learned "
+                                                       "baselines (linear, convnet) always train with 0")
     l1_weight: float = opt(100.0, lo=0.0, hi=1e6)
     lr: float = opt(2e-4, lo=0.0, hi=1.0)
     beta1: float = opt(0.5, lo=0.0, hi=1.0)
@@ -184,6 +186,9 @@ def _validate(cfg: Config, where: str) -> None:
             raise UserError(f"{where}: key 'priors.splits': {s!r} is not one of train, val, test")
     if not cfg.name or any(c in cfg.name for c in "/\\ "):
         raise UserError(f"{where}: key 'name': {cfg.name!r} must be non-empty without spaces or slashes")
+    if cfg.gan.variant == "convnet" and cfg.gan.depth < 1:
+        raise UserError(f"{where}: key 'gan.depth': the convnet baseline needs >= 1 hidden convolution, got "
+                        f"{cfg.gan.depth}")
 
 def sets_nothing(raw: dict) -> bool:
     """Whether a parsed config sets no key: an empty mapping, or only sections that are null or empty."""

@@ -58,6 +58,9 @@ def load_generator(path: str | Path, expect_variant: str | None = None,
     if variant not in generators.VARIANTS:
         raise UserError(f"{path}: unknown generator variant {variant!r} (known: {', '.join(generators.ALL)})")
     if expect_variant is not None and variant != expect_variant:
+        if variant in generators.BASELINES:
+            raise UserError(f"{path} is a learned-baseline ({variant}) checkpoint, not a GAN; score it beside a GAN "
+                            f"checkpoint with --learned {path}")
         raise UserError(f"{path} is a {variant} checkpoint; use {variant}_inference.py")
     try:
         model = generators.VARIANTS[variant].generator_class()(**ckpt["generator_config"])
