@@ -262,6 +262,10 @@ def test_out_of_range_target_is_a_user_error(ex, images) -> None:
         ex(images[:2], targets=[-1, 0])
     with pytest.raises(UserError, match="uint8"):
         ex((images[:2] * 255).to(torch.uint8))
+    with pytest.raises(UserError, match=r"images: values span \[0, 2.*expected RGB in \[0, 1\]"):
+        ex(images[:2] * 2)
+    with pytest.raises(UserError, match="targets: class indices must be integers, got torch.float"):
+        ex(images[:2], targets=[0.7, 1.2])
 
 
 def test_mismatched_layers_are_noted(world, ex) -> None:

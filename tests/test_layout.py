@@ -4,9 +4,13 @@ over 450 lines, `__all__` in every module, and no private name imported across m
 from __future__ import annotations
 
 import ast
+import dataclasses
 from pathlib import Path
 
 import pytest
+
+from cnnprior.core import generators
+from cnnprior.evaluate.config import GENERATOR_KEYS, EvalConfig
 
 PACKAGE = Path(__file__).resolve().parents[1] / "cnnprior"
 MAX_LINES = 450
@@ -107,3 +111,8 @@ def test_stages_import_no_later_stage():
             dparts = dep.split(".")
             if len(dparts) >= 2 and dparts[1] in order:
                 assert order.index(dparts[1]) <= order.index(parts[1]), f"{mod} imports the later stage {dep}"
+
+
+def test_every_generator_key_is_an_evaluation_config_key():
+    fields = {f.name for f in dataclasses.fields(EvalConfig)}
+    assert set(generators.ALL) <= set(GENERATOR_KEYS) <= fields

@@ -34,6 +34,7 @@ from cnnprior.core.runtime import Log, file_sha256, publish_folder, resolve_devi
 from cnnprior.core.schema import describe_keys
 from cnnprior.evaluate import sections
 from cnnprior.evaluate.config import GENERATOR_KEYS, L1_SUFFIX, EvalConfig, load_eval_config
+from cnnprior.explain.learned import inputs_of
 from cnnprior.gan.checkpoint import load_generator
 from cnnprior.priors.extract import target_module
 from cnnprior.priors.priorfile import PriorFile
@@ -55,8 +56,9 @@ Fidelity to the target T (the stored classic Grad-CAM of the CNN's last conv lay
   r     = Pearson correlation of M and T over pixels; 0 when either is constant   (higher is better)
   SSIM  = Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03,
           data range 1, 'valid' windows                                           (higher is better)
-  Rows: the LSFT and GSFT generators G(x, P); each prior C_k alone; the mean of the n priors; image
-  intensity, gray = 0.299 R + 0.587 G + 0.114 B or 1 - gray, whichever had the higher mean r on the
+  Rows: the LSFT and GSFT generators G(x, P), their L1-only twins (gan.adv_weight 0) and the learned
+  baselines (convnet, linear: small regressors trained on the same files and inputs with L1 only), when
+  configured; each prior C_k alone; the mean of the n priors; image intensity, gray = 0.299 R + 0.587 G + 0.114 B or 1 - gray, whichever had the higher mean r on the
   validation prior file (chosen by the gan stage, stored in the generator checkpoint; both rows when no
   checkpoint records a choice, since choosing on the evaluated images would select on the test data).
 
@@ -135,6 +137,10 @@ class EvalGenerator:
         return int(pm.get("size", -1)), int(pm.get("n", -1))
 
 
+# the gan keys an L1-only twin may differ in from its GAN (they change no training number)
+TWIN_FREE_KEYS = frozenset({"adv_weight", "out", "device", "checkpoint_every", "val", "train", "randomised"})
+
+
 # ----------------------------------------------------------------------------------------- loading
 def _load_generator(cfg: EvalConfig, key: str, path: str, pf: PriorFile, device: torch.device,
                     notes: list[str]) -> EvalGenerator:
@@ -171,7 +177,27 @@ def load_generators(cfg: EvalConfig, pf: PriorFile, device: torch.device, notes:
                 notes.append(f"no {key} checkpoint configured: {key.upper()} rows are left out")
             continue
         gans.append(_load_generator(cfg, key, path, pf, device, notes))
+    check_comparable(gans, notes)
     return gans
+
+
+def check_comparable(gans: list[EvalGenerator], notes: list[str]) -> None:
+    """Margins compare at equal information: a learned baseline or L1-only twin given other inputs (gan.image,
+    gan.priors) than a GAN is refused; a twin differing from its GAN in more than gan.adv_weight gets a note."""
+    for g in (g for g in gans if g.adversarial):
+        for other in (o for o in gans if not o.adversarial):
+            if inputs_of(other.meta) != inputs_of(g.meta):
+                raise UserError(f"{other.path} ({other.label}) was trained on inputs (gan.image, gan.priors) "
+                                f"{inputs_of(other.meta)} but {g.path} ({g.label}) on {inputs_of(g.meta)}; compare "
+                                f"at equal information")
+        twin = next((o for o in gans if o.key == f"{g.key}{L1_SUFFIX}"), None)
+        if twin is None:
+            continue
+        a, b = ((x.meta.get("config") or {}).get("gan") or {} for x in (g, twin))
+        differ = sorted(k for k in set(a) | set(b) if k not in TWIN_FREE_KEYS and a.get(k) != b.get(k))
+        if differ or g.meta.get("generator_config") != twin.meta.get("generator_config"):
+            notes.append(f"warning: {twin.label} differs from {g.label} in more than gan.adv_weight: "
+                         f"{', '.join(differ) or 'generator_config'}")
 
 
 def load_target_cnn(cfg: EvalConfig, pf: PriorFile, device: torch.device, notes: list[str]):

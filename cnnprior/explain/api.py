@@ -82,6 +82,9 @@ def _check_images(images: Tensor) -> Tensor:
     if not images.is_floating_point():
         raise UserError(f"images: expected a float tensor of RGB in [0, 1], got {images.dtype} (divide uint8 images "
                         f"by 255)")
+    if images.numel() and (float(images.min()) < -1e-3 or float(images.max()) > 1 + 1e-3):
+        raise UserError(f"images: values span [{float(images.min()):.3g}, {float(images.max()):.3g}]; expected RGB in "
+                        f"[0, 1] (not normalised: the explainer applies the CNN's normalisation itself)")
     return images.float()
 
 
@@ -216,7 +219,12 @@ class Explainer:
             A structured array in the prior-file format (`label` = -1, empty masks).
         """
         images = _check_images(images)
-        classes = None if targets is None else torch.as_tensor(targets, dtype=torch.int64).view(-1)
+        classes = None
+        if targets is not None:
+            given = torch.as_tensor(targets)
+            if given.numel() and (given.is_floating_point() or given.is_complex() or given.dtype == torch.bool):
+                raise UserError(f"targets: class indices must be integers, got {given.dtype}")
+            classes = given.to(torch.int64).view(-1)
         if classes is not None and len(classes) != len(images):
             raise UserError(f"targets: {len(classes)} classes for {len(images)} images")
         n_classes = len(self.extractor.model.class_names)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -262,8 +263,6 @@ def write_index(path: Path, opts: Options, inp: InputSet, metrics: dict, prov: d
 
 
 def _check_options(opts: Options) -> None:
-    import matplotlib
-
     if opts.cmap not in matplotlib.colormaps:
         raise UserError(f"--cmap: unknown matplotlib colormap {opts.cmap!r} (e.g. jet, viridis, inferno, turbo)")
     if opts.cnn and not opts.images:
@@ -303,7 +302,7 @@ def run(opts: Options) -> tuple[Path, dict]:
         header = {"variant": opts.variant, "checkpoint": str(ckpt), "input": inp.kind, "dataset": inp.dataset,
                   "size": int(pm["size"]), "n": int(pm["n"]), "target": pm.get("target"), "method": pm.get("method"),
                   "provenance": prov}
-        best = max(learned, key=lambda b: -1.0 if b.val_r is None else b.val_r, default=None)
+        best = max((b for b in learned if b.val_r is not None), key=lambda b: b.val_r, default=None)
         metrics = build_metrics(scores, chosen, written.per_sample, header, choice, {b.key: b.label for b in learned},
                                 best.key if best else None)
         (folder.tmp / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
@@ -320,6 +319,7 @@ def run(opts: Options) -> tuple[Path, dict]:
 
 # ----------------------------------------------------------------------------------------- CLI
 def _epilog(variant: str, script: str) -> str:
+    # script: the command's first words as typed, e.g. `python lsft_inference.py` or `cnnprior explain`
     """The --help text after the options: defaults, what the run folder holds, examples, exit status."""
     return f"""defaults (paths relative to the current folder):
   checkpoint  {DEFAULT_CHECKPOINT[variant]} (or {Path(DEFAULT_CHECKPOINT[variant]).stem}-best.pt as train.py writes it)
@@ -344,12 +344,12 @@ written under a hidden .partial name and renamed when complete, holding
                                     baseline (on validation) with its paired 95 % CI
 
 examples:
-  python {script}                                  # shipped model on the shipped test priors
-  python {script} --num 64 --device cpu
-  python {script} --checkpoint models/shapes_resnet18-{variant}-best.pt --priors npys/shapes_resnet18-test.npy
-  python {script} --images photos/ shoe.jpg        # priors computed with the default CNN
-  python {script} --images photos/ --cnn models/fashion_resnet18-cnn.pt --cmap viridis
-  python {script} --out outputs/demo --overwrite --quiet
+  {script}                                  # shipped model on the shipped test priors
+  {script} --num 64 --device cpu
+  {script} --checkpoint models/shapes_resnet18-{variant}-best.pt --priors npys/shapes_resnet18-test.npy
+  {script} --images photos/ shoe.jpg        # priors computed with the default CNN
+  {script} --images photos/ --cnn models/fashion_resnet18-cnn.pt --cmap viridis
+  {script} --out outputs/demo --overwrite --quiet
 
 exit status: 0 done, 2 user error (one line on stderr; nothing half-written is left)."""
 
@@ -361,7 +361,7 @@ def build_parser(variant: str, prog: str | None = None) -> argparse.ArgumentPars
     desc = (f"Run a trained {variant.upper()} generator: (image, n priors) -> explanation map, scored against the\n"
             f"Grad-CAM target map. Input: a prior file (default), or image files (--images) whose priors and\n"
             f"target are computed on the fly from the CNN. {other.upper()} checkpoints belong to {other}_inference.py.")
-    epilog = _epilog(variant, script)
+    epilog = _epilog(variant, prog or f"python {script}")
     p = argparse.ArgumentParser(prog=script, description=desc, epilog=epilog,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", metavar="FILE", help=f"{variant.upper()} generator checkpoint (a GAN .pt)")
@@ -407,7 +407,7 @@ def main(argv: list[str] | None = None, variant: str = generators.DEFAULT, prog:
                    num=args.num, batch_size=args.batch_size, device=args.device, out=args.out,
                    overwrite=args.overwrite, cmap=args.cmap, quiet=args.quiet,
                    learned=None if args.learned is None else [p for p in args.learned if p != "none"],
-                   command=shlex.join([f"{variant}_inference.py", *argv]))
+                   command=shlex.join([*(prog or f"{variant}_inference.py").split(), *argv]))
     folder, metrics = run(opts)
     if opts.quiet:
         print(folder)

@@ -13,7 +13,7 @@ from cnnprior.core import generators
 from cnnprior.core.errors import UserError
 from cnnprior.gan.checkpoint import load_generator
 
-__all__ = ["KEY_PREFIX", "Learned", "load_learned", "sibling_paths"]
+__all__ = ["inputs_of", "KEY_PREFIX", "Learned", "load_learned", "sibling_paths"]
 
 KEY_PREFIX = "learned_"  # metrics.json keys: learned_convnet, learned_linear
 
@@ -43,7 +43,8 @@ def sibling_paths(checkpoint: Path) -> list[Path]:
     return []
 
 
-def _inputs(meta: dict) -> tuple:
+def inputs_of(meta: dict) -> tuple:
+    """(gan.image, gan.priors) a generator checkpoint was trained with: the information it is given."""
     gan = (meta.get("config") or {}).get("gan") or {}
     return gan.get("image", "use"), gan.get("priors", "cnn")
 
@@ -73,10 +74,10 @@ def load_learned(paths: list[str] | None, checkpoint: Path, gmeta: dict, device)
             raise UserError(f"--learned: {f} is a {meta.get('variant')} checkpoint, not a learned baseline "
                             f"({', '.join(generators.BASELINES)})")
         lpm = meta.get("priors_meta") or {}
-        if (lpm.get("size"), lpm.get("n")) != (pm.get("size"), pm.get("n")) or _inputs(meta) != _inputs(gmeta):
+        if (lpm.get("size"), lpm.get("n")) != (pm.get("size"), pm.get("n")) or inputs_of(meta) != inputs_of(gmeta):
             notes.append(f"learned baseline {f} left out: trained on other priors or inputs than the generator "
-                         f"(S, n, gan.image, gan.priors {lpm.get('size')}, {lpm.get('n')}, {_inputs(meta)} vs "
-                         f"{pm.get('size')}, {pm.get('n')}, {_inputs(gmeta)})")
+                         f"(S, n, gan.image, gan.priors {lpm.get('size')}, {lpm.get('n')}, {inputs_of(meta)} vs "
+                         f"{pm.get('size')}, {pm.get('n')}, {inputs_of(gmeta)})")
             continue
         r = (meta.get("metrics") or {}).get("r")
         out.append(Learned(KEY_PREFIX + meta["variant"], str(f), model, None if r is None else float(r)))

@@ -8,7 +8,6 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -27,11 +26,9 @@ from cnnprior.gan.checkpoint import ARCH_KEYS, GAN_FORMAT, INPUT_KEYS, SCHEMA_KE
 from cnnprior.gan.data import AGREE_KEYS, MapData, load_gan_data
 from cnnprior.gan.models import build_discriminator, build_generator
 
-__all__ = ["EPOCH_STATS", "gan_paths", "GANLoss", "load_init", "run_gan_stage", "T"]
+__all__ = ["check_adversarial", "EPOCH_STATS", "gan_paths", "GANLoss", "load_init", "run_gan_stage"]
 
 EPOCH_STATS = ("d_real", "d_fake", "g_adv", "l1", "d_loss")
-
-T = TypeVar("T")
 
 
 # ----------------------------------------------------------------------------------------- loss, state
@@ -60,19 +57,12 @@ def _cpu_state(module: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
 
-
-
-# ----------------------------------------------------------------------------------------- processes
 # ----------------------------------------------------------------------------------------- checkpoints
 def gan_paths(cfg: Config) -> dict[str, Path]:
     """The stage's outputs: `last` and `best` checkpoints and the resolved YAML."""
     prefix = cfg.gan_prefix
     return {"last": Path(f"{prefix}-last.pt"), "best": Path(f"{prefix}-best.pt"), "yaml": Path(f"{prefix}.yaml"),
             "export": Path(f"{prefix}.pt")}
-
-
-
-
 
 
 def _prepare_outputs(cfg: Config, resume: bool, overwrite: bool, world: int) -> dict | None:
@@ -93,6 +83,7 @@ def _prepare_outputs(cfg: Config, resume: bool, overwrite: bool, world: int) -> 
             if saved.get(key, default) != getattr(cfg.gan, key):
                 raise UserError(f"{last}: was trained with gan.{key}: {saved.get(key, default)} but the config says "
                                 f"{getattr(cfg.gan, key)}; keep it, or --overwrite to start over")
+        check_adversarial(saved, cfg, str(last))
         if not SCHEMA_KEYS <= ckpt.keys():
             raise UserError(f"{last}: GAN checkpoint lacks {', '.join(sorted(SCHEMA_KEYS - ckpt.keys()))}; "
                             f"it cannot be resumed (use --overwrite to start over)")
@@ -111,8 +102,13 @@ def _prepare_outputs(cfg: Config, resume: bool, overwrite: bool, world: int) -> 
     return None
 
 
-
-
+def check_adversarial(saved: dict, cfg: Config, path: str) -> None:
+    """A run that continues (resume) or starts from (gan.init) another keeps its kind: adversarial or L1-only
+    (gan.adv_weight 0), so an L1-only twin never holds adversarially trained weights, nor the reverse."""
+    old, new = float(saved.get("adv_weight", 1.0)), float(cfg.gan.adv_weight)
+    if (old == 0) != (new == 0):
+        raise UserError(f"{path}: was trained with gan.adv_weight {old:g} but the config says {new:g}; an L1-only run "
+                        f"(weight 0) and an adversarial one cannot continue each other (--overwrite starts over)")
 
 
 def load_init(tr: _Trainer, cfg: Config) -> None:
@@ -125,6 +121,7 @@ def load_init(tr: _Trainer, cfg: Config) -> None:
         if saved.get(key) != getattr(cfg.gan, key):
             raise UserError(f"gan.init: {path} has gan.{key}: {saved.get(key)!r} but the config says "
                             f"{getattr(cfg.gan, key)!r}; warm starts need the same architecture")
+    check_adversarial(saved, cfg, f"gan.init: {path}")
     if "discriminator" not in ckpt:
         raise UserError(f"gan.init: {path} holds no discriminator (an exported generator); use the run's "
                         f"-last.pt or -best.pt checkpoint")
@@ -237,9 +234,10 @@ def _restore(tr: _Trainer, ckpt: dict, cfg: Config, device: torch.device) -> Non
 
 
 def _fmt_epoch(epoch: int, epochs: int, h: dict) -> str:
-    return (f"epoch {epoch}/{epochs}: L1 {h['l1']:.3f} G adv {h['g_adv']:.3f} | D(real) {h['d_real']:.2f} "
-            f"D(fake) {h['d_fake']:.2f} | val L1 {h['val_l1']:.3f} r {h['val_r']:.3f} ssim {h['val_ssim']:.3f} | "
-            f"{h['seconds']:.1f}s")
+    adv = (f" G adv {h['g_adv']:.3f} | D(real) {h['d_real']:.2f} D(fake) {h['d_fake']:.2f}"
+           if h["d_real"] == h["d_real"] else " (L1 only: no discriminator)")
+    return (f"epoch {epoch}/{epochs}: L1 {h['l1']:.3f}{adv} | val L1 {h['val_l1']:.3f} r {h['val_r']:.3f} ssim "
+            f"{h['val_ssim']:.3f} | {h['seconds']:.1f}s")
 
 
 def run_gan_stage(cfg: Config, resume: bool = False, overwrite: bool = False, log: Log = print) -> dict:
@@ -312,7 +310,8 @@ class _Run:
             self.step += 1
             bar.update(1)
             if ctx.main and b % 10 == 0:
-                bar.set_postfix(l1=f"{stats[3].item():.3f}", d_real=f"{stats[0].item():.2f}")
+                d_real = stats[0].item()
+                bar.set_postfix(l1=f"{stats[3].item():.3f}", **({"d_real": f"{d_real:.2f}"} if d_real == d_real else {}))
             hooks.after_step(self.step)
             if gc.checkpoint_every and self.step % gc.checkpoint_every == 0 and b + 1 < batches:
                 # every rank resumes with the ranks' mean partial sums, so the epoch's all-reduced total is right

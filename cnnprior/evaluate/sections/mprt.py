@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from matplotlib.figure import Figure
 from torch import nn
 
 from cnnprior.core import cams, metrics
@@ -192,8 +193,6 @@ def seed_cell(v: dict) -> str:
 
 def mprt_chart(results: dict, path: Path) -> None:
     """Two panels (Spearman, SSIM vs randomisation step), one line per method with its 95 % interval band."""
-    from matplotlib.figure import Figure
-
     steps = results["steps"]
     xs = list(range(len(steps)))
     labels = ["trained" if s["step"] == 0 else s["randomised"] for s in steps]
