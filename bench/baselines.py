@@ -16,10 +16,10 @@ import sys
 import torch
 
 from cnnprior.cnn.model import load_cnn
-from cnnprior.core.baselines import choose  # noqa: E402
-from cnnprior.core.config import load_config  # noqa: E402
-from cnnprior.data.splits import load_split  # noqa: E402
-from cnnprior.priors.extract import PriorSpec, extractor_from  # noqa: E402
+from cnnprior.core.baselines import choose
+from cnnprior.core.config import load_config
+from cnnprior.data.splits import load_split
+from cnnprior.priors.extract import PriorSpec, extractor_from
 
 SETTINGS = {  # label -> (include_target_layer, exclude)
     "every layer, the target's block included": (True, []),

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark the classifier stage's training step: images/s of the target CNN, fp32 and bf16 autocast.
 
-The step the classifier stage takes (cnnprior/cnn.py): a channels_last model and batch, forward, cross-entropy
+The step the classifier stage takes (cnnprior/cnn/train.py): a channels_last model and batch, forward, cross-entropy
 with label smoothing 0.05, backward, AdamW; on seeded random images (no data loading, no augmentation). The
 defaults are the shipped default's CNN (configs/fashion_resnet18.yaml: ResNet-18, 128 px, batch 32, 10
 classes). Each precision: one warm-up step, then `--repeats` timed runs of `--steps` steps; the median.
@@ -31,7 +31,7 @@ from timing import (
 )
 
 from cnnprior.cnn.model import build_cnn
-from cnnprior.core.config import ARCHS  # noqa: E402
+from cnnprior.core.config import ARCHS
 
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
 

@@ -35,7 +35,7 @@ from timing import (
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from cnnprior.gan.models import build_discriminator, build_generator, sft  # noqa: E402
+from cnnprior.gan.models import build_discriminator, build_generator, sft
 
 N_PRIORS = 8
 # depth = n_plain for lsft, n_blocks for gsft (as in build_generator)

@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from cnnprior.core.config import load_config  # noqa: E402
-from cnnprior.data.sources.base import IMAGE_EXTENSIONS  # noqa: E402
-from cnnprior.data.sources.imagefolder import ImageFolderSource  # noqa: E402
-from cnnprior.data.splits import load_split  # noqa: E402
+from cnnprior.core.config import load_config
+from cnnprior.data.sources.base import IMAGE_EXTENSIONS
+from cnnprior.data.sources.imagefolder import ImageFolderSource
+from cnnprior.data.splits import load_split
 
 
 def build_folder(root: Path, files: int, classes: int) -> Path:

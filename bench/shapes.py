@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from cnnprior.data.sources.shapes import ShapesSource  # noqa: E402
+from cnnprior.data.sources.shapes import ShapesSource
 
 
 def noise_images(size: int, count: int) -> None:

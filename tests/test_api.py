@@ -64,7 +64,7 @@ def _train_generator(t: dict[str, torch.Tensor], steps: int = 100) -> torch.nn.M
 
 
 def _save_generator(path: Path, g: torch.nn.Module, pmeta: dict) -> Path:
-    """A generator checkpoint with the entries gan.py's checkpoints carry for inference."""
+    """A generator checkpoint with the entries gan/train.py's checkpoints carry for inference."""
     return atomic_torch_save({"format": GAN_FORMAT, "variant": "lsft", "generator_config": g.config(),
                               "generator": {k: v.detach().clone() for k, v in g.state_dict().items()},
                               "epoch": 1, "step": 100, "config": {"gan": {"variant": "lsft"}}, "priors_meta": pmeta,

@@ -39,7 +39,7 @@ STEM = re.compile(r"^\d{4}_(circle|square)\.png$")
 
 
 def save_generator(path: Path, variant: str, pmeta: dict, seed: int = 0) -> Path:
-    """A tiny untrained generator checkpoint with the entries gan.py's checkpoints carry for inference."""
+    """A tiny untrained generator checkpoint with the entries gan/train.py's checkpoints carry for inference."""
     torch.manual_seed(seed)
     g = build_generator(variant, int(pmeta["n"]), 8, 1, 8, 8)
     return atomic_torch_save({"format": GAN_FORMAT, "variant": variant, "generator_config": g.config(),
@@ -221,7 +221,7 @@ def test_failure_mid_run_leaves_nothing(world, tmp_path, monkeypatch) -> None:
 
 
 def test_real_gan_stage_checkpoint_runs(world, tmp_path, monkeypatch) -> None:
-    """A checkpoint written by gan.py's own training loop (not a mimic of its schema) is accepted."""
+    """A checkpoint written by gan/train.py's own training loop (not a mimic of its schema) is accepted."""
     train = write_priors(tmp_path / "npys" / "t-train.npy", 8, seed=1)
     cfg = load_config(gan_config(tmp_path, train, world["val"], epochs=1, variant="gsft"))
     result = run_gan_stage(cfg, log=lambda _m: None)

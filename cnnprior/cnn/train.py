@@ -1,5 +1,6 @@
-"""The target CNN: build any torchvision classifier, train it (one process or a torchrun job), save/load checkpoints
-(its CAM layers: layers.py; importing your own: cnn_import.py).
+"""The classifier stage: train the target CNN (one process or a torchrun job with DDP) and resume an interrupted
+run (building any torchvision classifier and saving / loading its checkpoints: model.py; its CAM layers: layers.py;
+importing your own: importer.py).
 
 Under torchrun the classifier stage trains with DistributedDataParallel: `cnn.batch_size` is per process (as
 `gan.batch_size`), so a step sees batch_size x processes images and an epoch has 1/processes as many steps (the
@@ -99,7 +100,7 @@ def evaluate_accuracy(model: nn.Module, loader: DataLoader, device: torch.device
 
 
 class EpochBatches:
-    """Batch sampler: epoch `e` visits `epoch_order(seed, e)` (runtime.py) in batches, from batch `start` on
+    """Batch sampler: epoch `e` visits `epoch_order(seed, e)` (core/runtime.py) in batches, from batch `start` on
     (mid-epoch resume); in a job of `world` processes, only rank `rank`'s shard of it (DistributedSampler's
     padding and striding: every rank has the same number of batches)."""
 

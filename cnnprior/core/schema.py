@@ -1,5 +1,6 @@
 """Config schemas: dataclass fields with their checks, filled from YAML mappings with one-line errors, and their
---help listing. config.py declares the run and evaluation configs with these."""
+--help listing. core/config.py declares the run config and cnnprior/evaluate/config.py the evaluation config
+with these."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Deterministic stratified splits of an image source (`data.source`: cnnprior/sources/) at a fixed size."""
+"""Deterministic stratified splits of an image source (`data.source`: cnnprior/data/sources/) at a fixed size."""
 
 from __future__ import annotations
 

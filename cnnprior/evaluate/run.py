@@ -6,7 +6,7 @@
 writes outputs/eval-<name>-<timestamp>/ (report.md, report.html with its charts embedded, the charts as PNG
 files, metrics.json). The folder is built under a temporary name and renamed into place at the end; an
 existing folder is never written into. This module loads the models and the evaluated records, runs the
-sections (one class each, cnnprior/sections/) and writes the report; the config is read by config.py.
+sections (one class each, cnnprior/evaluate/sections/) and writes the report; the config is read by config.py.
 """
 
 from __future__ import annotations

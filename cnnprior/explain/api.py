@@ -41,6 +41,10 @@ class Explanation:
         predicted: the CNN's predicted class per image (B,) int64.
         probs: the softmax probability of the explained class (B,) float32.
         records: the batch in the prior-file format (structured array at the map size S).
+
+    Example:
+        >>> e = ex.explain(images)
+        >>> e.maps.shape, e.classes[:2]         # ((B, H, W), array([3, 1]))
     """
 
     maps: np.ndarray
@@ -62,6 +66,10 @@ def layer_differences(described: dict, pm: dict, cnn_arch: str) -> list[str]:
 
     Returns:
         One phrase per difference (empty when the layers match).
+
+    Example:
+        >>> diffs = layer_differences(ex.extractor.describe(), ex.priors_meta, "resnet34")
+        >>> diffs                               # e.g. ['arch resnet34 vs resnet18', '36 conv layers vs 20']
     """
     diffs = []
     if pm.get("cnn_arch") and pm["cnn_arch"] != cnn_arch:
@@ -145,6 +153,10 @@ class Explainer:
 
         Returns:
             An `Explainer`.
+
+        Example:
+            >>> ex = Explainer.from_checkpoints("models/fashion_resnet18-gsft.pt",
+            ...                                 cnn="models/fashion_resnet18-cnn.pt", variant="gsft")
         """
         dev = resolve_device(device) if isinstance(device, str) else device
         gen, meta = load_generator(generator, expect_variant=variant, device=dev)
@@ -171,19 +183,40 @@ class Explainer:
 
     @property
     def extractor(self) -> PriorExtractor:
-        """The all-layer Grad-CAM extractor (priors and target) of the CNN."""
+        """The all-layer Grad-CAM extractor (priors and target) of the CNN.
+
+        Returns:
+            The `PriorExtractor`; raises `UserError` when the explainer has no CNN.
+
+        Example:
+            >>> ex.extractor.describe()["target_layer"]   # e.g. 'net.layer4.1'
+        """
         if self._extractor is None:
             raise UserError("this Explainer has no CNN: pass cnn= to Explainer.from_checkpoints to explain images")
         return self._extractor
 
     @property
     def model(self) -> nn.Module:
-        """The CNN as an nn.Module taking `preprocess(images)` (resized, normalised) and returning logits."""
+        """The CNN as an nn.Module taking `preprocess(images)` (resized, normalised) and returning logits.
+
+        Returns:
+            The CNN's inner network (the model pytorch-grad-cam's metrics call).
+
+        Example:
+            >>> logits = ex.model(ex.preprocess(images))
+        """
         return self.extractor.model.net
 
     @property
     def class_names(self) -> list[str]:
-        """The CNN's class names, index = class."""
+        """The CNN's class names, index = class.
+
+        Returns:
+            A list of class names.
+
+        Example:
+            >>> ex.class_names[3]                 # e.g. 'Dress'
+        """
         return list(self.extractor.model.class_names)
 
     def preprocess(self, images: Tensor) -> Tensor:
@@ -194,6 +227,9 @@ class Explainer:
 
         Returns:
             Float tensor (B, 3, s, s) on the explainer's device, the input `model` expects.
+
+        Example:
+            >>> x = ex.preprocess(images)         # (B, 3, s, s), normalised
         """
         cnn = self.extractor.model
         x = _check_images(images).to(self.device)
@@ -203,7 +239,18 @@ class Explainer:
         return (x - cnn.mean) / cnn.std
 
     def unprocess(self, input_tensor: Tensor) -> Tensor:
-        """Undo `preprocess`'s normalisation: RGB in [0, 1] at the CNN's input size."""
+        """Undo `preprocess`'s normalisation: RGB at the CNN's input size, values clamped to [0, 1].
+
+        Args:
+            input_tensor: float tensor (B, 3, s, s) as `preprocess` returns it.
+
+        Returns:
+            Float tensor (B, 3, s, s) on the explainer's device, values clamped to [0, 1] (the resize of
+            `preprocess` is not undone).
+
+        Example:
+            >>> rgb = ex.unprocess(ex.preprocess(images))
+        """
         cnn = self.extractor.model
         return (input_tensor.to(self.device).float() * cnn.std + cnn.mean).clamp(0, 1)
 
@@ -217,6 +264,10 @@ class Explainer:
 
         Returns:
             A structured array in the prior-file format (`label` = -1, empty masks).
+
+        Example:
+            >>> rec = ex.records(images, targets=[3, 1])
+            >>> rec["explained"], rec["pred"]
         """
         images = _check_images(images)
         classes = None
@@ -244,7 +295,19 @@ class Explainer:
     # --------------------------------------------------------------------------------------- the GAN side
     @torch.no_grad()
     def generate(self, image: Tensor, priors: Tensor) -> Tensor:
-        """The generator's maps for records' floats: image (B,3,S,S), priors (B,n,S,S) -> (B,1,S,S) on the CPU."""
+        """The generator's maps for records' floats, one pass per `batch_size`.
+
+        Args:
+            image: float tensor (B, 3, S, S), the records' images at the map size S.
+            priors: float tensor (B, n, S, S), the records' priors in [0, 1].
+
+        Returns:
+            Float tensor (B, 1, S, S) on the CPU, clamped to [0, 1].
+
+        Example:
+            >>> t = records_tensors(rec, ex.size)
+            >>> maps = ex.generate(t["image"], t["priors"])
+        """
         out = [self.generator(image[i:i + self.batch_size].to(self.device),
                               priors[i:i + self.batch_size].to(self.device)).float().clamp(0, 1).cpu()
                for i in range(0, len(image), self.batch_size)]
@@ -259,6 +322,10 @@ class Explainer:
 
         Returns:
             An `Explanation`.
+
+        Example:
+            >>> e = ex.explain(images, targets=[3, 1])
+            >>> e.maps, e.gradcam, e.priors       # (B, H, W), (B, H, W), (B, n, H, W)
         """
         images = _check_images(images)
         rec = self.records(images, targets)
@@ -270,7 +337,18 @@ class Explainer:
                            predicted=rec["pred"].astype(np.int64), probs=rec["prob"].astype(np.float32), records=rec)
 
     def __call__(self, images: Tensor, targets: Sequence[int] | Tensor | None = None) -> np.ndarray:
-        """The generator's explanation maps: numpy float32 (B, H, W) in [0, 1] at the input size."""
+        """The generator's explanation maps (`explain(images, targets).maps`).
+
+        Args:
+            images: float tensor (B, 3, H, W), RGB in [0, 1], any H, W.
+            targets: the class to explain per image; None explains the predicted class.
+
+        Returns:
+            Numpy float32 (B, H, W) in [0, 1] at the input size.
+
+        Example:
+            >>> maps = ex(images, targets=[3, 1])
+        """
         return self.explain(images, targets).maps
 
 
@@ -284,7 +362,8 @@ class GANCAM:
     Example:
         >>> cam = GANCAM(ex)
         >>> x = ex.preprocess(images)
-        >>> grayscale = cam(input_tensor=x, targets=[ClassifierOutputTarget(3)] * len(x))
+        >>> targets = [ClassifierOutputTarget(3)] * len(x)
+        >>> grayscale = cam(input_tensor=x, targets=targets)
         >>> ROADMostRelevantFirst()(x, grayscale, targets, ex.model)
     """
 
@@ -294,6 +373,21 @@ class GANCAM:
 
     def __call__(self, input_tensor: Tensor, targets: Sequence | None = None, aug_smooth: bool = False,
                  eigen_smooth: bool = False) -> np.ndarray:
+        """The GAN's maps of input_tensor, in the shape pytorch-grad-cam's CAMs return.
+
+        Args:
+            input_tensor: float tensor (B, 3, s, s) as `Explainer.preprocess` returns it.
+            targets: one target per image carrying a class index (`.category`, e.g. `ClassifierOutputTarget(k)`);
+                None explains the predicted class.
+            aug_smooth: not supported (raises `UserError` when True).
+            eigen_smooth: not supported (raises `UserError` when True).
+
+        Returns:
+            Numpy float32 (B, s, s) in [0, 1] at input_tensor's size.
+
+        Example:
+            >>> grayscale = cam(input_tensor=x, targets=[ClassifierOutputTarget(3)] * len(x))
+        """
         if aug_smooth or eigen_smooth:
             raise UserError("GANCAM: aug_smooth / eigen_smooth are not supported (the GAN map is one map)")
         classes = None

@@ -128,9 +128,10 @@ def format_table(metrics: dict) -> str:
         return f"{v:.3f} [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else f"{v:.3f}"
 
     labels = metrics["labels"]
-    lines = [f"{'method':<44} {'r [95% CI]':<21} {'L1 [95% CI]':<21} {'SSIM [95% CI]':<21}".rstrip()]
+    w = max([44, *(len(labels[m]) for m in metrics["mean"])])
+    lines = [f"{'method':<{w}} {'r [95% CI]':<21} {'L1 [95% CI]':<21} {'SSIM [95% CI]':<21}".rstrip()]
     for m, s in metrics["mean"].items():
-        lines.append(" ".join([f"{labels[m]:<44}"] + [f"{cell(s, k):<21}" for k in ("r", "l1", "ssim")]).rstrip())
+        lines.append(" ".join([f"{labels[m]:<{w}}"] + [f"{cell(s, k):<21}" for k in ("r", "l1", "ssim")]).rstrip())
     mg = metrics["margin"]
     if mg["r"] is not None:
         over = labels[mg["over"]]

@@ -1,3 +1,3 @@
-"""Stage 3, the conditional GAN: the generator registry (`generators`), the networks (`models/`), generator
-checkpoints (`checkpoint`: what inference loads), the training data (`data`) and the training loop
+"""Stage 3, the conditional GAN: the networks (`models/`; their registry, `generators`, lives in cnnprior/core/),
+generator checkpoints (`checkpoint`: what inference loads), the training data (`data`) and the training loop
 (`train`)."""

@@ -1,6 +1,6 @@
 """Conditional priors: all-layer CAMs in one pass (one forward+backward per batch), their cumulative averages at
 the kept positions, the extractor a prior file's sidecar describes, and `python -m cnnprior.priors
-info|import|manifest`. The stage that writes them: prior_stage.py."""
+info|import|manifest`. The stage that writes them: stage.py."""
 
 from __future__ import annotations
 

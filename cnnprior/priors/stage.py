@@ -1,5 +1,5 @@
 """The priors stage (`train.py --stage priors`): the conditional priors of each split written to a prior file, or on
-torchrun to a prior set of one shard per rank (formats: priorfile.py, priorset.py; extraction: priors.py)."""
+torchrun to a prior set of one shard per rank (formats: priorfile.py, priorset.py; extraction: extract.py)."""
 
 from __future__ import annotations
 

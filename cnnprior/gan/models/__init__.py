@@ -1,4 +1,5 @@
-"""Generators (LSFT, GSFT), their shared SFT parts, and the PatchGAN discriminator."""
+"""Generators (LSFT, GSFT), their shared SFT parts, the learned baselines (linear, convnet: L1-trained regressors
+in linear.py, convnet.py), and the PatchGAN discriminator."""
 
 from __future__ import annotations
 
@@ -22,9 +23,9 @@ __all__ = [
 
 def build_generator(
     variant: str, n_priors: int, width: int, depth: int, cond_channels: int, cond_hidden: int
-) -> SFTGenerator:
+) -> nn.Module:
     """Build a generator of a registered variant (cnnprior.core.generators); depth sets the variant's depth argument
-    (lsft: n_plain, gsft: n_blocks)."""
+    (lsft: n_plain, gsft: n_blocks, convnet: hidden convs, linear: unused)."""
     if variant not in generators.VARIANTS:
         raise ValueError(f"unknown generator variant {variant!r}; choose one of {', '.join(generators.ALL)}")
     v = generators.VARIANTS[variant]
