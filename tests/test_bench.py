@@ -127,8 +127,10 @@ DEVICE_LINES = [  # every figure bench/device.sh promises, as `--device cpu --qu
     r"ratio stage/extraction: \d+\.\d\d",
     *(rf"{v} {p} +\{{.*\}} [\d.]+ M params \| [\d.]+ GFLOP/image \| [\d.]+ images/s \| .*"
       for p in ("cpu", "paper") for v in ("lsft", "gsft")),
-    *(rf"train {v} paper {d} batch 2 size 16: [\d.]+ images/s" for v in ("lsft", "gsft")
-      for d in ("fp32", "bf16 autocast")),
+    *(rf"train {v} {p} {d} batch 2 size 16: [\d.]+ images/s \| [\d.]+ GFLOP/image/step \| [\d.]+ GFLOP/s"
+      for p in ("cpu", "paper") for v in ("lsft", "gsft") for d in ("fp32", "bf16 autocast")),
+    *(rf"ratio train/conv \({v} {p} {d}\): \d+\.\d\d" for p in ("cpu", "paper") for v in ("lsft", "gsft")
+      for d in ("fp32", "bf16")),
     r"train classifier resnet18 32px fp32 batch 2: [\d.]+ images/s",
     r"train classifier resnet18 32px bf16 autocast batch 2: [\d.]+ images/s",
     r"summary: device cpu \(cpu\)",
