@@ -523,3 +523,22 @@ def test_load_learned_leaves_out_a_baseline_trained_on_other_priors(beside, trai
     assert [b.key for b in learned] == ["learned_linear", "learned_convnet"] and notes == []
     assert all(b.val_r is not None and math.isfinite(b.val_r) for b in learned)
     assert load_learned([], beside["both"], gmeta, torch.device("cpu")) == ([], [])
+
+
+def test_mprt_pairs_each_gan_with_the_best_learned_baseline_and_its_twin(evaluation, tmp_path) -> None:
+    s = evaluation["settings"]
+    r_lin, r_conv = _val_r(s["linear"]), _val_r(s["convnet"])
+    best = "learned linear" if r_lin > r_conv else "learned convnet"
+    config = tmp_path / "eval.yaml"
+    config.write_text(yaml.safe_dump({**s, "sections": ["mprt"], "mprt": {"num": 4, "steps": 1, "seeds": 2}}),
+                      encoding="utf-8")
+    assert evaluate_run.main(["--config", str(config), "--out", str(tmp_path / "report")]) == 0
+    m = json.loads((tmp_path / "report" / "metrics.json").read_text(encoding="utf-8"))
+    steps = m["mprt"]["steps"]
+    assert list(steps[0]["paired"]) == [f"LSFT − {best}", "LSFT − LSFT (L1 only)"]
+    for st in steps:  # a paired mean is the difference of the two methods' means (same images, same seeds)
+        for pair, stat in st["paired"].items():
+            a, b = pair.split(" − ")
+            if stat["mean"] is not None and st["spearman"][a]["mean"] is not None:
+                assert stat["mean"] == pytest.approx(st["spearman"][a]["mean"] - st["spearman"][b]["mean"], abs=1e-6)
+    assert "Paired per image (Spearman" in (tmp_path / "report" / "report.md").read_text(encoding="utf-8")

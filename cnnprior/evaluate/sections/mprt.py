@@ -25,10 +25,10 @@ from cnnprior.evaluate.sanity import (
     verdict_sentence,
 )
 from cnnprior.evaluate.sections.base import EvalContext, Section, option
-from cnnprior.evaluate.sections.fidelity import MEAN_OF_PRIORS, baseline_choice
+from cnnprior.evaluate.sections.fidelity import MEAN_OF_PRIORS, baseline_choice, best_learned
 from cnnprior.priors.extract import extractor_from, spec_from_sidecar
 
-__all__ = ["mprt_chart", "MPRTOptions", "MPRTSection", "seed_cell", "seed_mean", "target_label", "training_seeds"]
+__all__ = ["mprt_chart", "MPRTOptions", "MPRTSection", "paired_references", "seed_cell", "seed_mean", "target_label", "training_seeds"]
 
 
 @dataclass
@@ -91,6 +91,20 @@ def _maps_fn(ctx: EvalContext, n: int, first: dict) -> Any:
     return maps_of
 
 
+def paired_references(gans: list) -> list[tuple[str, str]]:
+    """(GAN, other) label pairs for paired MPRT margins: each adversarial GAN against the learned baseline with the
+    higher validation r and against its own L1-only twin (`<key>_l1`), where those are evaluated."""
+    best = best_learned(gans)
+    pairs = []
+    for g in (g for g in gans if g.adversarial):
+        if best is not None:
+            pairs.append((g.label, best.label))
+        twin = next((t for t in gans if t.key == f"{g.key}_l1"), None)
+        if twin is not None:
+            pairs.append((g.label, twin.label))
+    return pairs
+
+
 class MPRTSection(Section, name="mprt", title="Sanity check: model-parameter randomisation (MPRT)", options=MPRTOptions,
                            order=10):
     """Similarity of each method's maps to its own trained-CNN maps as the CNN is randomised top-down."""
@@ -108,6 +122,7 @@ class MPRTSection(Section, name="mprt", title="Sanity check: model-parameter ran
             step0 = raws[-1]["ref"]
         stages = raws[0]["stages"]
         methods = list(raws[0]["steps"][0]["spearman"])
+        pairs = paired_references(ctx.gans)
         steps = []
         for k, st in enumerate(raws[0]["steps"]):
             # each image's similarity averaged over the seeds, then mean and interval over the N images: the seeds
@@ -118,7 +133,8 @@ class MPRTSection(Section, name="mprt", title="Sanity check: model-parameter ran
             steps.append({"step": st["step"], "randomised": st["randomised"],
                           "spearman": {m: mean_ci(v) for m, v in rho.items()},
                           "ssim": {m: mean_ci(v) for m, v in ssim.items()},
-                          "gap": {g.label: mean_ci(rho[g.label] - rho[ref]) for g in ctx.gans}})
+                          "gap": {g.label: mean_ci(rho[g.label] - rho[ref]) for g in ctx.gans},
+                          "paired": {f"{a} − {b}": mean_ci(rho[a] - rho[b]) for a, b in pairs}})
         means = {m: [s["spearman"][m]["mean"] for s in steps] for m in methods}
         verdicts = {g.label: mprt_verdict(means, stages, g.label, ref) for g in ctx.gans}
         per_seed = {}
@@ -182,6 +198,15 @@ class MPRTSection(Section, name="mprt", title="Sanity check: model-parameter ran
         rows = [[s["step"], s["randomised"]] + [format_ci(s["spearman"][m]) for m in methods]
                 + [format_ci(s["ssim"][m]) for m in methods] for s in results["steps"]]
         report.table(Table.plain(header, rows))
+        pairs = list(results["steps"][0].get("paired", {}))
+        if pairs:
+            report.p("Paired per image (Spearman ρ, each image averaged over the seeds): each GAN minus the learned "
+                     "baseline with the higher validation r, and minus its L1-only twin. A negative value means the "
+                     "GAN keeps less of its trained-CNN maps than the other model at that step, i.e. follows the "
+                     "randomised CNN more.")
+            report.table(Table.plain(["step", "randomised down to"] + pairs,
+                                     [[s["step"], s["randomised"]] + [format_ci(s["paired"][p]) for p in pairs]
+                                      for s in results["steps"]]))
 
 
 def seed_cell(v: dict) -> str:
