@@ -103,17 +103,10 @@ COMMANDS = {
 
 def _explain(argv: list[str]) -> int:
     """`cnnprior explain [--variant lsft|gsft] ...`: the inference scripts under one command."""
-    variant = generators.DEFAULT
-    rest = list(argv)
-    for i, arg in enumerate(rest):
-        if arg == "--variant" and i + 1 < len(rest):
-            variant = rest[i + 1]
-            del rest[i:i + 2]
-            break
-        if arg.startswith("--variant="):
-            variant = arg.split("=", 1)[1]
-            del rest[i]
-            break
+    pick = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pick.add_argument("--variant", default=generators.DEFAULT)
+    known, rest = pick.parse_known_args(argv)
+    variant = known.variant
     if variant not in generators.NAMES:
         raise UserError(f"--variant: {variant!r} is not one of {', '.join(generators.NAMES)} (learned baselines are "
                         f"scored beside a GAN: --learned FILE)")

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from cnnprior.cnn.model import TargetCNN, load_cnn
 from cnnprior.core import cams
 from cnnprior.core.errors import UserError
+from cnnprior.core.maps import generate
 from cnnprior.core.runtime import resolve_device
 from cnnprior.gan.checkpoint import load_generator
 from cnnprior.priors.extract import PriorExtractor, extractor_from, spec_from_sidecar
@@ -308,10 +309,9 @@ class Explainer:
             >>> t = records_tensors(rec, ex.size)
             >>> maps = ex.generate(t["image"], t["priors"])
         """
-        out = [self.generator(image[i:i + self.batch_size].to(self.device),
-                              priors[i:i + self.batch_size].to(self.device)).float().clamp(0, 1).cpu()
-               for i in range(0, len(image), self.batch_size)]
-        return torch.cat(out) if out else torch.zeros(0, 1, self.size, self.size)
+        if len(image) == 0:
+            return torch.zeros(0, 1, self.size, self.size)
+        return generate(self.generator, image, priors, self.batch_size, self.device).clamp(0, 1)
 
     def explain(self, images: Tensor, targets: Sequence[int] | Tensor | None = None) -> Explanation:
         """Maps, Grad-CAM targets and priors of images, at the input size.

@@ -213,7 +213,8 @@ def write_samples(folder: Path, inp: InputSet, ex: Explainer, opts: Options, tab
     for batch in inp.batches(opts.batch_size):
         image, priors, target = _to_float(batch.records)
         pred = ex.generate(image, priors)
-        extra = {b.key: generate(b.model, image, priors, opts.batch_size, ex.device).clamp(0, 1) for b in learned}
+        with torch.no_grad():
+            extra = {b.key: generate(b.model, image, priors, opts.batch_size, ex.device).clamp(0, 1) for b in learned}
         gan_scores = table.add(image, priors, target, pred, extra)
         for j, rec in enumerate(batch.records):
             i, cls = len(out.per_sample), int(rec["explained"])

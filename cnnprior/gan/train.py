@@ -235,7 +235,7 @@ def _restore(tr: _Trainer, ckpt: dict, cfg: Config, device: torch.device) -> Non
 
 def _fmt_epoch(epoch: int, epochs: int, h: dict) -> str:
     adv = (f" G adv {h['g_adv']:.3f} | D(real) {h['d_real']:.2f} D(fake) {h['d_fake']:.2f}"
-           if h["d_real"] == h["d_real"] else " (L1 only: no discriminator)")
+           if not math.isnan(h["d_real"]) else " (L1 only: no discriminator)")
     return (f"epoch {epoch}/{epochs}: L1 {h['l1']:.3f}{adv} | val L1 {h['val_l1']:.3f} r {h['val_r']:.3f} ssim "
             f"{h['val_ssim']:.3f} | {h['seconds']:.1f}s")
 
@@ -311,7 +311,7 @@ class _Run:
             bar.update(1)
             if ctx.main and b % 10 == 0:
                 d_real = stats[0].item()
-                bar.set_postfix(l1=f"{stats[3].item():.3f}", **({"d_real": f"{d_real:.2f}"} if d_real == d_real else {}))
+                bar.set_postfix(l1=f"{stats[3].item():.3f}", **({} if math.isnan(d_real) else {"d_real": f"{d_real:.2f}"}))
             hooks.after_step(self.step)
             if gc.checkpoint_every and self.step % gc.checkpoint_every == 0 and b + 1 < batches:
                 # every rank resumes with the ranks' mean partial sums, so the epoch's all-reduced total is right
