@@ -3,13 +3,17 @@
 Usage: python bench/generator.py [--batch 32] [--size 64] [--repeats 3] [--device auto|cpu|cuda]
                                  [--threads N] [--cpu-chunk-mib M] [--train auto|on|off]
                                  [--train-preset all|paper|cpu] [--train-batch 16] [--train-step]
+                                 [--train-compile] [--train-profile fp32|bf16]
                                  [--json PATH] [--quick]
 
 Inference: images/s, GFLOP/s and efficiency (against a 64->64 3x3 conv) of LSFT and GSFT in both presets.
 Training (`--train`, on by default on CUDA): images/s of one pix2pix step (D then G) of each variant in
 `--train-preset` (default both), fp32 and bf16 autocast, and the training-step efficiency
 `ratio train/conv (<variant> <preset> <precision>)`: the step's counted FLOPs per second over the reference conv's,
-timed interleaved. `--train-step` times only the CPU-preset training steps (fp32).
+timed interleaved. The step is the trainer's own (cnnprior.gan.train.build_trainer and train_step: foreach Adam,
+channels_last, gan.precision's autocast, the presets' discriminator widths), under its backend settings.
+`--train-step` times only the CPU-preset training steps (fp32); `--train-compile` times them compiled;
+`--train-profile fp32|bf16` prints the ops that bound one CPU-preset training step (torch.profiler, self time).
 Timings are interleaved (reference conv, model, ...) and every ratio is taken per repeat, then the median,
 so a machine shared with other jobs still gives comparable numbers.
 """
@@ -30,12 +34,15 @@ from timing import (
     positive_int,
     ratios,
     resolve_bench_device,
+    timer,
     write_json,
 )
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from cnnprior.gan.models import build_discriminator, build_generator, sft
+from cnnprior.core.config import GANConfig
+from cnnprior.gan import train as gan_train
+from cnnprior.gan.models import build_generator, sft
 
 N_PRIORS = 8
 # depth = n_plain for lsft, n_blocks for gsft (as in build_generator)
@@ -49,6 +56,8 @@ PRESETS: dict[str, dict[str, dict[str, int]]] = {
         "gsft": {"width": 32, "depth": 8, "cond_channels": 32, "cond_hidden": 64},
     },
 }
+# gan.disc_width of the configs of each preset (configs/fashion_<variant>_<preset>.yaml)
+DISC_WIDTH = {"paper": 64, "cpu": 32}
 
 
 def make_generator(variant: str, preset: str, device: torch.device) -> nn.Module:
@@ -144,38 +153,33 @@ def bench_inference(args: argparse.Namespace, device: torch.device) -> dict[str,
     return results
 
 
+def train_config(variant: str, preset: str, precision: str = "fp32", device: str = "cpu") -> GANConfig:
+    """The GAN config of a preset as configs/fashion_<variant>_<preset>.yaml sets it (defaults: Adam 2e-4, betas
+    0.5/0.999, BCE-with-logits adversarial + 100 * L1)."""
+    return GANConfig(variant=variant, **PRESETS[preset][variant], disc_width=DISC_WIDTH[preset],
+                     precision=precision, device=device)
+
+
 def train_step_fn(
-    variant: str, preset: str, batch: int, size: int, device: torch.device, dtype: torch.dtype | None
+    variant: str, preset: str, batch: int, size: int, device: torch.device, dtype: torch.dtype | None = None,
+    precision: str | None = None, compile: bool = False,
 ) -> Callable[[], object]:
-    """One pix2pix step (D then G; BCE-with-logits adversarial + 100 * L1; Adam 2e-4, betas 0.5/0.999)."""
-    gen = make_generator(variant, preset, device).train()
-    disc = build_discriminator().to(device).train()
-    opt_g = torch.optim.Adam(gen.parameters(), lr=2e-4, betas=(0.5, 0.999))
-    opt_d = torch.optim.Adam(disc.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    """One training step exactly as `train.py --stage gan` runs it: the trainer gan.train.build_trainer builds
+    (foreach Adam, fused on CUDA; channels_last networks; gan.precision's autocast) stepped by
+    gan.train.train_step (D on the real and fake pairs in one forward, then G). `dtype` (None or torch.bfloat16)
+    is the older way to say `precision`."""
+    if precision is None:
+        precision = next(name for name, dt in PRECISIONS.items() if dt == dtype)
+    tr = gan_train.build_trainer(train_config(variant, preset, precision, device.type), N_PRIORS, device)
+    if compile:
+        gan_train.compile_trainer(tr, device, print)
     image, priors, target = make_inputs(batch, size, device)
-    bce = nn.BCEWithLogitsLoss()
 
-    def autocast() -> contextlib.AbstractContextManager[object]:
-        return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+    def step() -> Tensor:
+        return gan_train.train_step(tr, image, priors, target)
 
-    def step() -> None:
-        with autocast():
-            fake = gen(image, priors)
-            real_logits, fake_logits = disc(image, target), disc(image, fake.detach())
-            loss_d = 0.5 * (
-                bce(real_logits, torch.ones_like(real_logits)) + bce(fake_logits, torch.zeros_like(fake_logits))
-            )
-        opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        opt_d.step()
-        with autocast():
-            fake_logits = disc(image, fake)
-            loss_g = bce(fake_logits, torch.ones_like(fake_logits)) + 100.0 * (fake.float() - target).abs().mean()
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        opt_g.step()
-
-    step.generator = gen  # type: ignore[attr-defined]  # for the smoke test
+    step.generator = tr.g  # type: ignore[attr-defined]  # for the smoke test
+    step.trainer = tr  # type: ignore[attr-defined]
     return step
 
 
@@ -184,7 +188,7 @@ PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat1
 
 def bench_training(
     presets: list[str], batch: int, size: int, repeats: int, device: torch.device, precisions: list[str],
-    conv: Callable[[], object] | None = None, conv_flops: int = 0,
+    conv: Callable[[], object] | None = None, conv_flops: int = 0, compile: bool = False,
 ) -> dict[str, float]:
     """Print and return training images/s (generator + discriminator step) per preset, variant and precision and,
     with a conv reference, the training-step efficiency: the FLOPs of one full step (D and G, forward and
@@ -194,14 +198,18 @@ def bench_training(
     for preset in presets:
         for variant in ("lsft", "gsft"):
             for precision in precisions:
-                step = train_step_fn(variant, preset, batch, size, device, PRECISIONS[precision])
+                step = train_step_fn(variant, preset, batch, size, device, precision=precision)
                 fns: dict[str, Callable[[], object]] = {"step": step}
                 if conv is not None:
                     fns["conv"] = conv
                 flops = count_flops(step)  # one full step: D fwd+bwd on real and fake pairs, G fwd+bwd
-                t = interleaved(fns, repeats, device)
+                if compile:  # after counting (eagerly); interleaved's warm-up call compiles
+                    gan_train.compile_trainer(step.trainer, device, print)  # type: ignore[attr-defined]
+                with gan_train.training_backends(device):
+                    t = interleaved(fns, repeats, device)
                 per = statistics.median(t["step"])
-                shown = precision if PRECISIONS[precision] is None else f"{precision} autocast"
+                shown = (precision if PRECISIONS[precision] is None else f"{precision} autocast") + (
+                    " compiled" if compile else "")
                 results[f"train {variant} {preset} {precision}"] = batch / per
                 line = f"train {variant} {preset} {shown} batch {batch} size {size}: {batch / per:.1f} images/s"
                 if conv is not None:
@@ -210,6 +218,45 @@ def bench_training(
                     line += f" | {flops / batch / 1e9:.2f} GFLOP/image/step | {flops / per / 1e9:.1f} GFLOP/s"
                 print(line, flush=True)
     return results
+
+
+def profile_steps(
+    preset: str, batch: int, size: int, device: torch.device, precision: str, rows: int = 12
+) -> dict[str, list[dict[str, object]]]:
+    """torch.profiler on one training step (after a warm-up step) of each variant of a preset: print and return the
+    ops that take the most self CPU time (CUDA: self device time) per input shapes (a convolution's backward lists
+    grad_output, input, weight), with their share of the step."""
+    import gc
+
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    tables = {}
+    for variant in ("lsft", "gsft"):
+        step = train_step_fn(variant, preset, batch, size, device, precision=precision)
+        with gan_train.training_backends(device):
+            step()
+            plain = timer(device)(step)  # the profiler's own cost shows as the difference
+            with profile(activities=acts, record_shapes=True) as prof:
+                step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+        events = sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -getattr(e, key))
+        total = sum(getattr(e, key) for e in events) or 1
+        top = [{"op": e.key, "inputs": " ".join("x".join(map(str, s)) for s in e.input_shapes[:3] if s),
+                "self_ms": getattr(e, key) / 1e3, "share": getattr(e, key) / total, "calls": e.count}
+               for e in events[:rows]]
+        tables[variant] = top
+        print(f"profile {variant} {preset} {precision} batch {batch} size {size}: {total / 1e3:.0f} ms self time "
+              f"in all (step unprofiled {plain * 1e3:.0f} ms); top ops by self time")
+        print(f"  {'op':28s} {'inputs':42s} {'calls':>5s} {'self ms':>8s} {'share':>6s}")
+        for row in top:
+            print(f"  {row['op'][:28]:28s} {row['inputs'][:42]:42s} {row['calls']:5d} {row['self_ms']:8.1f} "
+                  f"{row['share']:6.1%}")
+        del step, prof, events  # a second profile in a process still holding the first ran 2-3x slow here
+        gc.collect()
+    return tables
 
 
 def print_train_ratios(results: dict[str, float]) -> None:
@@ -232,6 +279,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-preset", choices=[*sorted(PRESETS), "all"], default="all",
                         help="the preset(s) --train times (default all: cpu and paper)")
     parser.add_argument("--train-step", action="store_true", help="only time CPU-preset training steps (fp32)")
+    parser.add_argument("--train-profile", choices=[*sorted(PRECISIONS)], default=None,
+                        help="only profile one CPU-preset training step per variant at this precision (top ops by "
+                             "self time, torch.profiler)")
+    parser.add_argument("--train-compile", action="store_true",
+                        help="time the training steps through torch.compile (gan.compile: true; compiling takes "
+                             "about a minute per step function on a CPU)")
     parser.add_argument("--train-batch", type=positive_int, default=16,
                         help="training batch (default 16, the configs' gan.batch_size)")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
@@ -253,15 +306,19 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_bench_device(args.device, parser)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    if args.train_profile:
+        profile_steps("cpu", args.train_batch, args.size, device, args.train_profile)
+        return 0
     if args.train_step:
-        bench_training(["cpu"], args.train_batch, args.size, args.repeats, device, ["fp32"])
+        bench_training(["cpu"], args.train_batch, args.size, args.repeats, device, ["fp32"],
+                       compile=args.train_compile)
         return 0
     results = bench_inference(args, device)
     if args.train == "on" or (args.train == "auto" and device.type == "cuda"):
         conv, conv_flops = conv_reference(args.batch, args.size, device)
         presets = sorted(PRESETS) if args.train_preset == "all" else [args.train_preset]
         results.update(bench_training(presets, args.train_batch, args.size, args.repeats, device,
-                                      list(PRECISIONS), conv, conv_flops))
+                                      list(PRECISIONS), conv, conv_flops, compile=args.train_compile))
     print(f"conv 64->64 3x3 reference: {results['conv']:.1f} GFLOP/s | load average {load_average()}")
     print(f"lsft cpu efficiency: {results['lsft cpu efficiency']:.2f}")
     print(f"gsft cpu efficiency: {results['gsft cpu efficiency']:.2f}")

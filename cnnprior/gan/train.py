@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,44 +13,42 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from cnnprior.core import generators, runtime
+from cnnprior.core import runtime
 from cnnprior.core.config import Config, save_config, to_dict
 from cnnprior.core.distributed import Dist, all_sum, everywhere, from_main, init_distributed, shard
 from cnnprior.core.errors import UserError
-from cnnprior.core.metrics import fidelity
-from cnnprior.core.runtime import Log, atomic_torch_save, load_checkpoint, seed_everything, state_sha256
+from cnnprior.core.runtime import Log, atomic_torch_save, load_checkpoint, state_sha256
 from cnnprior.core.testhooks import TestHooks
 from cnnprior.gan.checkpoint import ARCH_KEYS, GAN_FORMAT, INPUT_KEYS, SCHEMA_KEYS, check_format, export_generator
 from cnnprior.gan.data import AGREE_KEYS, MapData, load_gan_data
-from cnnprior.gan.models import build_discriminator, build_generator
 
-__all__ = ["check_adversarial", "EPOCH_STATS", "gan_paths", "GANLoss", "load_init", "run_gan_stage"]
+# the step and what it runs on live in cnnprior.gan.step; these names are this module's too (the loop calls
+# `train_step` by this module's name, bench/generator.py as cnnprior.gan.train.train_step)
+from cnnprior.gan.step import (
+    GANLoss,
+    Trainer,
+    adam,
+    build_trainer,
+    compile_trainer,
+    load_optimizer,
+    precision,
+    train_step,
+    training_backends,
+)
+
+__all__ = [
+    "adam", "build_trainer", "check_adversarial", "compile_trainer", "EPOCH_STATS", "gan_paths", "GANLoss",
+    "load_init", "precision", "run_gan_stage", "Trainer", "train_step", "training_backends"
+]
 
 EPOCH_STATS = ("d_real", "d_fake", "g_adv", "l1", "d_loss")
 
-
-# ----------------------------------------------------------------------------------------- loss, state
-class GANLoss(nn.Module):
-    """Adversarial loss on logits against all-real / all-fake labels: BCE-with-logits or LSGAN's MSE."""
-
-    def __init__(self, kind: str = "bce") -> None:
-        super().__init__()
-        self.kind = kind
-        self.fn = nn.BCEWithLogitsLoss() if kind == "bce" else nn.MSELoss()
-
-    def forward(self, logits: Tensor, real: bool) -> Tensor:
-        return self.fn(logits, torch.full_like(logits, 1.0 if real else 0.0))
-
-    def score(self, logits: Tensor) -> Tensor:
-        """Mean D output: sigmoid probability for BCE, the raw regression value (target 1/0) for LSGAN."""
-        return (torch.sigmoid(logits) if self.kind == "bce" else logits).mean()
+# The progress bar shows the last step's L1 and D(real) every BAR_EVERY steps: the only host reads of the loop
+# besides checkpoints and the epoch's end (on CUDA each read waits for the queued kernels).
+BAR_EVERY = 10
 
 
-def _set_requires_grad(module: nn.Module, flag: bool) -> None:
-    for p in module.parameters():
-        p.requires_grad_(flag)
-
-
+# ----------------------------------------------------------------------------------------- state
 def _cpu_state(module: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
@@ -111,7 +107,7 @@ def check_adversarial(saved: dict, cfg: Config, path: str) -> None:
                         f"(weight 0) and an adversarial one cannot continue each other (--overwrite starts over)")
 
 
-def load_init(tr: _Trainer, cfg: Config) -> None:
+def load_init(tr: Trainer, cfg: Config) -> None:
     """gan.init: start from another run's generator and discriminator weights (architecture must match)."""
     path = cfg.gan.init
     ckpt = load_checkpoint(path, "GAN")
@@ -122,114 +118,29 @@ def load_init(tr: _Trainer, cfg: Config) -> None:
             raise UserError(f"gan.init: {path} has gan.{key}: {saved.get(key)!r} but the config says "
                             f"{getattr(cfg.gan, key)!r}; warm starts need the same architecture")
     check_adversarial(saved, cfg, f"gan.init: {path}")
-    if "discriminator" not in ckpt:
-        raise UserError(f"gan.init: {path} holds no discriminator (an exported generator); use the run's "
-                        f"-last.pt or -best.pt checkpoint")
     try:
         tr.g.load_state_dict(ckpt["generator"])
-        tr.d.load_state_dict(ckpt["discriminator"])
+        if "discriminator" in ckpt:  # an exported generator (a shipped model) holds none: D starts fresh
+            tr.d.load_state_dict(ckpt["discriminator"])
     except RuntimeError as exc:
         raise UserError(f"gan.init: {path}: weights do not fit ({str(exc).splitlines()[0][:160]})") from None
 
 
 # ----------------------------------------------------------------------------------------- training
-@dataclass
-class _Trainer:
-    """The networks, optimisers and loss of one run; `step` trains one batch."""
-
-    g: nn.Module  # unwrapped generator
-    d: nn.Module  # unwrapped discriminator
-    g_run: nn.Module  # what training calls: the module, or its DDP wrapper
-    d_run: nn.Module
-    opt_g: torch.optim.Optimizer
-    opt_d: torch.optim.Optimizer
-    crit: GANLoss
-    adv_weight: float
-    l1_weight: float
-    autocast: Callable[[], AbstractContextManager]
-
-    def step(self, image: Tensor, priors: Tensor, target: Tensor) -> Tensor:
-        """One D update then one G update (pix2pix); returns the EPOCH_STATS values of this batch. With the
-        adversarial weight 0 (the L1-only twins, the learned baselines) D cannot change G: it is not trained and
-        its statistics read NaN."""
-        with self.autocast():
-            fake = self.g_run(image, priors)
-        if self.adv_weight == 0:
-            self.opt_g.zero_grad(set_to_none=True)
-            l1 = (fake.float() - target).abs().mean()
-            (self.l1_weight * l1).backward()
-            self.opt_g.step()
-            nan = torch.full((), float("nan"), device=l1.device)
-            return torch.stack([nan, nan, nan, l1.detach(), nan]).double()
-        # D: real and fake pairs in ONE forward, so DDP sees one forward per backward.
-        self.opt_d.zero_grad(set_to_none=True)
-        with self.autocast():
-            logits = self.d_run(torch.cat([image, image]), torch.cat([target, fake.detach().to(target.dtype)]))
-        real_logits, fake_logits = logits.float().chunk(2)
-        loss_d = 0.5 * (self.crit(real_logits, True) + self.crit(fake_logits, False))
-        loss_d.backward()
-        self.opt_d.step()
-        # G: the unwrapped D with frozen weights; DDP would expect D's gradients to be reduced.
-        _set_requires_grad(self.d, False)
-        self.opt_g.zero_grad(set_to_none=True)
-        with self.autocast():
-            adv_logits = self.d(image, fake)
-        g_adv = self.crit(adv_logits.float(), True)
-        l1 = (fake.float() - target).abs().mean()
-        (self.adv_weight * g_adv + self.l1_weight * l1).backward()
-        self.opt_g.step()
-        _set_requires_grad(self.d, True)
-        return torch.stack([self.crit.score(real_logits), self.crit.score(fake_logits), g_adv, l1,
-                            loss_d]).detach().double()
-
-    @torch.no_grad()
-    def validate(self, data: MapData, batch_size: int, device: torch.device, ctx: Dist) -> dict[str, float]:
-        """Mean L1, Pearson r and SSIM of G's maps vs the targets (eval mode; ranks share the samples)."""
-        self.g.eval()
-        mine = torch.arange(len(data))[ctx.rank::ctx.world]
-        sums = torch.zeros(4, dtype=torch.float64, device=device)
-        for s in range(0, len(mine), batch_size):
-            image, priors, target = data.batch(mine[s:s + batch_size], device)
-            with self.autocast():
-                pred = self.g(image, priors)
-            f = fidelity(pred.float(), target)
-            sums += torch.stack([f["l1"].sum().double(), f["r"].sum().double(), f["ssim"].sum().double(),
-                                 torch.tensor(float(len(pred)), dtype=torch.float64, device=device)])
-        self.g.train()
-        l1, r, ssim, count = all_sum(ctx, sums).tolist()
-        return {"l1": l1 / count, "r": r / count, "ssim": ssim / count}
+def _build(cfg: Config, n_priors: int, device: torch.device) -> Trainer:
+    return build_trainer(cfg.gan, n_priors, device)
 
 
-def _build(cfg: Config, n_priors: int, device: torch.device) -> _Trainer:
-    gc = cfg.gan
-    seed_everything(gc.seed)  # same initial weights on every rank
-    g = build_generator(gc.variant, n_priors, gc.width, gc.depth, gc.cond_channels, gc.cond_hidden).to(device)
-    d = build_discriminator(gc.disc_width, gc.disc_layers).to(device)
-    opt_g = torch.optim.Adam(g.parameters(), lr=gc.lr, betas=(gc.beta1, gc.beta2))
-    opt_d = torch.optim.Adam(d.parameters(), lr=gc.lr, betas=(gc.beta1, gc.beta2))
-    use_bf16 = device.type == "cuda" and gc.amp == "bf16"
-
-    def autocast() -> AbstractContextManager:
-        return torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
-
-    # a learned baseline is never trained adversarially, whatever gan.adv_weight says
-    adv_weight = gc.adv_weight if generators.VARIANTS[gc.variant].adversarial else 0.0
-    return _Trainer(g, d, g, d, opt_g, opt_d, GANLoss(gc.loss), adv_weight, gc.l1_weight, autocast)
-
-
-def _wrap_ddp(tr: _Trainer, device: torch.device) -> None:
+def _wrap_ddp(tr: Trainer, device: torch.device) -> None:
     ids = [device.index] if device.type == "cuda" else None
     tr.g_run, tr.d_run = DDP(tr.g, device_ids=ids), DDP(tr.d, device_ids=ids)
 
 
-def _restore(tr: _Trainer, ckpt: dict, cfg: Config, device: torch.device) -> None:
+def _restore(tr: Trainer, ckpt: dict, cfg: Config, device: torch.device) -> None:
     tr.g.load_state_dict(ckpt["generator"])
     tr.d.load_state_dict(ckpt["discriminator"])
-    tr.opt_g.load_state_dict(ckpt["optim_g"])
-    tr.opt_d.load_state_dict(ckpt["optim_d"])
-    for opt in (tr.opt_g, tr.opt_d):  # the config's lr/betas win (e.g. a lower lr for a continued run)
-        for group in opt.param_groups:
-            group["lr"], group["betas"] = cfg.gan.lr, (cfg.gan.beta1, cfg.gan.beta2)
+    load_optimizer(tr.opt_g, ckpt["optim_g"], cfg.gan)
+    load_optimizer(tr.opt_d, ckpt["optim_d"], cfg.gan)
     runtime.set_rng_state(ckpt["rng"], device)
 
 
@@ -243,17 +154,10 @@ def _fmt_epoch(epoch: int, epochs: int, h: dict) -> str:
 def run_gan_stage(cfg: Config, resume: bool = False, overwrite: bool = False, log: Log = print) -> dict:
     """`train.py --stage gan`: train the generator (single process, or one rank of a torchrun job)."""
     ctx, device = init_distributed(cfg.gan.device)
-    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    benchmark = torch.backends.cudnn.benchmark
     try:
-        if device.type == "cpu":
-            torch.use_deterministic_algorithms(True, warn_only=True)  # cheap on CPU; exact resume relies on it
-        else:
-            torch.backends.cudnn.benchmark = True  # speed over bit-exactness on GPUs
-        return _train(cfg, resume, overwrite, log if ctx.main else (lambda _msg: None), ctx, device)
+        with training_backends(device):
+            return _train(cfg, resume, overwrite, log if ctx.main else (lambda _msg: None), ctx, device)
     finally:
-        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
-        torch.backends.cudnn.benchmark = benchmark
         if ctx.enabled:
             dist.destroy_process_group()
 
@@ -263,7 +167,7 @@ class _Run:
     """One training run: the networks and what a checkpoint saves besides them (progress, history, last scores)."""
 
     cfg: Config
-    tr: _Trainer
+    tr: Trainer
     ctx: Dist
     device: torch.device
     pmeta: dict
@@ -281,7 +185,7 @@ class _Run:
         """A full-state checkpoint: networks, optimisers, RNG states, progress (exact resume)."""
         gc, tr = self.cfg.gan, self.tr
         atomic_torch_save({
-            "format": GAN_FORMAT, "variant": gc.variant, "generator_config": tr.g.config(),
+            "format": GAN_FORMAT, "variant": gc.variant, "precision": tr.precision, "generator_config": tr.g.config(),
             "generator": _cpu_state(tr.g),
             "discriminator_config": {"width": gc.disc_width, "n_layers": gc.disc_layers},
             "discriminator": _cpu_state(tr.d), "optim_g": tr.opt_g.state_dict(), "optim_d": tr.opt_d.state_dict(),
@@ -305,13 +209,13 @@ class _Run:
             if gc.image_dropout > 0:  # global RNG: seeded, saved in checkpoints, so resume stays exact
                 keep = (torch.rand(len(image)) >= gc.image_dropout).to(image.device, image.dtype)
                 image = image * keep.view(-1, 1, 1, 1)
-            stats = self.tr.step(image, priors, target)
-            self.sums += stats
+            stats = train_step(self.tr, image, priors, target)
+            self.sums += stats  # on the device: no host read per step
             self.step += 1
             bar.update(1)
-            if ctx.main and b % 10 == 0:
-                d_real = stats[0].item()
-                bar.set_postfix(l1=f"{stats[3].item():.3f}", **({} if math.isnan(d_real) else {"d_real": f"{d_real:.2f}"}))
+            if ctx.main and b % BAR_EVERY == 0:
+                d_real, l1 = stats[[0, 3]].tolist()  # one host read
+                bar.set_postfix(l1=f"{l1:.3f}", **({} if math.isnan(d_real) else {"d_real": f"{d_real:.2f}"}))
             hooks.after_step(self.step)
             if gc.checkpoint_every and self.step % gc.checkpoint_every == 0 and b + 1 < batches:
                 # every rank resumes with the ranks' mean partial sums, so the epoch's all-reduced total is right
@@ -352,8 +256,9 @@ def _check_resumed_data(ckpt: dict, pmeta: dict, count: int, last: Path) -> None
                         f"files now hold {count}; resume with the same gan.train files")
 
 
-def _start(cfg: Config, ckpt: dict | None, pmeta: dict, ctx: Dist, device: torch.device) -> _Run:
-    """The networks (seeded), restored from `ckpt` when resuming, and the run's progress."""
+def _start(cfg: Config, ckpt: dict | None, pmeta: dict, ctx: Dist, device: torch.device, log: Log) -> _Run:
+    """The networks (seeded), restored from `ckpt` when resuming, and the run's progress; compiled (gan.compile)
+    after the DDP wrap."""
     run = _Run(cfg, _build(cfg, pmeta["n"], device), ctx, device, pmeta, gan_paths(cfg),
                sums=torch.zeros(len(EPOCH_STATS), dtype=torch.float64, device=device))
     if ckpt is None and cfg.gan.init:
@@ -368,6 +273,8 @@ def _start(cfg: Config, ckpt: dict | None, pmeta: dict, ctx: Dist, device: torch
     run.best_r = max((h["val_r"] for h in run.history), default=-math.inf)
     if ctx.enabled:
         _wrap_ddp(run.tr, device)
+    if cfg.gan.compile:
+        compile_trainer(run.tr, device, log)
     return run
 
 
@@ -377,13 +284,16 @@ def _train(cfg: Config, resume: bool, overwrite: bool, log: Log, ctx: Dist, devi
     ckpt = from_main(ctx, lambda: _prepare_outputs(cfg, resume, overwrite, ctx.world))
     if ckpt is not None:
         everywhere(ctx, lambda: _check_resumed_data(ckpt, pmeta, len(train_data), paths["last"]))
-    run = _start(cfg, ckpt, pmeta, ctx, device)
+    if gc.amp == "bf16":
+        log("gan: gan.amp is deprecated; gan.amp: bf16 trains as gan.precision: bf16 (set that and drop gan.amp)")
+    run = _start(cfg, ckpt, pmeta, ctx, device, log)
     if ctx.main:
         save_config(cfg, paths["yaml"])
     n_params = sum(p.numel() for p in run.tr.g.parameters())
     log(f"gan: {gc.variant} generator ({n_params:,} params) on {len(train_data)} train / {len(val_data)} val samples "
         f"(S={pmeta['size']}, n={pmeta['n']}), batch {gc.batch_size}"
-        + (f" x {ctx.world} processes" if ctx.enabled else "") + f", {device}"
+        + (f" x {ctx.world} processes" if ctx.enabled else "") + f", {device}, {run.tr.precision}"
+        + (", compiled" if run.tr.d_frozen is not None else "")
         + (f"; resuming at epoch {run.epoch + 1}, batch {run.start_batch}, step {run.step}" if ckpt is not None
            else f"; warm start from {gc.init}" if gc.init else ""))
     if run.epoch >= gc.epochs:
