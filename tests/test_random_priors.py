@@ -38,6 +38,7 @@ def test_random_prior_files_explain_the_trained_cnns_class_with_the_copys_maps(s
     for path, (step, stage) in zip(stage_files["random"], [(1, "fc"), (3, "layer3")], strict=True):
         pf = read_priors(path)
         assert len(pf) == 6 and pf.meta["randomised"] == {"steps": step, "stage": stage, "seed": 0,
+                                                           "order": "top_down", "init": "default",
                                                            "explained": "the trained CNN's predicted class"}
         assert (pf.records["explained"] >= 0).all()
         shared = [(k, int(np.flatnonzero(trained.records["index"] == i)[0]))

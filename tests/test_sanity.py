@@ -499,7 +499,7 @@ def test_end_to_end_mprt(sanity_report):
     for label in ("LSFT", "GSFT"):
         v = m["verdicts"][label]
         assert v["steps"] == 6 and v["reference"] == "Grad-CAM (target)" and isinstance(v["passes"], bool)
-    assert m["options"] == {"num": 6, "steps": 0, "seed": 0, "seeds": 1}
+    assert m["options"] == {"num": 6, "steps": 0, "seed": 0, "seeds": 1, "randomisations": "top_down", "emprt_bins": 100}
     assert m["seeds"] == [0] and set(m["per_seed"]) == {"0"}
     assert m["per_seed"]["0"]["LSFT"]["worst_gap"] == pytest.approx(m["verdicts"]["LSFT"]["worst_gap"], abs=1e-9)
 
@@ -535,7 +535,7 @@ def test_end_to_end_report(sanity_report):
     md = (out / "report.md").read_text()
     for text in ("## 7. Sanity check: model-parameter randomisation (MPRT)", "## 8. Control: prior swap",
                  "## 9. Control: image-only generator", "## 10. Grid pointing game (GridPG)",
-                 "Pass criterion: a GAN passes when, at every randomisation step", "**N = 6 images**",
+                 "Pass criterion: a generator passes a randomisation when, at every step", "**N = 6 images**",
                  "not an explanation of the CNN", "off their training distribution", "![MPRT"):
         assert text in md, text
     assert md.count("MPRT**:") == 2  # one verdict sentence per GAN

@@ -1,8 +1,21 @@
-"""Cascading model-parameter randomisation: a target CNN's stages top-down, and seeded re-initialised copies.
+"""Model-parameter randomisation: a target CNN's stages top-down, and seeded re-initialised copies.
 
-Used by the model-randomisation sanity check (Adebayo et al. 2018; Quantus' MPRT) and to make training data
-from partially random copies of a CNN. A "stage" is a block of the network (ResNet: `fc`, `layer4`, ...,
-the stem); step k of the cascade re-initialises the first k stages, from the classifier down.
+Used by the model-randomisation sanity checks (Adebayo et al. 2018; Quantus' MPRT, sMPRT and eMPRT) and to make
+training data from partially random copies of a CNN. A "stage" is a block of the network (ResNet: `fc`, `layer4`,
+..., the stem), listed top-down by `model_stages`. Orders (`ORDERS`), for step k = 1..K of K stages:
+
+- `top_down`: the cascade from the classifier down: the first k stages (`randomised_copy`, what the generators
+  were trained on);
+- `bottom_up`: the cascade from the stem up: the last k stages (Quantus' default order for MPRT, sMPRT, eMPRT);
+- `independent`: stage k alone (model_stages order); every other stage keeps its trained weights.
+
+Init schemes (`INITS`): `default` (each module's own `reset_parameters`, PyTorch's init), `kaiming_normal`
+(He normal, fan_in, ReLU gain), `xavier_uniform` (Glorot uniform, gain 1) and `normal` (N(0, 0.01^2)); the last
+three draw conv and linear weights and zero their biases, and set norm layers to identity (batch norm: weight 1,
+bias 0, running mean 0, running variance 1). Stage j (its model_stages index) is always re-initialised from the
+torch seed `seed * 1_000_003 + j + INIT_SEED_OFFSET[init]`, so it gets the same weights at every step and in
+every order; `default` has offset 0 (the seeds `randomised_copy` has always used), the other schemes multiples of
+1000, so no two schemes share a seed while a network has fewer than 1000 stages.
 """
 
 from __future__ import annotations
@@ -13,9 +26,19 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-__all__ = ["model_stages", "randomised_copy", "reset_module", "Stage"]
+__all__ = [
+    "full_reinit", "init_module", "INIT_SEED_OFFSET", "INITS", "model_stages", "ORDERS", "randomise", "randomised_copy",
+    "randomised_stages", "reset_module", "Stage", "step_labels"
+]
 
 Stage = tuple[str, list[nn.Module]]
+
+ORDERS = ("top_down", "bottom_up", "independent")
+INITS = ("default", "kaiming_normal", "xavier_uniform", "normal")
+INIT_SEED_OFFSET = {"default": 0, "kaiming_normal": 1000, "xavier_uniform": 2000, "normal": 3000}
+NORMAL_STD = 0.01  # the `normal` scheme's standard deviation
+_SEED_STRIDE = 1_000_003  # stage j of seed s: torch seed s * stride + j (+ the scheme's offset)
+_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
 
 
 def _net(model: nn.Module) -> nn.Module:
@@ -123,21 +146,121 @@ def reset_module(module: nn.Module) -> None:
             m.reset_parameters()
 
 
+def init_module(module: nn.Module, init: str = "default") -> None:
+    """Re-initialise every submodule of `module` that can, in place, with the scheme `init` (one of INITS),
+    drawing from torch's global CPU generator (seed it first).
+
+    default: `reset_module`. Otherwise conv and linear layers get their weight from the scheme (kaiming_normal:
+    `nn.init.kaiming_normal_(mode="fan_in", nonlinearity="relu")`; xavier_uniform: `nn.init.xavier_uniform_`;
+    normal: N(0, NORMAL_STD^2)) and a zero bias; every other submodule with `reset_parameters()` calls it (batch,
+    group and layer norms: identity; batch norms also reset their running statistics).
+    """
+    _check(init, INITS, "init")
+    if init == "default":
+        reset_module(module)
+        return
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, _WEIGHTED):
+                if init == "kaiming_normal":
+                    nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+                elif init == "xavier_uniform":
+                    nn.init.xavier_uniform_(m.weight)
+                else:
+                    nn.init.normal_(m.weight, 0.0, NORMAL_STD)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif callable(getattr(m, "reset_parameters", None)):
+                m.reset_parameters()
+
+
+def _check(name: str, choices: tuple[str, ...], what: str) -> None:
+    if name not in choices:
+        raise ValueError(f"unknown {what} {name!r}; choose one of {', '.join(choices)}")
+
+
+def randomised_stages(num_stages: int, order: str, step: int) -> list[int]:
+    """Indices (model_stages order, top-down) of the stages that step `step` of `order` re-initialises.
+
+    Args:
+        num_stages: K, the number of stages of the model.
+        order: one of ORDERS.
+        step: 0..K (0: none).
+
+    Returns:
+        top_down: [0, ..., step-1]; bottom_up: [K-step, ..., K-1]; independent: [step-1] ([] at step 0).
+    """
+    _check(order, ORDERS, "order")
+    if not 0 <= step <= num_stages:
+        raise ValueError(f"step must be in 0..{num_stages} (the model has {num_stages} stages), got {step}")
+    if order == "top_down":
+        return list(range(step))
+    if order == "bottom_up":
+        return list(range(num_stages - step, num_stages))
+    return [step - 1] if step else []
+
+
+def _reinit_copy(model: nn.Module, indices: list[int], seed: int, init: str) -> nn.Module:
+    """A deep copy of `model` with the stages `indices` re-initialised, stage j from its own seed (see module)."""
+    device = next(model.parameters()).device
+    out = copy.deepcopy(model).cpu()
+    stages = model_stages(out)
+    if len(stages) >= 1000 and init != "default":
+        raise ValueError(f"{len(stages)} stages: the per-scheme seed offsets assume fewer than 1000")
+    with torch.random.fork_rng(devices=[]):
+        for j in indices:
+            torch.manual_seed(seed * _SEED_STRIDE + j + INIT_SEED_OFFSET[init])
+            for m in stages[j][1]:
+                init_module(m, init)
+    return out.to(device)
+
+
 def randomised_copy(model: nn.Module, steps: int, seed: int) -> nn.Module:
     """A deep copy of `model` with its first `steps` stages (model_stages order) re-initialised.
 
     Deterministic for (steps, seed) on any device: stage j is re-initialised on the CPU from its own seed
     (seed, j), so stage j gets the same random weights at every step of the cascade. The caller's RNG state
     and the original model are left untouched; the copy keeps the original's device and train/eval mode.
+    Same as `randomise(model, "top_down", steps, seed)`.
     """
     stages = model_stages(model)
     if not 0 <= steps <= len(stages):
         raise ValueError(f"steps must be in 0..{len(stages)} (the model has {len(stages)} stages), got {steps}")
-    device = next(model.parameters()).device
-    out = copy.deepcopy(model).cpu()
-    with torch.random.fork_rng(devices=[]):
-        for j, (_, modules) in enumerate(model_stages(out)[:steps]):
-            torch.manual_seed(seed * 1_000_003 + j)
-            for m in modules:
-                reset_module(m)
-    return out.to(device)
+    return _reinit_copy(model, list(range(steps)), seed, "default")
+
+
+def randomise(model: nn.Module, order: str, step: int, seed: int, init: str = "default") -> nn.Module:
+    """A deep copy of `model` with the stages of step `step` of `order` re-initialised by the scheme `init`.
+
+    Args:
+        model: the trained CNN (a TargetCNN or a bare torchvision network); left untouched.
+        order: one of ORDERS (see the module docstring; `randomised_stages` gives the stages of a step).
+        step: 0..K for a model of K stages (0: an identical copy).
+        seed: stage j is re-initialised from the torch seed seed * 1_000_003 + j + INIT_SEED_OFFSET[init], on the
+            CPU, so its weights are the same at every step, in every order and on every device.
+        init: one of INITS.
+
+    Returns:
+        The copy, on the original's device and in its train/eval mode; the caller's RNG state is kept.
+        `randomise(model, "top_down", k, seed)` equals `randomised_copy(model, k, seed)` bit for bit.
+    """
+    _check(init, INITS, "init")
+    indices = randomised_stages(len(model_stages(model)), order, step)
+    return _reinit_copy(model, indices, seed, init)
+
+
+def full_reinit(model: nn.Module, seed: int, init: str = "default") -> nn.Module:
+    """A deep copy of `model` with every stage re-initialised by `init` (the last step of either cascade)."""
+    return randomise(model, "top_down", len(model_stages(model)), seed, init)
+
+
+def step_labels(model: nn.Module, order: str) -> list[str]:
+    """The label of each step 0..K of `order`: "none" for step 0, then the stage that step adds (top_down: the
+    stage the cascade has reached going down; bottom_up: going up from the stem; independent: the one stage
+    re-initialised). Reports read them as "down to X", "up to X" and "only X"."""
+    names = [name for name, _ in model_stages(model)]
+    labels = ["none"]
+    for step in range(1, len(names) + 1):
+        idx = randomised_stages(len(names), order, step)
+        labels.append(names[idx[-1] if order == "top_down" else idx[0]])
+    return labels

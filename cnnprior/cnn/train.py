@@ -44,10 +44,11 @@ from cnnprior.core.distributed import (
 from cnnprior.core.errors import UserError
 from cnnprior.core.runtime import Log, atomic_torch_save, load_checkpoint, seed_everything, state_sha256
 from cnnprior.core.testhooks import TestHooks
+from cnnprior.data.relabel import Relabelled
 from cnnprior.data.splits import SplitView, load_split
 
 __all__ = [
-    "cnn_paths", "CNN_STATE_FORMAT", "EpochBatches", "evaluate_accuracy", "prepare_cnn_outputs",
+    "cnn_paths", "cnn_seed", "CNN_STATE_FORMAT", "EpochBatches", "evaluate_accuracy", "prepare_cnn_outputs",
     "RESUME_FREE_KEYS", "train_cnn"
 ]
 
@@ -260,11 +261,16 @@ class _ClassifierRun:
         bar.close()
 
 
+def cnn_seed(cfg: Config) -> int:
+    """The seed of the CNN's weights, augmentation and batch order: `cnn.seed`, or `data.seed` when it is -1."""
+    return cfg.cnn.seed if cfg.cnn.seed >= 0 else cfg.data.seed
+
+
 def _classifier_run(cfg: Config, class_names: list[str], train_count: int, steps: int, device: torch.device,
                     ctx: Dist) -> _ClassifierRun:
     """A fresh run: seeded model (channels_last, the same on every rank), optimiser and warm-up + cosine schedule
     over `steps`; each rank's own seed for what it draws later (dropout, augmentation)."""
-    seed_everything(cfg.data.seed)
+    seed_everything(cnn_seed(cfg))
     model = build_cnn(cfg.cnn.arch, class_names, cfg.data.image_size, cfg.cnn.pretrained).to(device)
     model = model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -274,7 +280,7 @@ def _classifier_run(cfg: Config, class_names: list[str], train_count: int, steps
         opt = torch.optim.AdamW(params, lr=cfg.cnn.lr, weight_decay=cfg.cnn.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(1, steps // 20)) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    seed = rank_seed(cfg.data.seed, ctx.rank)
+    seed = rank_seed(cnn_seed(cfg), ctx.rank)
     if ctx.rank:
         seed_everything(seed)
     return _ClassifierRun(cfg, model, opt, sched, torch.Generator().manual_seed(seed), device, train_count, ctx=ctx)
@@ -284,16 +290,24 @@ def _loaders(cfg: Config, train_set: Dataset, val_set: Dataset, device: torch.de
              ctx: Dist) -> tuple[DataLoader, EpochBatches, DataLoader]:
     """Train loader over an EpochBatches sampler (this rank's shard), and the val loader (every world-th image from
     the rank's own); neither draws from the global RNG."""
-    sampler = EpochBatches(len(train_set), cfg.cnn.batch_size, cfg.data.seed, ctx.rank, ctx.world)
-    if ctx.enabled:
-        val_set = Subset(val_set, range(ctx.rank, len(val_set), ctx.world))
-    kw = dict(num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
-              persistent_workers=cfg.data.num_workers > 0)
+    sampler = EpochBatches(len(train_set), cfg.cnn.batch_size, cnn_seed(cfg), ctx.rank, ctx.world)
     # own generators: a loader iterator draws a worker seed, which must not come from the global RNG (dropout's)
-    train = DataLoader(train_set, batch_sampler=sampler, generator=torch.Generator().manual_seed(cfg.data.seed), **kw)
-    val = DataLoader(val_set, batch_size=cfg.cnn.batch_size, shuffle=False,
-                     generator=torch.Generator().manual_seed(cfg.data.seed), **kw)
-    return train, sampler, val
+    train = DataLoader(train_set, batch_sampler=sampler, generator=torch.Generator().manual_seed(cnn_seed(cfg)),
+                       **_loader_kw(cfg, device))
+    return train, sampler, _eval_loader(cfg, val_set, device, ctx)
+
+
+def _loader_kw(cfg: Config, device: torch.device) -> dict:
+    return dict(num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
+                persistent_workers=cfg.data.num_workers > 0)
+
+
+def _eval_loader(cfg: Config, dataset: Dataset, device: torch.device, ctx: Dist) -> DataLoader:
+    """An in-order loader over every world-th image from the rank's own (validation, or fitting the train set)."""
+    if ctx.enabled:
+        dataset = Subset(dataset, range(ctx.rank, len(dataset), ctx.world))
+    return DataLoader(dataset, batch_size=cfg.cnn.batch_size, shuffle=False,
+                      generator=torch.Generator().manual_seed(cnn_seed(cfg)), **_loader_kw(cfg, device))
 
 
 def train_cnn(cfg: Config, resume: bool = False, overwrite: bool = False, log: Log = print) -> dict:
@@ -324,12 +338,14 @@ def _ranks_mean(ctx: Dist, value: float, device: torch.device) -> float:
     return all_sum(ctx, torch.tensor([value], dtype=torch.float64, device=device)).item() / ctx.world
 
 
-def _train_val(cfg: Config) -> tuple[SplitView, SplitView]:
-    """The train and val splits; neither may be empty."""
+def _train_val(cfg: Config) -> tuple[SplitView | Relabelled, SplitView]:
+    """The train and val splits (train relabelled when cnn.random_labels > 0); neither may be empty."""
     train_set, val_set = load_split(cfg.data, "train"), load_split(cfg.data, "val")
     if len(train_set) == 0 or len(val_set) == 0:
         raise UserError(f"{cfg.source_file or 'config'}: data gives {len(train_set)} train / {len(val_set)} val "
                         f"images; raise data.limit or data.val_fraction")
+    if cfg.cnn.random_labels > 0:
+        return Relabelled(train_set, cfg.cnn.random_labels, cnn_seed(cfg)), val_set
     return train_set, val_set
 
 
@@ -339,6 +355,8 @@ def _train(cfg: Config, resume: bool, overwrite: bool, log: Log, ctx: Dist, devi
     # rank 0 first: a dataset extracted into the cache on first use is extracted once
     train_set, val_set = main_first(ctx, lambda: _train_val(cfg))
     train_loader, sampler, val_loader = _loaders(cfg, train_set, val_set, device, ctx)
+    relabelled = isinstance(train_set, Relabelled)
+    fit_loader = _eval_loader(cfg, train_set, device, ctx) if relabelled else None
     steps = max(1, cfg.cnn.epochs * sampler.batches)
     run = everywhere(ctx, lambda: _classifier_run(cfg, train_set.class_names, len(train_set), steps, device, ctx))
     if state is not None:
@@ -368,9 +386,14 @@ def _train(cfg: Config, resume: bool, overwrite: bool, log: Log, ctx: Dist, devi
         acc = _validate(run.model, val_loader, device, ctx)
         train_loss = _ranks_mean(ctx, p["loss"], device)
         p["epoch"], p["batch"] = p["epoch"] + 1, 0
-        p["history"].append({"epoch": p["epoch"], "val_accuracy": acc, "train_loss": train_loss, "seconds": elapsed()})
-        log(f"epoch {p['epoch']}: val accuracy {acc:.4f} ({elapsed():.0f}s)")
-        if acc > p["best"]:
+        entry = {"epoch": p["epoch"], "val_accuracy": acc, "train_loss": train_loss, "seconds": elapsed()}
+        if relabelled:  # the data-randomisation CNN: how well it fits its permuted train labels (eval mode)
+            entry["train_accuracy"] = _validate(run.model, fit_loader, device, ctx)
+        p["history"].append(entry)
+        log(f"epoch {p['epoch']}: val accuracy {acc:.4f}"
+            + (f", train accuracy on the permuted labels {entry['train_accuracy']:.4f}" if relabelled else "")
+            + f" ({elapsed():.0f}s)")
+        if acc > p["best"] or relabelled:  # permuted labels: validation cannot choose, the last epoch is kept
             p["best"] = acc
             if ctx.main:
                 save_cnn(run.model, paths["best"], val_accuracy=acc, epoch=p["epoch"], config=to_dict(cfg),

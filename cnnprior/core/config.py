@@ -64,6 +64,14 @@ class CNNConfig:
     device: str = opt("auto", choices=("auto", "cpu", "cuda"))
     checkpoint_every: int = opt(0, lo=0, help="also save the full-state `-last.pt` every N steps (0 = end of "
                                                "epoch only); --resume continues from it")
+    seed: int = opt(-1, lo=-1, help="seed of the initial weights, the augmentation and the batch order (-1 = "
+                                     "data.seed); two runs of one architecture on the same split differ by it")
+    random_labels: float = opt(0.0, lo=0.0, hi=1.0, help="share of the train images whose labels are permuted "
+                                                          "among themselves (seeded by the CNN's seed): 1.0 trains "
+                                                          "the data-randomisation CNN of Adebayo et al. 2018. The "
+                                                          "checkpoint is then the last epoch (validation cannot "
+                                                          "choose one) and the history records train accuracy on the "
+                                                          "permuted labels")
 
 
 @dataclass
@@ -93,6 +101,13 @@ class PriorsConfig:
                                             "from the head down to each of these stages (e.g. [fc, layer4], or "
                                             "[all]); see gan.randomised_share")
     randomised_seeds: int = opt(1, lo=1, hi=1000, help="random copies per randomised stage")
+    randomised_order: str = opt("top_down", choices=("top_down", "bottom_up", "independent"),
+                                help="how a randomised copy is made: top_down = the cascade from the classifier "
+                                     "down to the stage, bottom_up = from the stem up to it, independent = that "
+                                     "stage alone")
+    randomised_init: str = opt("default", choices=("default", "kaiming_normal", "xavier_uniform", "normal"),
+                               help="re-initialisation of the randomised stages (default = PyTorch's "
+                                    "reset_parameters); keep it apart from the evaluation's randomisations")
     randomised_limit: int = opt(1000, lo=0, help="train images per randomised-copy file (0 = all)")
     test_limit: int = opt(0, lo=0, help="cap on val/test-split samples (0 = all)")
     out: str = opt("", help="prior file prefix; empty = npys/<name>")
@@ -131,7 +146,13 @@ class GANConfig:
     out: str = opt("", help="checkpoint prefix; empty = models/<name>-<variant>")
     seed: int = opt(0, lo=0)
     device: str = opt("auto", choices=("auto", "cpu", "cuda"))
-    amp: str = opt("none", choices=("none", "bf16"), help="autocast dtype on CUDA")
+    precision: str = opt("fp32", choices=("fp32", "bf16"), help="training and validation arithmetic: fp32, or bf16 "
+                          "autocast (CPU and CUDA; weights, optimiser and checkpoints stay fp32). Exact resume is "
+                          "bit-identical in fp32 on CPU; see docs/scaling.md#training-speed for bf16")
+    amp: str = opt("none", choices=("none", "bf16"), help="deprecated alias of gan.precision: bf16 = precision bf16 "
+                                                        "(it wins over precision), none = precision decides")
+    compile: bool = opt(False, help="train through torch.compile'd networks (about a minute of compiling first; "
+                                     "eager mode with a warning where no compiler works)")
     checkpoint_every: int = opt(0, lo=0, help="also save `last` every N steps (0 = end of epoch only)")
     priors: str = opt("cnn", choices=("cnn", "none"), help="none: the priors are zeroed in training, validation "
                                                             "and inference (the image-only control generator)")
@@ -141,7 +162,8 @@ class GANConfig:
     image_dropout: float = opt(0.0, lo=0.0, hi=1.0, help="probability that a training sample's image is zeroed "
                                                          "(generator and discriminator); inference keeps the image")
     init: str = opt("", help="warm start from this GAN checkpoint's generator and discriminator weights (same "
-                             "architecture; optimisers, epochs and history start fresh)")
+                             "architecture; optimisers, epochs and history start fresh; an exported generator "
+                             "such as a shipped model has no discriminator: D then starts fresh)")
 
 
 @dataclass

@@ -16,14 +16,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from cnnprior.cnn.randomise import model_stages, randomised_copy
+from cnnprior.cnn.randomise import model_stages, randomise, randomised_copy, step_labels
 from cnnprior.core import metrics
-from cnnprior.core.maps import blur, rescale
+from cnnprior.core.maps import blur, rescale, resize_maps
 
 __all__ = [
     "average_ranks", "cell_masks", "ci_row", "confident_correct", "constant", "energy_in_cell", "explain_batched",
     "format_ci", "GRID_CHANCE", "grid_images", "margin_row", "mean_ci", "mprt", "MPRT_MARGIN", "mprt_verdict",
-    "paired_ci", "pointing_chance", "quantise", "sample_grids", "Samples", "smooth_maps", "SMOOTHING_SIGMAS",
+    "paired_ci", "pointing_chance", "quantise", "same_size_spearman", "sample_grids", "Samples", "smooth_maps", "SMOOTHING_SIGMAS",
     "spearman_abs", "swap_donors", "verdict_sentence"
 ]
 
@@ -98,6 +98,16 @@ def spearman_abs(a: Tensor, b: Tensor) -> Tensor:
         raise ValueError(f"shape mismatch: {tuple(a.shape)} vs {tuple(b.shape)}")
     ra, rb = average_ranks(_flat(a).abs()), average_ranks(_flat(b).abs())
     return metrics.pearson(ra.unsqueeze(1), rb.unsqueeze(1))
+
+
+def _same_size(maps: Tensor, like: Tensor) -> Tensor:
+    """`maps` resized (bilinear) to the spatial size of `like` where they differ (live CAMs are at the CNN's size)."""
+    return maps if maps.shape[-2:] == like.shape[-2:] else resize_maps(maps, like.shape[-1])
+
+
+def same_size_spearman(a: Tensor, b: Tensor) -> Tensor:
+    """`spearman_abs(a, b)` with b resized to a's map size first."""
+    return spearman_abs(a, _same_size(b, a))
 
 
 def constant(maps: Tensor) -> Tensor:
@@ -208,26 +218,39 @@ def explain_batched(extractor: Callable[..., dict], images: Tensor, classes: Ten
 
 # ----------------------------------------------------------------------------------------- MPRT
 def mprt(model: nn.Module, maps_of: Callable[[nn.Module], dict[str, Tensor]], seed: int,
-         steps: int = 0, ref: dict[str, Tensor] | None = None) -> dict:
-    """Cascading model-parameter randomisation: `maps_of(copy)` for the trained model (step 0) and for copies
-    with the first 1..K stages re-initialised (`randomise.randomised_copy`, seeded); per step and method the
-    per-image Spearman (of |maps|) and SSIM similarity to the step-0 maps of the same method.
+         steps: int = 0, ref: dict[str, Tensor] | None = None, order: str = "top_down", init: str = "default",
+         follow: str | None = None) -> dict:
+    """Model-parameter randomisation: `maps_of(copy)` for the trained model (step 0) and for copies randomised
+    by steps 1..K of `order` (`randomise.randomise`: top_down cascade, bottom_up cascade or independent
+    stages; re-initialised by `init`, seeded); per step and method the per-image Spearman (of |maps|) and SSIM
+    similarity to the step-0 maps of the same method.
 
     steps: K (0 = every stage). An image whose step-0 map is constant has no rank order: its Spearman is NaN
     (left out of means); a randomised map that is constant against a non-constant one scores 0. `ref`: the
     step-0 maps when already computed (they do not depend on the seed); the result holds them under "ref".
+    `follow`: a method of maps_of (the randomised CNN's own Grad-CAM): each step also holds every method's
+    Spearman similarity to that method's map of the same randomised CNN ("follow"), i.e. whether the method
+    tracks the new network rather than only leaving the old one.
     """
     stages = [name for name, _ in model_stages(model)]
+    labels = step_labels(model, order)
     k = len(stages) if steps <= 0 else min(steps, len(stages))
     ref = maps_of(randomised_copy(model, 0, seed)) if ref is None else ref
     flat = {m: constant(v) for m, v in ref.items()}
     out = []
     for s in range(k + 1):
-        maps = ref if s == 0 else maps_of(randomised_copy(model, s, seed))
+        maps = ref if s == 0 else maps_of(randomise(model, order, s, seed, init))
         rho = {m: spearman_abs(v, ref[m]) for m, v in maps.items()}
         rho = {m: torch.where(flat[m], torch.full_like(r, math.nan), r) for m, r in rho.items()}
-        out.append({"step": s, "randomised": "none" if s == 0 else stages[s - 1], "spearman": rho,
-                    "ssim": {m: metrics.ssim_or_nan(v.double(), ref[m].double()) for m, v in maps.items()}})
+        entry = {"step": s, "randomised": labels[s], "spearman": rho,
+                 "ssim": {m: metrics.ssim_or_nan(v.double(), ref[m].double()) for m, v in maps.items()}}
+        if follow is not None:
+            own = constant(maps[follow])
+            entry["follow"] = {m: torch.where(own, torch.full_like(rho[m], math.nan), spearman_abs(v, _same_size(maps[follow], v)))
+                               for m, v in maps.items()}
+        if s == k:
+            entry["maps"] = maps  # the last step's maps (eMPRT compares them with step 0's)
+        out.append(entry)
     return {"stages": stages, "steps": out, "ref": ref}
 
 

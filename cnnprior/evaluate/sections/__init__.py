@@ -3,6 +3,7 @@
 from cnnprior.evaluate.sections import (  # noqa: F401  (registration)
     control,
     curves,
+    datarand,
     faithfulness,
     fidelity,
     generalisation,
@@ -10,6 +11,7 @@ from cnnprior.evaluate.sections import (  # noqa: F401  (registration)
     localisation,
     mprt,
     relevance,
+    smprt,
     swap,
 )
 from cnnprior.evaluate.sections.base import (

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from cnnprior.core import cams, generators, metrics
+from cnnprior.core.config import Config, to_dict
 from cnnprior.core.errors import UserError
 from cnnprior.core.maps import generate, live_cams, resize_maps
 from cnnprior.core.report import Report, Table
@@ -18,7 +19,11 @@ from cnnprior.evaluate.sanity import format_ci, mean_ci
 from cnnprior.evaluate.sections.base import EvalContext, Section, option
 from cnnprior.gan.checkpoint import load_generator
 
-__all__ = ["ControlOptions", "ControlSection", "images_per_second", "load_control"]
+__all__ = ["ControlOptions", "ControlSection", "images_per_second", "load_control", "recipe_differences"]
+
+_DEFAULTS = to_dict(Config())["gan"]  # today's defaults: what a checkpoint written before a key existed ran with
+# gan keys that may differ between a GAN and its image-only control without changing the training recipe
+_SAME_RECIPE_FREE = frozenset({"priors", "image", "out", "device", "checkpoint_every", "val", "val_limit"})
 
 
 @dataclass
@@ -42,6 +47,26 @@ def load_control(path: str, variant: str, ctx: EvalContext) -> tuple[Any, dict]:
         raise UserError(f"control.{variant}: {path} was trained on S={pm.get('size')}, n={pm.get('n')} but "
                         f"{ctx.pf.path} has S={ctx.pf.size}, n={ctx.pf.n}")
     return model, meta
+
+
+def recipe_differences(gan_meta: dict, control_meta: dict) -> list[str]:
+    """How an image-only control's training differs from a GAN's, besides `gan.priors: none`: differing gan.*
+    keys (architecture, budget, files, warm start, randomised share), samples seen, and the train files."""
+    a, b = ((m.get("config") or {}).get("gan") or {} for m in (gan_meta, control_meta))
+    # a key only one side has is a difference unless the other side predates it and the one has its default
+    out = [f"gan.{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b))
+           if k not in _SAME_RECIPE_FREE and a.get(k) != b.get(k)
+           and not (k not in a and b.get(k) == _DEFAULTS.get(k, object()))
+           and not (k not in b and a.get(k) == _DEFAULTS.get(k, object()))]
+    steps = [int(m.get("step") or 0) * int(((m.get("config") or {}).get("gan") or {}).get("batch_size") or 0)
+             for m in (gan_meta, control_meta)]
+    if steps[0] != steps[1]:
+        out.append(f"samples seen by the kept checkpoint: {steps[0]:,} vs {steps[1]:,}")
+    for key, what in (("train_files", "train prior files"), ("randomised", "randomised-CNN prior files")):
+        a_files, b_files = ((m.get("priors_meta") or {}).get(key) for m in (gan_meta, control_meta))
+        if a_files != b_files:
+            out.append(f"{what}: {a_files!r} vs {b_files!r}")
+    return out
 
 
 def images_per_second(fn: Callable[[slice], Any], count: int, batch_size: int) -> float:
@@ -86,12 +111,15 @@ class ControlSection(Section, name="control", title="Control: image-only generat
         d = ctx.data
         controls, fid, r_of = {}, {}, {}
         for variant, path in paths.items():
-            model, _ = load_control(path, variant, ctx)
+            model, _ = load_control(path, variant, ctx)  # _: the control's meta
             label = f"{variant.upper()} control"
             controls[label] = model
             maps = generate(model, d["image"], torch.zeros_like(d["priors"]), ctx.cfg.batch_size, ctx.device)
             r_of[label] = metrics.pearson(maps, d["target"])
+            cmeta = _
+            diffs = {g.label: recipe_differences(g.meta, cmeta) for g in ctx.gans if g.variant == variant}
             fid[label] = {"path": path, "r": mean_ci(r_of[label]), "l1": mean_ci(metrics.l1(maps, d["target"])),
+                          "differences": diffs,
                           "ssim": mean_ci(metrics.ssim_or_nan(maps.double(), d["target"].double()))}
         margins = {}
         for g in ctx.gans:
@@ -107,10 +135,14 @@ class ControlSection(Section, name="control", title="Control: image-only generat
             report.p("No image-only control generator configured (`control: {lsft: …, gsft: …}`, trained with "
                      "`--set gan.priors=none`).")
             return
-        report.p(f"The same generator architecture trained with the same budget on the same files, with the priors "
-                 f"zeroed in training, validation and here (`gan.priors: none`): its r is the part of the score "
-                 f"the image alone explains. **N = {results['images']} images**; mean [95 % bootstrap interval]; "
-                 f"margins are paired per image.")
+        report.p(f"An image-only control: a generator trained with the priors zeroed in training, validation and "
+                 f"here (`gan.priors: none`): its r is the part of the score the image alone explains. **N = "
+                 f"{results['images']} images**; mean [95 % bootstrap interval]; margins are paired per image.")
+        for label, s in results["controls"].items():
+            for gan, diffs in (s.get("differences") or {}).items():
+                report.p(f"{label} vs {gan}: " + ("same recipe, budget and files (only the priors zeroed)."
+                                                  if not diffs else "**trained differently**: " + "; ".join(diffs)
+                                                  + "."))
         rows = [[label, format_ci(s["r"]), format_ci(s["l1"]), format_ci(s["ssim"])]
                 for label, s in results["controls"].items()]
         report.table(Table.plain(["control", "r ↑", "L1 ↓", "SSIM ↑"], rows))

@@ -12,23 +12,34 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
+from cnnprior.cnn.randomise import INITS, ORDERS, full_reinit, model_stages, randomised_stages
 from cnnprior.core import cams, metrics
+from cnnprior.core.errors import UserError
 from cnnprior.core.maps import generate, live_cams, resize_maps
 from cnnprior.core.report import Report, Table
 from cnnprior.evaluate.sanity import (
     MPRT_MARGIN,
+    constant,
     explain_batched,
     format_ci,
     mean_ci,
     mprt,
     mprt_verdict,
+    same_size_spearman,
+    spearman_abs,
     verdict_sentence,
 )
 from cnnprior.evaluate.sections.base import EvalContext, Section, option
 from cnnprior.evaluate.sections.fidelity import MEAN_OF_PRIORS, baseline_choice, best_learned
+from cnnprior.evaluate.smprt_emprt import emprt_score
 from cnnprior.priors.extract import extractor_from, spec_from_sidecar
+from cnnprior.priors.random_priors import parse_random_prior_path
 
-__all__ = ["mprt_chart", "MPRTOptions", "MPRTSection", "paired_references", "seed_cell", "seed_mean", "target_label", "training_seeds"]
+__all__ = [
+    "maps_function", "mprt_chart", "MPRTOptions", "MPRTSection", "paired_references", "parse_randomisations",
+    "seed_cell", "seed_mean", "target_label", "training_networks", "training_randomisations",
+    "training_seeds"
+]
 
 
 @dataclass
@@ -44,6 +55,13 @@ class MPRTOptions:
                                       "similarities are pooled over them (N x seeds values per mean) and the "
                                       "report gives each seed's verdict as well; one seed is one draw of random "
                                       "networks, and a verdict near the margin can flip with the next")
+    randomisations: str = option("top_down", help="comma-separated randomisations, each run over every seed: "
+                                                  "top_down (cascade from the classifier down), bottom_up (cascade "
+                                                  "from the stem up), independent (one stage at a time), full (every "
+                                                  "stage at once); `:<init>` picks the re-initialisation "
+                                                  "(default = PyTorch's reset_parameters, kaiming_normal, "
+                                                  "xavier_uniform, normal; e.g. full:kaiming_normal)")
+    emprt_bins: int = option(100, lo=2, help="eMPRT: histogram bins of the entropy (Quantus: 100)")
 
 
 def target_label(meta: dict) -> str:
@@ -53,9 +71,7 @@ def target_label(meta: dict) -> str:
 
 def training_seeds(meta: dict) -> list[int]:
     """Seeds of the randomised-copy prior files a generator trained on (gan.randomised_share), from its meta."""
-    files = (((meta.get("priors_meta") or {}).get("randomised") or {}).get("files")) or []
-    found = (re.search(r"-s(\d+)\.npy$", str(f)) for f in files)
-    return sorted({int(m.group(1)) for m in found if m})
+    return sorted({s for t in training_randomisations(meta) for s in t["seeds"]})
 
 
 def seed_mean(per_seed: list[torch.Tensor]) -> torch.Tensor:
@@ -63,16 +79,18 @@ def seed_mean(per_seed: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([v.double() for v in per_seed]).nanmean(0)
 
 
-def _maps_fn(ctx: EvalContext, n: int, first: dict) -> Any:
-    """maps_of(model) for sanity.mprt: every method's maps of the first n images, class fixed per image."""
-    images, classes = ctx.data["image"][:n], ctx.data["explained"][:n]
-    images_r = resize_maps(images, ctx.image_size).to(ctx.device)
+def maps_function(ctx: EvalContext, n: int, first: dict) -> Any:
+    """maps_of(model, images=None) for the randomisation checks: every method's maps of the first n evaluated
+    images (or of `images`, e.g. their noisy copies), explained class fixed per image to the trained CNN's."""
+    stored, classes = ctx.data["image"][:n], ctx.data["explained"][:n]
     spec, bs = spec_from_sidecar(ctx.pf.meta), ctx.cfg.batch_size
     choice = next((c for c in (baseline_choice(g) for g in ctx.gans) if c is not None), None)
     best = None if choice is None else choice.best_prior  # the best single prior, chosen on validation
 
-    def maps_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    def maps_of(model: nn.Module, images: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Each method's maps for the (possibly randomised) `model`."""
+        images = stored if images is None else images
+        images_r = resize_maps(images, ctx.image_size).to(ctx.device)
         ex = extractor_from(model, spec)
         out = explain_batched(ex, images_r, classes.to(ctx.device), bs)
         first.setdefault("target", out["target"])
@@ -105,108 +123,245 @@ def paired_references(gans: list) -> list[tuple[str, str]]:
     return pairs
 
 
+def parse_randomisations(text: str) -> list[tuple[str, str, str]]:
+    """`mprt.randomisations` -> [(name, order, init)]: order one of ORDERS or "full", init one of INITS."""
+    out = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        order, _, init = item.partition(":")
+        init = init or "default"
+        if order not in (*ORDERS, "full") or init not in INITS:
+            raise UserError(f"mprt.randomisations: unknown {item!r}; use {', '.join((*ORDERS, 'full'))}, each "
+                            f"optionally with :<init> ({', '.join(INITS)})")
+        out.append((item, order, init))
+    if not out:
+        raise UserError("mprt.randomisations: empty; name at least one (e.g. top_down)")
+    return out
+
+
+def training_randomisations(meta: dict) -> list[dict]:
+    """What randomised CNNs a generator trained on: [{order, init, seeds}], from the names of its randomised-copy
+    prior files (priors.randomised_order / randomised_init; top_down with PyTorch's default init by default)."""
+    files = (((meta.get("priors_meta") or {}).get("randomised") or {}).get("files")) or []
+    found: dict[tuple[str, str], set[int]] = {}
+    for f in files:
+        p = parse_random_prior_path(str(f))
+        if p is not None:
+            found.setdefault((p["order"], p["init"]), set()).add(p["seed"])
+    return [{"order": o, "init": i, "seeds": sorted(s)} for (o, i), s in sorted(found.items())]
+
+
+def training_networks(meta: dict, stage_names: list[str]) -> set[tuple[frozenset, int, str]]:
+    """The randomised networks a generator trained on, as (re-initialised stage indices, seed, init): stage j's
+    random weights depend on (seed, j, init) only, so two orders that re-initialise the same stages with the same
+    seed and init make the same network (`full` = either cascade's last step; `independent` step 1 = top_down's)."""
+    names = [n.replace("+", "_") for n in stage_names]
+    k = len(names)
+    nets = set()
+    for f in ((meta.get("priors_meta") or {}).get("randomised") or {}).get("files") or []:
+        p = parse_random_prior_path(str(f))
+        if p is None or p["stage"] not in names:
+            continue
+        i = names.index(p["stage"])
+        idx = {"top_down": range(i + 1), "bottom_up": range(i, k), "independent": [i]}[p["order"]]
+        nets.add((frozenset(idx), p["seed"], p["init"]))
+    return nets
+
+
+def _check_networks(num_stages: int, order: str, init: str, seeds: list[int]) -> set[tuple[frozenset, int, str]]:
+    """The networks one randomisation of the check makes, in `training_networks`' terms."""
+    if order == "full":
+        return {(frozenset(range(num_stages)), s, init) for s in seeds}
+    return {(frozenset(randomised_stages(num_stages, order, k)), s, init)
+            for k in range(1, num_stages + 1) for s in seeds}
+
+
+def _run_one(ctx: EvalContext, spec: tuple[str, str, str], seeds: list[int], maps_of: Any, step0: dict,
+             opts: MPRTOptions, ref: str) -> dict:
+    """One randomisation over every seed: per step each method's similarity to its trained-CNN maps and to the
+    randomised CNN's own target (`follow`), each image averaged over the seeds; verdicts; eMPRT at the last step."""
+    name, order, init = spec
+    raws = []
+    for seed in seeds:
+        if order == "full":
+            rnd = maps_of(full_reinit(ctx.cnn, seed, init))
+            raws.append(_full_steps(step0, rnd, ref))
+        else:
+            raws.append(mprt(ctx.cnn, maps_of, seed, opts.steps, ref=step0, order=order, init=init, follow=ref))
+    methods = list(raws[0]["steps"][0]["spearman"])
+    pairs = paired_references(ctx.gans)
+    steps = []
+    for k, st in enumerate(raws[0]["steps"]):
+        rho = {m: seed_mean([r["steps"][k]["spearman"][m] for r in raws]) for m in methods}
+        ssim = {m: seed_mean([torch.as_tensor(r["steps"][k]["ssim"][m]) for r in raws]) for m in methods}
+        follow = {m: seed_mean([r["steps"][k]["follow"][m] for r in raws]) for m in methods}
+        steps.append({"step": st["step"], "randomised": st["randomised"],
+                      "spearman": {m: mean_ci(v) for m, v in rho.items()},
+                      "ssim": {m: mean_ci(v) for m, v in ssim.items()},
+                      "follow": {m: mean_ci(v) for m, v in follow.items()},
+                      "gap": {g.label: mean_ci(rho[g.label] - rho[ref]) for g in ctx.gans},
+                      "paired": {f"{a} − {b}": mean_ci(rho[a] - rho[b]) for a, b in pairs}})
+    labels = [st["randomised"] for st in steps[1:]]
+    means = {m: [s["spearman"][m]["mean"] for s in steps] for m in methods}
+    verdicts = {g.label: mprt_verdict(means, labels, g.label, ref) for g in ctx.gans}
+    per_seed = {}
+    for seed, r in zip(seeds, raws, strict=True):
+        seed_means = {m: [float(torch.nanmean(st["spearman"][m].double())) for st in r["steps"]] for m in methods}
+        per_seed[str(seed)] = {g.label: mprt_verdict(seed_means, labels, g.label, ref) for g in ctx.gans}
+    # eMPRT (Quantus' EfficientMPRT): the rise of each map's histogram entropy from the trained CNN to the last step
+    emprt = {m: mean_ci(seed_mean([emprt_score(step0[m], r["steps"][-1]["maps"][m], opts.emprt_bins)
+                                   for r in raws])) for m in methods}
+    stage_names = [n for n, _ in model_stages(ctx.cnn)]
+    mine = _check_networks(len(stage_names), order, init, seeds)
+    seen = [g.label for g in ctx.gans if training_networks(g.meta, stage_names) & mine]
+    trained_like = [g.label for g in ctx.gans
+                    if any(t["order"] == order and t["init"] == init for t in training_randomisations(g.meta))]
+    return {"name": name, "order": order, "init": init, "stages": labels, "steps": steps, "verdicts": verdicts,
+            "per_seed": per_seed, "emprt": emprt, "seen_in_training": seen, "same_scheme_in_training": trained_like}
+
+
+def _full_steps(step0: dict, maps: dict, ref: str) -> dict:
+    """`mprt`'s result shape for the one-step randomisation `full` (every stage at once)."""
+    flat = {m: constant(v) for m, v in step0.items()}
+    own = constant(maps[ref])
+
+    def nan_where(mask: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.where(mask, torch.full_like(v, math.nan), v)
+
+    first = {"step": 0, "randomised": "none",
+             "spearman": {m: nan_where(flat[m], spearman_abs(v, v)) for m, v in step0.items()},
+             "ssim": {m: metrics.ssim_or_nan(v.double(), v.double()) for m, v in step0.items()},
+             "follow": {m: nan_where(constant(step0[ref]), same_size_spearman(v, step0[ref])) for m, v in step0.items()}}
+    last = {"step": 1, "randomised": "every stage", "maps": maps,
+            "spearman": {m: nan_where(flat[m], spearman_abs(v, step0[m])) for m, v in maps.items()},
+            "ssim": {m: metrics.ssim_or_nan(v.double(), step0[m].double()) for m, v in maps.items()},
+            "follow": {m: nan_where(own, same_size_spearman(v, maps[ref])) for m, v in maps.items()}}
+    return {"steps": [first, last]}
+
+
 class MPRTSection(Section, name="mprt", title="Sanity check: model-parameter randomisation (MPRT)", options=MPRTOptions,
                            order=10):
-    """Similarity of each method's maps to its own trained-CNN maps as the CNN is randomised top-down."""
+    """Similarity of each method's maps to its own trained-CNN maps as the CNN is randomised (several schemes)."""
 
     def run(self, ctx: EvalContext) -> dict:
         opts = ctx.options(self.name)
+        specs = parse_randomisations(opts.randomisations)
         n = min(opts.num, ctx.count)
         first: dict = {}
         ref = target_label(ctx.pf.meta)
         seeds = [opts.seed + i for i in range(opts.seeds)]
-        maps_of = _maps_fn(ctx, n, first)
-        raws, step0 = [], None
-        for seed in seeds:  # the trained CNN's maps (step 0) are computed once and shared by every seed
-            raws.append(mprt(ctx.cnn, maps_of, seed, opts.steps, ref=step0))
-            step0 = raws[-1]["ref"]
-        stages = raws[0]["stages"]
-        methods = list(raws[0]["steps"][0]["spearman"])
-        pairs = paired_references(ctx.gans)
-        steps = []
-        for k, st in enumerate(raws[0]["steps"]):
-            # each image's similarity averaged over the seeds, then mean and interval over the N images: the seeds
-            # sharpen each image's value, the interval resamples images (the seeds of one image are not independent
-            # samples). An image's Spearman is NaN for every seed alike (its step-0 map is constant)
-            rho = {m: seed_mean([r["steps"][k]["spearman"][m] for r in raws]) for m in methods}
-            ssim = {m: seed_mean([torch.as_tensor(r["steps"][k]["ssim"][m]) for r in raws]) for m in methods}
-            steps.append({"step": st["step"], "randomised": st["randomised"],
-                          "spearman": {m: mean_ci(v) for m, v in rho.items()},
-                          "ssim": {m: mean_ci(v) for m, v in ssim.items()},
-                          "gap": {g.label: mean_ci(rho[g.label] - rho[ref]) for g in ctx.gans},
-                          "paired": {f"{a} − {b}": mean_ci(rho[a] - rho[b]) for a, b in pairs}})
-        means = {m: [s["spearman"][m]["mean"] for s in steps] for m in methods}
-        verdicts = {g.label: mprt_verdict(means, stages, g.label, ref) for g in ctx.gans}
-        per_seed = {}
-        for seed, r in zip(seeds, raws, strict=True):
-            seed_means = {m: [float(torch.nanmean(st["spearman"][m].double())) for st in r["steps"]] for m in methods}
-            per_seed[str(seed)] = {g.label: mprt_verdict(seed_means, stages, g.label, ref) for g in ctx.gans}
+        maps_of = maps_function(ctx, n, first)
+        step0 = ctx.shared(f"trained_maps:{n}", lambda: maps_of(ctx.cnn))  # shared with datarand / smprt
+        blocks = [_run_one(ctx, spec, seeds, maps_of, step0, opts, ref) for spec in specs]
+        head = blocks[0]  # the first randomisation's results also sit at the top level (as before)
         stored = ctx.data["target"][:n]
-        return {"images": n, "stages": stages, "methods": methods, "reference": ref,
-                "steps": steps, "verdicts": verdicts, "margin": MPRT_MARGIN, "seed": opts.seed, "seeds": seeds,
-                "per_seed": per_seed,
-                "seen_in_training": [g.label for g in ctx.gans if set(seeds) & set(training_seeds(g.meta))],
+        return {"images": n, "stages": head["stages"], "methods": list(head["steps"][0]["spearman"]),
+                "reference": ref, "steps": head["steps"], "verdicts": head["verdicts"], "margin": MPRT_MARGIN,
+                "seed": opts.seed, "seeds": seeds, "per_seed": head["per_seed"], "randomisations": blocks,
+                "seen_in_training": sorted({g for b in blocks for g in b["seen_in_training"]}),
                 "training_seeds": {g.label: training_seeds(g.meta) for g in ctx.gans},
-                "step0_target_l1": mean_ci(metrics.l1(first["target"], stored))}
+                "training_randomisations": {g.label: training_randomisations(g.meta) for g in ctx.gans},
+                "emprt_bins": opts.emprt_bins,
+                "step0_target_l1": mean_ci(metrics.l1(step0[ref], stored))}
 
     def render(self, report: Report, results: Any, folder: Path, ctx: EvalContext) -> None:
-        report.p(f"Cascading randomisation on **N = {results['images']} images** (the first evaluated records): "
-                 f"step k re-initialises the CNN's first k stages from the classifier down "
-                 f"({', '.join(f'`{s}`' for s in results['stages'])}); at every step the priors and the target are "
-                 f"recomputed from the randomised CNN for the **explained class of the trained CNN** (fixed per "
-                 f"image, as Quantus keeps y fixed), the GANs are run on them, and Grad-CAM++ / LayerCAM are "
-                 f"computed live at the target layer. The GANs' inputs are scored as trivial baselines: the mean of "
-                 f"the recomputed priors and the single prior chosen on validation (a GAN that keeps more of its "
-                 f"trained-CNN maps than its inputs do adds a map of its own). Similarity of each method's maps to **its own maps of the "
-                 f"trained CNN** (step 0): Spearman rank correlation of |maps| and SSIM; mean [95 % bootstrap "
-                 f"interval]. A method that reads the CNN falls with the randomisation; one that reads only the "
-                 f"image stays high. Step-0 targets recomputed vs the prior file's: mean L1 "
-                 f"{format_ci(results['step0_target_l1'])} (about 0 when the file was made with this CNN and code).")
-        trained = {k: v for k, v in results.get("training_seeds", {}).items() if v}
+        blocks = results.get("randomisations") or [{"name": "top_down", "order": "top_down", "init": "default",
+                                                    **{k: results[k] for k in ("stages", "steps", "verdicts",
+                                                                               "per_seed")}}]
+        report.p(f"Model-parameter randomisation on **N = {results['images']} images** (the first evaluated "
+                 f"records). Randomisations: {', '.join('`' + b['name'] + '`' for b in blocks)} — `top_down`: step k "
+                 f"re-initialises the CNN's first k stages from the classifier down; `bottom_up`: its last k stages "
+                 f"from the stem up; `independent`: stage k alone; `full`: every stage at once; `:<init>` names the "
+                 f"re-initialisation (default: PyTorch's reset_parameters; kaiming_normal / xavier_uniform / normal "
+                 f"with batch norms set to identity). At every step the priors and the target are recomputed from "
+                 f"the randomised CNN for the **explained class of the trained CNN** (fixed per image, as Quantus "
+                 f"keeps y fixed), the generators are run on them, and Grad-CAM++ / LayerCAM are computed live at "
+                 f"the target layer. The GANs' inputs are scored as trivial baselines: the mean of the recomputed "
+                 f"priors and the single prior chosen on validation. Columns: similarity of each method's maps to "
+                 f"**its own maps of the trained CNN** (Spearman ρ of |maps|; SSIM as Quantus' ssim), and "
+                 f"**follow** = Spearman ρ with the **randomised CNN's own {results['reference']}** (does the "
+                 f"explainer track the new network, not only leave the old one?); mean [95 % bootstrap interval]. "
+                 f"Step-0 targets recomputed vs the prior file's: mean L1 {format_ci(results['step0_target_l1'])}.")
         seeds = results.get("seeds") or [results.get("seed", 0)]
-        pooled = (f"seeds {seeds[0]}–{seeds[-1]}: at each step every image's similarity is averaged over the "
-                  f"{len(seeds)} randomised networks, then mean and interval are taken over the "
-                  f"{results['images']} images (the interval resamples images)"
-                  if len(seeds) > 1 else f"seed {seeds[0]}")
-        report.p(f"Randomised weights: {pooled}"
-                 + (f"; the generators trained on randomised copies with seeds "
-                    f"{'; '.join(f'{k}: ' + ', '.join(map(str, v)) for k, v in trained.items())}" if trained else "")
-                 + ".")
+        report.p(f"Randomised weights: seeds {seeds[0]}–{seeds[-1]}: at each step every image's similarity is "
+                 f"averaged over the {len(seeds)} randomised networks, then mean and interval are taken over the "
+                 f"{results['images']} images (the interval resamples images)." if len(seeds) > 1 else
+                 f"Randomised weights: seed {seeds[0]}.")
+        trained = results.get("training_randomisations") or {}
+        report.p("What the generators trained on: " + ("; ".join(
+            f"{g}: " + (", ".join(f"`{t['order']}` cascade, init `{t['init']}`, seeds "
+                                  f"{', '.join(map(str, t['seeds']))}" for t in ts) if ts else "no randomised CNN")
+            for g, ts in trained.items()) or "–") + ". Every other randomisation below is held out for them.")
         if results.get("seen_in_training"):
             report.p(f"**Warning**: {', '.join(results['seen_in_training'])} trained on prior files from the very "
-                     f"randomised networks of this test (same seed): the test is not held out for them; rerun "
-                     f"with another `mprt.seed`.")
-        report.p(f"Pass criterion: a GAN passes when, at every randomisation step, its mean Spearman similarity "
-                 f"is at most {results['margin']:.2f} above {results['reference']}'s at that step.")
-        for v in results["verdicts"].values():
-            means = {m: [s["spearman"][m]["mean"] for s in results["steps"]] for m in results["methods"]}
+                     f"randomised networks of this test (same scheme and seed): the test is not held out for them; "
+                     f"rerun with another `mprt.seed`.")
+        report.p(f"Pass criterion: a generator passes a randomisation when, at every step, its mean Spearman "
+                 f"similarity is at most {results['margin']:.2f} above {results['reference']}'s at that step.")
+        self._summary(report, results, blocks)
+        for i, b in enumerate(blocks):
+            self._block(report, results, b, folder, i)
+
+    @staticmethod
+    def _summary(report: Report, results: dict, blocks: list[dict]) -> None:
+        gans = list(blocks[0]["verdicts"])
+        if not gans:
+            return
+        rows = []
+        for b in blocks:
+            row = [f"`{b['name']}`"]
+            for g in gans:
+                v = b["verdicts"][g]
+                note = " (trained on this scheme)" if g in b.get("same_scheme_in_training", []) else ""
+                row.append(("–" if not math.isfinite(v["worst_gap"]) else
+                            f"{'pass' if v['passes'] else 'FAIL'}, {v['worst_gap']:+.3f} at `{v['worst_stage']}`")
+                           + note)
+            rows.append(row)
+        report.p("Verdicts (largest gap over the reference at the step named, seeds pooled):")
+        report.table(Table.plain(["randomisation"] + gans, rows))
+
+    @staticmethod
+    def _block(report: Report, results: dict, b: dict, folder: Path, i: int) -> None:
+        report.p(f"**Randomisation `{b['name']}`** (order {b['order']}, init {b['init']}).")
+        for v in b["verdicts"].values():
+            means = {m: [s["spearman"][m]["mean"] for s in b["steps"]] for m in b["steps"][0]["spearman"]}
             report.p(verdict_sentence(v, means))
-        per_seed = results.get("per_seed") or {}
-        if len(per_seed) > 1:
-            gans = list(results["verdicts"])
-            report.p(f"Each seed alone (one draw of random networks, {results['images']} images): the verdict and "
-                     f"the largest gap over {results['reference']}, at the step named.")
+        per_seed = b.get("per_seed") or {}
+        if len(per_seed) > 1 and b["verdicts"]:
+            gans = list(b["verdicts"])
             rows = [[seed] + [seed_cell(v[g]) for g in gans] for seed, v in per_seed.items()]
             rows.append(["passes"] + [f"{sum(v[g]['passes'] for v in per_seed.values())} of "
                                       f"{sum(math.isfinite(v[g]['worst_gap']) for v in per_seed.values())}"
                                       for g in gans])
+            report.p("Each seed alone (one draw of random networks): the verdict and the largest gap.")
             report.table(Table.plain(["seed"] + gans, rows))
-        mprt_chart(results, folder / "mprt.png")
-        report.img("mprt.png", "MPRT: similarity to the trained CNN's maps per randomisation step")
-        methods = results["methods"]
-        header = ["step", "randomised down to"] + [f"{m} ρ" for m in methods] + [f"{m} SSIM" for m in methods]
+        png = "mprt.png" if i == 0 else f"mprt-{re.sub(r'[^a-z0-9]+', '-', b['name'].lower())}.png"
+        mprt_chart({**results, "steps": b["steps"], "verdicts": b["verdicts"]}, folder / png, b["name"])
+        report.img(png, f"MPRT ({b['name']}): similarity to the trained CNN's maps per randomisation step")
+        methods = list(b["steps"][0]["spearman"])
+        header = ["step", "randomised"] + [f"{m} ρ" for m in methods] + [f"{m} SSIM" for m in methods]
         rows = [[s["step"], s["randomised"]] + [format_ci(s["spearman"][m]) for m in methods]
-                + [format_ci(s["ssim"][m]) for m in methods] for s in results["steps"]]
+                + [format_ci(s["ssim"][m]) for m in methods] for s in b["steps"]]
         report.table(Table.plain(header, rows))
-        pairs = list(results["steps"][0].get("paired", {}))
+        if "follow" in b["steps"][0]:
+            report.p(f"Follow: Spearman ρ of each method's map with the randomised CNN's own "
+                     f"{results['reference']} at the same step ({results['reference']} itself: 1).")
+            report.table(Table.plain(["step", "randomised"] + methods,
+                                     [[s["step"], s["randomised"]] + [format_ci(s["follow"][m]) for m in methods]
+                                      for s in b["steps"]]))
+        pairs = list(b["steps"][0].get("paired", {}))
         if pairs:
             report.p("Paired per image (Spearman ρ, each image averaged over the seeds): each GAN minus the learned "
-                     "baseline with the higher validation r, and minus its L1-only twin. A negative value means the "
-                     "GAN keeps less of its trained-CNN maps than the other model at that step, i.e. follows the "
-                     "randomised CNN more.")
-            report.table(Table.plain(["step", "randomised down to"] + pairs,
+                     "baseline with the higher validation r, and minus its L1-only twin (negative: the GAN follows "
+                     "the randomised CNN more).")
+            report.table(Table.plain(["step", "randomised"] + pairs,
                                      [[s["step"], s["randomised"]] + [format_ci(s["paired"][p]) for p in pairs]
-                                      for s in results["steps"]]))
+                                      for s in b["steps"]]))
+        if b.get("emprt"):
+            report.p(f"eMPRT (Quantus' EfficientMPRT, {results.get('emprt_bins', 100)} bins): relative rise of each "
+                     f"map's histogram entropy from the trained CNN to the last step, (H_random − H_trained) / "
+                     f"H_trained; higher means the explanation turns more complex (noisier) when the CNN is "
+                     f"randomised: "
+                     + "; ".join(f"{m} {format_ci(v)}" for m, v in b["emprt"].items()) + ".")
 
 
 def seed_cell(v: dict) -> str:
@@ -216,7 +371,7 @@ def seed_cell(v: dict) -> str:
     return f"{'pass' if v['passes'] else 'fail'}, {v['worst_gap']:+.3f} (`{v['worst_stage']}`)"
 
 
-def mprt_chart(results: dict, path: Path) -> None:
+def mprt_chart(results: dict, path: Path, name: str = "top_down") -> None:
     """Two panels (Spearman, SSIM vs randomisation step), one line per method with its 95 % interval band."""
     steps = results["steps"]
     xs = list(range(len(steps)))
@@ -234,7 +389,7 @@ def mprt_chart(results: dict, path: Path) -> None:
             ax.plot(xs[1:], limit, ":", color="black", linewidth=1,
                     label=f"pass limit ({results['reference']} + {results['margin']:.2f})")
         ax.set_xticks(xs, labels, rotation=30, ha="right", fontsize=8)
-        ax.set_xlabel("randomised down to (cumulative, top-down)")
+        ax.set_xlabel(f"randomisation step ({name})")
         ax.set_ylabel(f"{label} vs trained CNN")
         ax.grid(alpha=0.3)
     fig.axes[0].legend(fontsize=8)

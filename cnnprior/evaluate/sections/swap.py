@@ -14,7 +14,7 @@ from cnnprior.core.report import Report, Table
 from cnnprior.evaluate.sanity import format_ci, mean_ci, swap_donors
 from cnnprior.evaluate.sections.base import EvalContext, Section, option
 
-__all__ = ["DONORS", "PriorSwapSection", "SwapOptions"]
+__all__ = ["DONORS", "priors_only", "PriorSwapSection", "SwapOptions"]
 
 DONORS = (("same class", True), ("any class", False))
 
@@ -38,6 +38,18 @@ def _follows(stat: dict) -> str:
     return "undecided"
 
 
+def priors_only(meta: dict) -> bool:
+    """Whether a generator never sees the image (trained with gan.image: none)."""
+    return ((meta.get("config") or {}).get("gan") or {}).get("image") == "none"
+
+
+def _specific(stat: dict) -> str:
+    """Verdict of the specificity test of a priors-only generator: the map must be closer to the donor's target."""
+    if stat["n"] == 0:
+        return "–"
+    return "pass (follows the donor's target)" if stat["lo"] > 0 else "FAIL (no closer to the donor's target)"
+
+
 def _donor_kind(ctx: EvalContext, n: int, same: bool, seed: int) -> dict:
     """Scores of every GAN for one kind of donor (same class or any class)."""
     d = ctx.data
@@ -54,7 +66,8 @@ def _donor_kind(ctx: EvalContext, n: int, same: bool, seed: int) -> dict:
         own, donor = metrics.pearson(m, target[i]), metrics.pearson(m, target[j])
         entry["gans"][g.label] = {"unswapped_r": mean_ci(metrics.pearson(g.maps[i], target[i])),
                                   "r_own": mean_ci(own), "r_donor": mean_ci(donor),
-                                  "donor_minus_own": mean_ci(donor - own)}
+                                  "donor_minus_own": mean_ci(donor - own),
+                                  "priors_only": priors_only(getattr(g, "meta", None) or {})}
     return entry
 
 
@@ -72,9 +85,14 @@ class PriorSwapSection(Section, name="prior_swap", title="Control: prior swap", 
                  f"Pearson r of G(x_i, P_j) with the image's own target T_i and with the donor's target T_j; mean "
                  f"[95 % bootstrap interval]; the margin is paired per image. A GAN that follows the CNN follows "
                  f"the donor (margin > 0); one that reads the image keeps its own target. `targets r` = r(T_i, T_j): "
-                 f"how alike the two targets are anyway (centred objects make them alike).")
+                 f"how alike the two targets are anyway (centred objects make them alike). For a **priors-only** "
+                 f"generator (`gan.image: none`) the image-versus-priors question does **not apply** (it cannot "
+                 f"read the image, so its map is the donor's by construction); its row is the **specificity test**, "
+                 f"which can fail: the swapped map must be closer to the donor's target than to the recipient's "
+                 f"(donor − own > 0, interval above 0), i.e. the map is specific to the image its priors came from "
+                 f"rather than a class template; same-class donors make it hard.")
         header = ["donor", "GAN", "pairs", "r own target, unswapped", "r own target, swapped",
-                  "r donor's target, swapped", "donor − own", "targets r", "map follows"]
+                  "r donor's target, swapped", "donor − own", "targets r", "map follows / specificity"]
         rows = []
         for kind, e in results["donors"].items():
             if not e["gans"]:
@@ -82,5 +100,6 @@ class PriorSwapSection(Section, name="prior_swap", title="Control: prior swap", 
             for label, s in e["gans"].items():
                 rows.append([kind, label, e["pairs"], format_ci(s["unswapped_r"]), format_ci(s["r_own"]),
                              format_ci(s["r_donor"]), format_ci(s["donor_minus_own"]), format_ci(e["targets_r"]),
-                             _follows(s["donor_minus_own"])])
+                             _specific(s["donor_minus_own"]) if s.get("priors_only")
+                             else _follows(s["donor_minus_own"])])
         report.table(Table.plain(header, rows))
