@@ -288,8 +288,8 @@ def test_two_process_priors_stage_writes_the_records_of_one_process(tmp_path: Pa
         + [f"tiny-{s}-shard0000{r}-of00002.{x}" for s in ("train", "val") for r in (0, 1) for x in ("npy", "json")]
         + [f"tiny-train-random-{st}-s0.{x}" for st in ("fc", "layer3") for x in ("npy", "json")])
     assert stdout.count("priors: wrote") == 2 and "(2 shards" in stdout  # rank 0 logs the stage
-    assert "[rank 0] priors: randomised copy down to fc" in stdout and "[rank 1] priors: randomised copy down to " \
-        "layer3" in stdout  # one randomised-copy file per rank
+    copy = "priors: randomised copy (top_down, init default) at"
+    assert f"[rank 0] {copy} fc" in stdout and f"[rank 1] {copy} layer3" in stdout  # one randomised-copy file per rank
     for split, counts in (("train", [4, 6]), ("val", [0, 4])):  # blocks of whole batches of 4
         single, ps = read_priors(one.priors_prefix + f"-{split}.npy"), read_priors(two / f"tiny-{split}.npy")
         assert isinstance(ps, PriorSet) and [len(p) for p in ps.parts] == counts
