@@ -229,6 +229,28 @@ def test_fashion_mnist_missing_incomplete_or_corrupt(tmp_path: Path) -> None:
         fashion_mnist(str(tmp_path / "bad2"), "test")
 
 
+def test_fashion_mnist_cache_filled_by_concurrent_stages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # two stages started together (e.g. two classifier runs) both decompress the .gz files into the cache: here
+    # the second one runs while the first is decompressing; both must end with complete, readable copies (a
+    # shared partial folder made the first one fail with FileNotFoundError)
+    from cnnprior.data.sources import torchvision_sets
+    arrays = make_fashion(tmp_path / "fm", n_train=12, n_test=10)
+    real, inner = torchvision_sets.tv_utils.extract_archive, []
+
+    def extract(src, dst, *args, **kwargs):
+        out = real(src, dst, *args, **kwargs)
+        if not inner:  # the other stage, started during the first decompression
+            inner.append(None)
+            inner[0] = len(fashion_mnist(str(tmp_path / "fm"), "train"))
+        return out
+
+    monkeypatch.setattr(torchvision_sets.tv_utils, "extract_archive", extract)
+    assert len(fashion_mnist(str(tmp_path / "fm"), "train")) == 12 and inner == [12]
+    src = fashion_mnist(str(tmp_path / "fm"), "test")
+    assert (src.data == arrays["t10k"][0]).all()
+    assert not [p for p in Path(os.environ["CNNPRIOR_CACHE"]).rglob(".partial*")]  # nothing left behind
+
+
 @pytest.mark.real_data
 def test_fashion_mnist_real_debian_files(real_datasets: Path) -> None:
     """Opt-in (python -m pytest -m real_data): Debian's dataset-fashion-mnist through the default root."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -71,15 +72,20 @@ def _fashion_mnist_raw(r: Path) -> Path:
                                 f"(apt-get install -y dataset-fashion-mnist)")
         raw.mkdir(parents=True, exist_ok=True)
         if src.suffix == ".gz":
-            tmp = raw / ".partial"
-            tmp.mkdir(exist_ok=True)
+            # one partial folder per process: two stages started together each decompress into their own and
+            # the atomic rename lets the last one win (a shared folder made one of them fail)
+            tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=raw))
             try:
                 tv_utils.extract_archive(str(src), str(tmp))  # torchvision's own decompressor
+                os.replace(tmp / stem, raw / stem)
             except (OSError, EOFError) as exc:
                 raise UserError(f"fashion_mnist: cannot decompress '{src}' ({exc}); replace the file") from None
-            os.replace(tmp / stem, raw / stem)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
         else:
-            os.symlink(src.resolve(), raw / stem)
+            link = raw / f".{stem}.{os.getpid()}"
+            os.symlink(src.resolve(), link)
+            os.replace(link, raw / stem)
     return base
 
 
