@@ -13,7 +13,7 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from cnnprior.cnn.layers import cam_layers, final_layer, within
+from cnnprior.cnn.layers import cam_layers, conv_layers, final_layer, last_block, within
 from cnnprior.cnn.model import build_cnn
 from cnnprior.core.baselines import BaselineChoice, baseline_maps, choose, choose_streamed, grayscale
 from cnnprior.core.config import ARCHS, Config, load_config
@@ -155,10 +155,21 @@ def test_baselines_chosen_chunk_by_chunk_equal_the_choice_on_the_whole_file(tmp_
     assert len({round(v, 6) for v in whole.val_r["per_prior"]}) > 1
 
 
+# The target's last block (cnn.layers.last_block) per architecture: what the README's table lists.
+LAST_BLOCKS = {
+    "resnet18": ["net.layer4.1"], "resnet34": ["net.layer4.2"], "resnet50": ["net.layer4.2"],
+    "vgg11": ["net.features.16", "net.features.18"], "vgg11_bn": ["net.features.22", "net.features.25"],
+    "vgg16": ["net.features.26", "net.features.28"], "vgg16_bn": ["net.features.37", "net.features.40"],
+    "densenet121": ["net.features.denseblock4.denselayer16"],
+    "mobilenet_v2": ["net.features.17", "net.features.18"], "mobilenet_v3_small": ["net.features.11", "net.features.12"],
+    "efficientnet_b0": ["net.features.7", "net.features.8"], "inception_v3": ["net.Mixed_7c"],
+}
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_the_target_rule_holds_for_every_supported_architecture(arch: str) -> None:
     """One rule for every architecture: the target is the CNN's final feature map (the map global pooling reads),
-    and the priors leave out exactly the CAM layers inside the target module."""
+    and the priors leave out exactly the CAM layers of the target's last block, found from the module tree."""
     torch.manual_seed(0)
     size = 96  # inception_v3 needs >= 75 px
     model = build_cnn(arch, ["a", "b", "c"], size).eval()
@@ -166,9 +177,13 @@ def test_the_target_rule_holds_for_every_supported_architecture(arch: str) -> No
     d = ex.describe()
     name, module = final_layer(model, size)
     assert d["target_layer"] == name
-    inside = [n for n in d["layers"] if within(n, name)]
-    assert sorted(d["excluded_layers"]) == sorted(inside or [])
-    assert all(not within(n, name) for prior in d["prior_layers"] for n in prior)
+    assert d["left_out_blocks"] == LAST_BLOCKS[arch] == last_block(model, name, size)
+    convs = [n for n, _ in conv_layers(model, size)]
+    out_convs = [c for c in convs if any(within(c, b) for b in LAST_BLOCKS[arch])]
+    assert 2 <= len(out_convs) <= 9 and out_convs == convs[-len(out_convs):]  # the last convs, nothing else
+    assert len(d["excluded_layers"]) == len(out_convs)
+    kept = {n for prior in d["prior_layers"] for n in prior}
+    assert not kept & set(d["excluded_layers"]) and len(kept) == len(convs) - len(out_convs)
     assert len(d["average_order"]) >= 4, d
     # the target's output is a spatial map that feeds the classifier head through pooling
     out = ex(torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(1)))

@@ -20,7 +20,7 @@ from cnnprior.core.errors import UserError
 
 __all__ = [
     "ACTIVATIONS", "Call", "cam_layers", "conv_layers", "final_layer", "FINAL_LAYERS", "LAYER_OUTPUTS",
-    "named_module", "trace_calls", "within"
+    "last_block", "named_module", "TRUNK_SHARE", "trace_calls", "within"
 ]
 
 LAYER_OUTPUTS = ("activated", "raw")
@@ -170,6 +170,56 @@ def final_layer(model: nn.Module, image_size: int | None = None) -> tuple[str, n
             layer = pick(model.net)
             return _names(model)[layer], layer
     return _traced_final(model, image_size)
+
+
+TRUNK_SHARE = 0.25  # a module holding more than this share of the conv layers is a trunk, not a block
+
+
+def last_block(model: nn.Module, target: str, image_size: int | None = None) -> list[str]:
+    """The modules left out of the priors with the target: the *target's last block*, found from the module tree.
+
+    Start at the last conv layer that runs before the target's output and walk up to the smallest module holding
+    at least two conv layers. If that module holds at most `TRUNK_SHARE` of the CNN's conv layers it is the block
+    (ResNet: `layer4[-1]`; DenseNet: the last dense layer; Inception: `Mixed_7c`). Otherwise it is a trunk (VGG's
+    or MobileNet's `features`), and the block is its trailing children, back from the one holding that conv,
+    until they hold two conv layers (VGG: the last two convs; MobileNet/EfficientNet: the last inverted-residual
+    stage and the final 1x1 conv). Returns the qualified module names, the target's own module first when it
+    holds conv layers (so the layers inside it are always left out too).
+    """
+    names, modules = _names(model), dict(model.named_modules())
+    if target not in modules:
+        raise UserError(f"priors.target_layer: the CNN has no module {target!r}")
+    convs: list[str] = []
+    for call in trace_calls(model, image_size, leaves_only=False):
+        if isinstance(call.module, nn.Conv2d) and names[call.module] not in convs:
+            convs.append(names[call.module])
+        if call.module is modules[target]:
+            break
+    if not convs:
+        raise UserError(f"no conv layer runs before the target {target!r}; set priors.target_layer to a later module")
+
+    def held(prefix: str) -> int:
+        return sum(within(c, prefix) for c in convs)
+
+    total = len(conv_layers(model, image_size))
+    blocks = [target] if held(target) else []
+    parts = convs[-1].split(".")
+    for k in range(len(parts) - 1, 0, -1):
+        parent = ".".join(parts[:k])
+        if held(parent) < 2:
+            continue
+        if held(parent) <= TRUNK_SHARE * total:
+            return [b for b in blocks if not within(b, parent)] + [parent]
+        children = [f"{parent}.{n}" for n, _ in modules[parent].named_children()]
+        holder = next(i for i, c in enumerate(children) if within(convs[-1], c))
+        tail: list[str] = []
+        for child in reversed(children[:holder + 1]):
+            if held(child):
+                tail.insert(0, child)
+            if sum(held(c) for c in tail) >= 2:
+                break
+        return [b for b in blocks if not any(within(b, t) for t in tail)] + tail
+    return blocks or [convs[-1]]  # a CNN whose conv layers sit in no common module: the last conv alone
 
 
 def named_module(model: nn.Module, name: str, key: str = "priors.target_layer") -> tuple[str, nn.Module]:

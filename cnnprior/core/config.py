@@ -87,8 +87,10 @@ class PriorsConfig:
                        help="the map the GAN learns: final = Grad-CAM at the CNN's final feature map (the layer "
                             "pytorch-grad-cam recommends); last_conv (alias last) / first = that conv layer's map")
     target_layer: str = opt("", help="target: final only: a module name instead of the per-architecture choice")
-    include_target_layer: bool = opt(False, help="keep the layers inside the target module in the priors "
-                                                   "(reproduces the released code; makes the task a copy)")
+    include_target_layer: bool = opt(False, help="keep the target's last block (cnn.layers.last_block: ResNet's "
+                                                   "layer4[-1], VGG's last two convs, MobileNet's last inverted "
+                                                   "residual + 1x1 conv) in the priors (reproduces the released "
+                                                   "code; makes the task a copy)")
     exclude: list = opt([], help="module names whose CAM layers are left out of the priors (e.g. net.layer4.1)")
     layer_outputs: str = opt("activated", choices=("activated", "raw"),
                               help="read each conv after its batch norm/activation (activated) or raw (old files)")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from pytorch_grad_cam.activations_and_gradients import ActivationsAndGradients
 from torch import nn
 
-from cnnprior.cnn.layers import cam_layers, final_layer, named_module, within
+from cnnprior.cnn.layers import cam_layers, conv_layers, final_layer, last_block, named_module, within
 from cnnprior.cnn.model import load_cnn
 from cnnprior.core import cams
 from cnnprior.core.errors import UserError, cli_main
@@ -179,9 +179,10 @@ class PriorExtractor:
 
     `layers` are the per-layer map modules in forward order (`layers.cam_layers`). The target is, by
     `spec.target`: `final` the CNN's final feature map (`layers.final_layer`, or `spec.target_layer` by name),
-    `last_conv` / `first` the last / first of `layers`. Without `include_target_layer`, every layer inside the
-    target module (for a ResNet target its whole last block; for a conv target the conv itself) is left out of
-    the priors, and so is every layer inside a module named in `spec.exclude`.
+    `last_conv` / `first` the last / first of `layers`. Without `include_target_layer`, the target's last block
+    (`layers.last_block`: ResNet's `layer4[-1]`, VGG's last two convs, MobileNet's last inverted residual and
+    final 1x1 conv, ...; for a conv-layer target the conv itself) is left out of the priors, and so is every
+    layer inside a module named in `spec.exclude`.
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[tuple[str, nn.Module]], spec: PriorSpec):
@@ -208,10 +209,25 @@ class PriorExtractor:
             self.layers.append(target)
             self.layer_names.append(self.target_name)
             self.target_index = L
-        inside = [self.target_name] if not spec.include_target_layer else []
-        self.excluded = [i for i in range(L) if any(within(self.layer_names[i], p) for p in inside + spec.exclude)
+        # left out with the target: for `final`, the target's last block (cnn.layers.last_block, one rule for
+        # every architecture); for a conv-layer target, the layers inside the target module
+        if spec.include_target_layer:
+            self.left_out: list[str] = []
+        elif spec.target == "final":
+            self.left_out = last_block(model, self.target_name)
+        else:
+            self.left_out = [self.target_name]
+        # each CAM layer's conv (its map may be read at a module after it: VGG's ReLU), for the block rule
+        convs: list[str | None] = [n for n, _ in conv_layers(model)] if self.left_out and spec.target == "final" \
+            else []
+        convs = convs if len(convs) == L else [None] * L
+
+        def inside(i: int, prefixes: list[str]) -> bool:
+            return any(within(self.layer_names[i], p) or (convs[i] and within(convs[i], p)) for p in prefixes)
+
+        self.excluded = [i for i in range(L) if inside(i, self.left_out + spec.exclude)
                          or (i == self.target_index and not spec.include_target_layer)]
-        unmatched = [p for p in spec.exclude if not any(within(n, p) for n in self.layer_names[:L])]
+        unmatched = [p for p in spec.exclude if not any(inside(i, [p]) for i in range(L))]
         if unmatched:
             raise UserError(f"priors.exclude: {unmatched[0]!r} names no CAM layer (layers are like "
                             f"{self.layer_names[0]!r}, {self.layer_names[L - 1]!r})")
@@ -234,6 +250,7 @@ class PriorExtractor:
         """Layer bookkeeping for the sidecar: which module each map reads and which layers each prior averages."""
         names = [self.layer_names[i] for i in self.average_order]
         return {"layers": self.layer_names[:self.conv_count], "target_layer": self.target_name,
+                "left_out_blocks": list(self.left_out),
                 "excluded_layers": [self.layer_names[i] for i in self.excluded],
                 "average_order": names, "positions": self.positions,
                 "prior_layers": [names[:p + 1] for p in self.positions]}
