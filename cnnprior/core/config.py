@@ -144,7 +144,11 @@ class GANConfig:
     randomised: list = opt([], help="randomised-copy prior files; empty = every <priors.out>-train-random-*.npy")
     val: str = opt("", help="validation prior file (checkpoint and baseline selection); empty = "
                              "<priors.out>-val.npy")
-    val_limit: int = opt(256, lo=0, help="cap on validation samples per epoch (0 = all)")
+    val_more: list = opt([], help="further validation prior files (e.g. other CNNs' -val.npy for a generator of "
+                                   "several CNNs): checkpoints are chosen on all of them together")
+    val_limit: int = opt(256, lo=0, help="cap on validation samples per epoch and validation file (0 = all)")
+    train_per_file: int = opt(0, lo=0, help="records taken from each gan.train file (0 = all): with files from "
+                                            "several CNNs, the same number gives each CNN the same weight")
     out: str = opt("", help="checkpoint prefix; empty = models/<name>-<variant>")
     seed: int = opt(0, lo=0)
     device: str = opt("auto", choices=("auto", "cpu", "cuda"))
@@ -197,6 +201,9 @@ class Config:
 
     def gan_val_file(self) -> str:
         return self.gan.val or f"{self.priors_prefix}-val.npy"
+
+    def gan_val_files(self) -> list[str]:
+        return [self.gan_val_file(), *self.gan.val_more]
 
 
 _SECTIONS = {"data": DataConfig, "cnn": CNNConfig, "priors": PriorsConfig, "gan": GANConfig}

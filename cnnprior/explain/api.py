@@ -73,6 +73,10 @@ def layer_differences(described: dict, pm: dict, cnn_arch: str) -> list[str]:
         >>> diffs                               # e.g. ['arch resnet34 vs resnet18', '36 conv layers vs 20']
     """
     diffs = []
+    seen = [c.get("arch") for c in pm.get("cnns") or []]
+    if len(seen) > 1:  # a generator of several CNNs: only an architecture it never saw is a difference
+        return [] if cnn_arch in seen else [f"arch {cnn_arch}, which the generator never saw (it saw "
+                                            f"{', '.join(dict.fromkeys(map(str, seen)))})"]
     if pm.get("cnn_arch") and pm["cnn_arch"] != cnn_arch:
         diffs.append(f"arch {cnn_arch} vs {pm['cnn_arch']}")
     if pm.get("layers") and list(pm["layers"]) != described["layers"]:

@@ -18,7 +18,8 @@ from cnnprior.priors.priorset import manifest_path
 from cnnprior.priors.read import read_priors
 
 __all__ = [
-    "AGREE_KEYS", "check_agree", "load_gan_data", "MapData", "priors_meta", "randomised_files", "with_randomised"
+    "AGREE_KEYS", "check_agree", "load_gan_data", "MapData", "priors_meta", "randomised_files", "trained_cnns",
+    "with_randomised"
 ]
 
 # Prior files trained on together must agree on these sidecar keys.
@@ -69,6 +70,14 @@ class MapData:
     def take(self, idx: Tensor | np.ndarray) -> MapData:
         """The samples `idx` (in that order) as a MapData over the same parts."""
         return replace(self, rows=self._positions(idx))
+
+    @staticmethod
+    def join_all(datas: list[MapData]) -> MapData:
+        """The samples of `datas` one after the other (a single one is returned as it is)."""
+        out = datas[0]
+        for other in datas[1:]:
+            out = out.join(other)
+        return out
 
     def join(self, other: MapData) -> MapData:
         """This data's samples followed by `other`'s (other's input flags are not kept)."""
@@ -171,34 +180,58 @@ def with_randomised(cfg: Config, train: MapData, ref: PriorFile) -> tuple[MapDat
     return mixed, {"share": share, "files": names, "count": want}
 
 
+def _val_file(cfg: Config, name: str) -> PriorFile:
+    if not (Path(name).is_file() or manifest_path(name).is_file()):  # a file, or a prior set by its name
+        raise UserError(f"{name}: validation prior file not found; make it with `python train.py --config "
+                        f"{cfg.source_file or '<config>'} --stage priors --set \"priors.splits=[val]\"` (or set gan.val; "
+                        f"never the test file: val picks the checkpoint and the baselines)")
+    val = read_priors(name)
+    if val.meta.get("split") == "test":
+        raise UserError(f"{name}: gan.val is a test-split prior file; checkpoints and baselines are chosen on "
+                        f"validation data only (use the -val.npy file of the priors stage)")
+    return val
+
+
+def trained_cnns(files: list[PriorFile]) -> list[dict]:
+    """One entry per distinct CNN the training files came from (architecture, dataset, checkpoint, target)."""
+    seen: dict[tuple, dict] = {}
+    for pf in files:
+        cnn = pf.meta.get("cnn") or {}
+        entry = {"arch": cnn.get("arch"), "dataset": pf.meta.get("dataset"), "checkpoint": cnn.get("checkpoint"),
+                 "target_layer": pf.meta.get("target_layer"), "files": []}
+        key = (entry["arch"], entry["dataset"], entry["checkpoint"])
+        seen.setdefault(key, entry)["files"].append(str(pf.path))
+    return list(seen.values())
+
+
 def load_gan_data(cfg: Config) -> tuple[MapData, MapData, dict]:
-    """Training data (all train files end to end), validation data (capped), both streamed, and the priors meta."""
+    """Training data (all train files end to end, gan.train_per_file records of each), validation data (each val
+    file capped at gan.val_limit), both streamed, and the priors meta."""
     names = cfg.gan_train_files()
     files = [read_priors(f) for f in names]
     for pf in files[1:]:
         check_agree(files[0], pf)
-    val_name = cfg.gan_val_file()
-    if not (Path(val_name).is_file() or manifest_path(val_name).is_file()):  # a file, or a prior set by its name
-        raise UserError(f"{val_name}: validation prior file not found; make it with `python train.py --config "
-                        f"{cfg.source_file or '<config>'} --stage priors --set \"priors.splits=[val]\"` (or set gan.val; "
-                        f"never the test file: val picks the checkpoint and the baselines)")
-    val = read_priors(val_name)
-    check_agree(files[0], val)
-    if val.meta.get("split") == "test":
-        raise UserError(f"{val_name}: gan.val is a test-split prior file; checkpoints and baselines are chosen on "
-                        f"validation data only (use the -val.npy file of the priors stage)")
-    train_data, val_data = MapData.from_files(files), MapData.from_files([val], cfg.gan.val_limit)
+    vals = [_val_file(cfg, name) for name in cfg.gan_val_files()]
+    for val in vals:
+        check_agree(files[0], val)
+    per = cfg.gan.train_per_file
+    train_data = MapData.from_files(files) if not per else MapData.join_all(
+        [MapData.from_files([pf], per) for pf in files])
+    val_data = MapData.join_all([MapData.from_files([v], cfg.gan.val_limit) for v in vals])
     if len(train_data) == 0:
         raise UserError(f"{', '.join(names)}: no training samples")
     if len(val_data) == 0:
-        raise UserError(f"{val_name}: no validation samples")
+        raise UserError(f"{', '.join(cfg.gan_val_files())}: no validation samples")
     meta = priors_meta(files[0], names)
+    meta["cnns"] = trained_cnns(files)
     if cfg.gan.randomised_share > 0:
         train_data, meta["randomised"] = with_randomised(cfg, train_data, files[0])
     # gan.priors: none is the image-only control (the generator never sees the CNN's priors); gan.image: none the
     # priors-only generator (the image never reaches it)
     use = {"use_priors": cfg.gan.priors != "none", "use_image": cfg.gan.image != "none"}
     train_data, val_data = replace(train_data, **use), replace(val_data, **use)
-    meta["baselines"] = choose_streamed(val, chosen_on=val_name).as_dict()
-    meta["val_file"] = val_name
+    meta["baselines"] = choose_streamed(vals[0], chosen_on=cfg.gan_val_file()).as_dict()
+    meta["val_file"] = cfg.gan_val_file()
+    if len(vals) > 1:
+        meta["val_files"] = cfg.gan_val_files()
     return train_data, val_data, meta
