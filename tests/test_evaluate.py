@@ -502,6 +502,41 @@ def test_sections_subset_runs_only_what_was_asked(tiny, tmp_path, report):
     assert "Faithfulness to the CNN" in md and "| Grad-CAM |" not in md
 
 
+def test_generalisation_matrix_and_best_single_prior_chosen_on_other_files(tiny, tmp_path):
+    """`select`: the best single prior of a file is the prior index with the highest mean r on the listed val files
+    (by hand here); each generator's margin over it is paired per image; the matrix has one column per file."""
+    from cnnprior.core.errors import UserError
+    from cnnprior.evaluate.sections.fidelity import fidelity_per_image
+    from cnnprior.evaluate.sections.generalisation import best_single_prior
+    from cnnprior.priors.read import read_priors
+    val = str(tiny["root"] / "npys" / "tiny-val.npy")
+    d = read_priors(val).tensors()
+    by_hand = [float(fidelity_per_image(d["priors"][:, k:k + 1], d["target"])["r"].nan_to_num(0.0).mean())
+               for k in range(d["priors"].shape[1])]
+    best = best_single_prior([val], 0)
+    assert best["index"] == int(np.argmax(by_hand)) and np.allclose(best["val_r"], by_hand, atol=1e-6)
+    with pytest.raises(UserError, match="is a test-split prior file"):
+        best_single_prior([str(tiny["priors"])], 0)
+    data = yaml.safe_load(tiny["config"].read_text())
+    data["generalisation"] = [{"name": "main", "priors": str(tiny["priors"]), "select": [val]},
+                              {"name": "other", "priors": data["generalisation"][0]["priors"], "select": [val]}]
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump({**data, "sections": ["generalisation"]}))
+    assert main(["--config", str(path), "--out", str(tmp_path / "r")]) == 0
+    m = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    other = next(e for e in m["generalisation"] if e["name"] == "other")
+    assert other["best_prior"]["index"] == best["index"] and other["best_prior"]["chosen_on"] == [val]
+    o = read_priors(other["priors"]).tensors()
+    single = fidelity_per_image(o["priors"][:, best["index"]:best["index"] + 1], o["target"])["r"]
+    assert other["best_prior"]["r"] == pytest.approx(float(single.mean()), abs=1e-5)
+    lsft = other["results"]["LSFT"]
+    assert lsft["margin_best"]["over"] == f"C{best['index']}"
+    assert lsft["margin_best"]["r"] == pytest.approx(lsft["r"] - other["best_prior"]["r"], abs=1e-5)
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "| generator | main | other |" in md and "best single prior (chosen on select)" in md
+    assert f"other: C{best['index']} (on 1 val file(s))" in md
+
+
 def test_sections_parsing():
     # `sections:` left blank = every default section
     assert parse_sections(None, "x") == ["faithfulness", "localisation", "relevance", "generalisation"]

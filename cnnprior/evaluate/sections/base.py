@@ -280,3 +280,5 @@ class EvalSet:
 
     name: str = opt("", help="label in the report")
     priors: str = opt("", help="prior file (.npy with its .json sidecar)")
+    select: list = opt([], help="generalisation: val prior files on which this file's best single prior is "
+                                "chosen (for a CNN the generators never saw: other CNNs' val files, never its own)")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from cnnprior.core.errors import UserError
 from cnnprior.core.maps import generate
 from cnnprior.core.report import Estimate, Report, Table
@@ -13,7 +15,7 @@ from cnnprior.evaluate.sections.base import EvalContext, EvalSet, Section, not_r
 from cnnprior.evaluate.sections.fidelity import COLUMNS, MEAN_OF_PRIORS, fidelity_per_image
 from cnnprior.priors.read import read_priors
 
-__all__ = ["GeneralisationSection", "generalise"]
+__all__ = ["best_single_prior", "GeneralisationSection", "generalise"]
 
 
 def _skip_reason(gans: list, fit: list, size: int, n: int) -> str:
@@ -23,6 +25,22 @@ def _skip_reason(gans: list, fit: list, size: int, n: int) -> str:
         return (f"S={size}, n={n} do not match the GANs' "
                 + ", ".join(f"{g.label} S={g.size_n[0]}, n={g.size_n[1]}" for g in gans))
     return ""
+
+
+def best_single_prior(files: list[str], count: int) -> dict:
+    """The prior index with the highest mean r to the target over the first `count` records of each val file
+    (pooled over their images): the best single prior chosen without the evaluated CNN's own files."""
+    sums, total = None, 0
+    for name in files:
+        pf = read_priors(name)
+        if pf.meta.get("split") == "test":
+            raise UserError(f"generalisation select: {name} is a test-split prior file; choose on val files")
+        d = pf.tensors(slice(0, min(count, len(pf)) if count else len(pf)))
+        r = torch.stack([fidelity_per_image(d["priors"][:, k:k + 1], d["target"])["r"].nan_to_num(0.0).sum()
+                         for k in range(d["priors"].shape[1])])
+        sums, total = (r if sums is None else sums + r), total + len(d["target"])
+    mean = (sums / max(total, 1)).tolist()
+    return {"index": int(torch.tensor(mean).argmax()), "val_r": mean, "chosen_on": list(files)}
 
 
 def generalise(s: EvalSet, ctx: EvalContext) -> dict:
@@ -48,10 +66,16 @@ def generalise(s: EvalSet, ctx: EvalContext) -> dict:
         return entry
     d = pf.tensors(slice(0, m))
     reference = fidelity_per_image(d["priors"].mean(1, keepdim=True), d["target"])
+    best = best_single_prior(s.select, ctx.count) if s.select else None
+    if best is not None:
+        single = fidelity_per_image(d["priors"][:, best["index"]:best["index"] + 1], d["target"])
+        entry["best_prior"] = {**best, **ci_row(single)}
     for g in fit:
         scores = fidelity_per_image(generate(g.model, d["image"], d["priors"], ctx.cfg.batch_size, ctx.device),
                                     d["target"])
         entry["results"][g.label] = {**ci_row(scores), "margin": margin_row(scores, reference, MEAN_OF_PRIORS)}
+        if best is not None:
+            entry["results"][g.label]["margin_best"] = margin_row(scores, single, f"C{best['index']}")
     entry["results"][MEAN_OF_PRIORS] = ci_row(reference)
     entry.update(status="ok", images=m)
     skipped = [g.label for g in ctx.gans if g not in fit]
@@ -100,3 +124,30 @@ class GeneralisationSection(Section, name="generalisation", title="Generalisatio
             report.table(Table(["set", "dataset", "CNN", "images", "GAN", "minus"] + [f"Δ {c[1]}" for c in COLUMNS],
                                margins, [None] * 9, [None] * 6 + [c[3] for c in COLUMNS]))
         report.ul(skipped)
+        matrix(report, [e for e in results if e["status"] == "ok"])
+
+
+def matrix(report: Report, entries: list[dict]) -> None:
+    """Generators x files: r [95 % CI], and the margin over each file's best single prior chosen on its `select`
+    val files (the columns are the files, so one row reads as one generator across CNNs)."""
+    if len(entries) < 2:
+        return
+    names = [e["name"] for e in entries]
+    methods = list(dict.fromkeys(k for e in entries for k in e["results"]))
+    rows = [[method] + [Estimate.of(e["results"][method], "r") if method in e["results"] else "–" for e in entries]
+            for method in methods]
+    best = [e.get("best_prior") for e in entries]
+    if any(best):
+        rows.append(["best single prior (chosen on select)"] + [Estimate.of(b, "r") if b else "–" for b in best])
+    report.p("r to each file's target, generators by row and prior files by column: mean [95 % bootstrap interval].")
+    report.table(Table(["generator"] + names, rows, [None] + ["max"] * len(names), [None] + [".3f"] * len(names)))
+    if any(best):
+        report.p("Margin in r over each file's best single prior, the prior index chosen on the `select` val files "
+                 "(other CNNs' val files: the evaluated CNN's own files choose nothing): mean of the per-image "
+                 "differences [95 % paired bootstrap interval].")
+        report.p("Chosen: " + "; ".join(f"{e['name']}: C{b['index']} (on {len(b['chosen_on'])} val file(s))"
+                                        for e, b in zip(entries, best, strict=True) if b) + ".")
+        rows = [[method] + [Estimate.of(e["results"][method]["margin_best"], "r")
+                            if "margin_best" in e["results"].get(method, {}) else "–" for e in entries]
+                for method in methods if method != MEAN_OF_PRIORS]
+        report.table(Table(["generator"] + names, rows, [None] + ["max"] * len(names), [None] + ["+.3f"] * len(names)))
