@@ -51,6 +51,26 @@ def test_train_per_file_weighs_each_cnn_equally_and_val_uses_every_file(zoo: dic
     assert len(whole) == 42 and "val_files" not in meta1  # 0 = every record, one val file as before
 
 
+def test_leave_out_and_only_pick_cnns_by_architecture_or_checkpoint(zoo: dict) -> None:
+    loo = load_config(gan_config(zoo["root"], zoo["train"], zoo["val"][0], val_more=[str(zoo["val"][1])],
+                                 leave_out=["mobilenet_v2"]))
+    train, val, meta = load_gan_data(loo)
+    assert (len(train), len(val)) == (30, 10) and [c["arch"] for c in meta["cnns"]] == ["resnet18"]
+    assert meta["val_file"] == str(zoo["val"][0]) and "val_files" not in meta
+    only = load_config(gan_config(zoo["root"], zoo["train"], zoo["val"][0], val_more=[str(zoo["val"][1])],
+                                  only=["models/mobilenet_v2-cnn.pt"]))
+    train, val, meta = load_gan_data(only)
+    assert (len(train), len(val)) == (12, 6) and meta["val_file"] == str(zoo["val"][1])
+    assert meta["train_files"] == [str(zoo["train"][1])]
+    typo = load_config(gan_config(zoo["root"], zoo["train"], zoo["val"][0], leave_out=["mobilenet"]))
+    with pytest.raises(UserError, match=r"gan.leave_out: 'mobilenet' is no CNN of the gan.train files \(their "
+                                        r"architectures: mobilenet_v2, resnet18"):
+        load_gan_data(typo)
+    none = load_config(gan_config(zoo["root"], zoo["train"], zoo["val"][0], leave_out=["resnet18", "mobilenet_v2"]))
+    with pytest.raises(UserError, match=r"leave no gan.train file"):
+        load_gan_data(none)
+
+
 def test_a_test_file_among_the_validation_files_is_refused(zoo: dict) -> None:
     cfg = load_config(gan_config(zoo["root"], zoo["train"], zoo["val"][0], val_more=[str(zoo["test"])]))
     with pytest.raises(UserError, match=r"b-test.npy: gan.val is a test-split prior file"):

@@ -147,6 +147,9 @@ class GANConfig:
     val_more: list = opt([], help="further validation prior files (e.g. other CNNs' -val.npy for a generator of "
                                    "several CNNs): checkpoints are chosen on all of them together")
     val_limit: int = opt(256, lo=0, help="cap on validation samples per epoch and validation file (0 = all)")
+    leave_out: list = opt([], help="CNNs whose gan.train / val files are dropped, by architecture or CNN checkpoint "
+                                    "path (a leave-one-architecture-out generator: its checkpoint records what it saw)")
+    only: list = opt([], help="CNNs whose gan.train / val files are kept (by architecture or checkpoint; empty = all)")
     train_per_file: int = opt(0, lo=0, help="records taken from each gan.train file (0 = all): with files from "
                                             "several CNNs, the same number gives each CNN the same weight")
     out: str = opt("", help="checkpoint prefix; empty = models/<name>-<variant>")

@@ -18,8 +18,8 @@ from cnnprior.priors.priorset import manifest_path
 from cnnprior.priors.read import read_priors
 
 __all__ = [
-    "AGREE_KEYS", "check_agree", "load_gan_data", "MapData", "priors_meta", "randomised_files", "trained_cnns",
-    "with_randomised"
+    "AGREE_KEYS", "check_agree", "load_gan_data", "MapData", "picked_cnns", "priors_meta", "randomised_files",
+    "trained_cnns", "with_randomised"
 ]
 
 # Prior files trained on together must agree on these sidecar keys.
@@ -204,14 +204,38 @@ def trained_cnns(files: list[PriorFile]) -> list[dict]:
     return list(seen.values())
 
 
+def _cnn_keys(pf: PriorFile) -> set[str]:
+    cnn = pf.meta.get("cnn") or {}
+    return {str(cnn.get("arch")), str(cnn.get("checkpoint"))}
+
+
+def picked_cnns(cfg: Config, files: list[PriorFile], key: str, check: bool = True) -> list[PriorFile]:
+    """`files` without those of the CNNs in gan.leave_out and, when gan.only is set, of the CNNs not in it; with
+    `check`, a name that matches none of `files` is refused (a typo would silently keep every CNN)."""
+    pairs = (("gan.leave_out", cfg.gan.leave_out), ("gan.only", cfg.gan.only))
+    for name, wanted in pairs if check else ():
+        unknown = [w for w in wanted if not any(w in _cnn_keys(pf) for pf in files)]
+        if unknown:
+            seen = sorted({str((pf.meta.get("cnn") or {}).get("arch")) for pf in files})
+            raise UserError(f"{name}: {unknown[0]!r} is no CNN of the {key} files (their architectures: "
+                            f"{', '.join(seen)}; a CNN checkpoint path also works)")
+    kept = [pf for pf in files if not _cnn_keys(pf) & set(cfg.gan.leave_out)
+            and (not cfg.gan.only or _cnn_keys(pf) & set(cfg.gan.only))]
+    if not kept:
+        raise UserError(f"gan.leave_out / gan.only leave no {key} file")
+    return kept
+
+
 def load_gan_data(cfg: Config) -> tuple[MapData, MapData, dict]:
     """Training data (all train files end to end, gan.train_per_file records of each), validation data (each val
     file capped at gan.val_limit), both streamed, and the priors meta."""
-    names = cfg.gan_train_files()
-    files = [read_priors(f) for f in names]
+    files = picked_cnns(cfg, [read_priors(f) for f in cfg.gan_train_files()], "gan.train")
+    names = [str(pf.path) for pf in files]
     for pf in files[1:]:
         check_agree(files[0], pf)
-    vals = [_val_file(cfg, name) for name in cfg.gan_val_files()]
+    vals = picked_cnns(cfg, [_val_file(cfg, name) for name in cfg.gan_val_files()], "gan.val / gan.val_more",
+                       check=False)
+    val_names = [str(v.path) for v in vals]
     for val in vals:
         check_agree(files[0], val)
     per = cfg.gan.train_per_file
@@ -221,7 +245,7 @@ def load_gan_data(cfg: Config) -> tuple[MapData, MapData, dict]:
     if len(train_data) == 0:
         raise UserError(f"{', '.join(names)}: no training samples")
     if len(val_data) == 0:
-        raise UserError(f"{', '.join(cfg.gan_val_files())}: no validation samples")
+        raise UserError(f"{', '.join(val_names)}: no validation samples")
     meta = priors_meta(files[0], names)
     meta["cnns"] = trained_cnns(files)
     if cfg.gan.randomised_share > 0:
@@ -230,8 +254,8 @@ def load_gan_data(cfg: Config) -> tuple[MapData, MapData, dict]:
     # priors-only generator (the image never reaches it)
     use = {"use_priors": cfg.gan.priors != "none", "use_image": cfg.gan.image != "none"}
     train_data, val_data = replace(train_data, **use), replace(val_data, **use)
-    meta["baselines"] = choose_streamed(vals[0], chosen_on=cfg.gan_val_file()).as_dict()
-    meta["val_file"] = cfg.gan_val_file()
+    meta["baselines"] = choose_streamed(vals[0], chosen_on=val_names[0]).as_dict()
+    meta["val_file"] = val_names[0]
     if len(vals) > 1:
-        meta["val_files"] = cfg.gan_val_files()
+        meta["val_files"] = val_names
     return train_data, val_data, meta
