@@ -18,6 +18,7 @@ from cnnprior.cnn.model import build_cnn, save_cnn
 from cnnprior.core import metrics
 from cnnprior.core.baselines import BaselineChoice
 from cnnprior.core.config import load_config
+from cnnprior.core.errors import UserError
 from cnnprior.core.maps import random_maps
 from cnnprior.core.report import Estimate, Report, Table
 from cnnprior.core.runtime import file_sha256
@@ -502,10 +503,9 @@ def test_sections_subset_runs_only_what_was_asked(tiny, tmp_path, report):
     assert "Faithfulness to the CNN" in md and "| Grad-CAM |" not in md
 
 
-def test_generalisation_matrix_and_best_single_prior_chosen_on_other_files(tiny, tmp_path):
+def test_generalisation_matrix_and_best_single_prior_chosen_on_other_files(tiny, tmp_path, report):
     """`select`: the best single prior of a file is the prior index with the highest mean r on the listed val files
     (by hand here); each generator's margin over it is paired per image; the matrix has one column per file."""
-    from cnnprior.core.errors import UserError
     from cnnprior.evaluate.sections.fidelity import fidelity_per_image
     from cnnprior.evaluate.sections.generalisation import best_single_prior
     from cnnprior.priors.read import read_priors
@@ -520,6 +520,7 @@ def test_generalisation_matrix_and_best_single_prior_chosen_on_other_files(tiny,
     data = yaml.safe_load(tiny["config"].read_text())
     data["generalisation"] = [{"name": "main", "priors": str(tiny["priors"]), "select": [val]},
                               {"name": "other", "priors": data["generalisation"][0]["priors"], "select": [val]}]
+    data["generators"] = {"LSFT again": data["lsft"]}  # scored in this section only, under its label
     path = tmp_path / "g.yaml"
     path.write_text(yaml.safe_dump({**data, "sections": ["generalisation"]}))
     assert main(["--config", str(path), "--out", str(tmp_path / "r")]) == 0
@@ -532,9 +533,22 @@ def test_generalisation_matrix_and_best_single_prior_chosen_on_other_files(tiny,
     lsft = other["results"]["LSFT"]
     assert lsft["margin_best"]["over"] == f"C{best['index']}"
     assert lsft["margin_best"]["r"] == pytest.approx(lsft["r"] - other["best_prior"]["r"], abs=1e-5)
+    assert other["results"]["LSFT again"] == other["results"]["LSFT"]  # the same checkpoint, the same numbers
+    assert set(m["fidelity"]) == set(report["metrics"]["fidelity"])  # ... and no other section sees it
     md = (tmp_path / "r" / "report.md").read_text()
-    assert "| generator | main | other |" in md and "best single prior (chosen on select)" in md
+    assert "| generator | main | other |" in md and "| LSFT again |" in md and "best single prior (chosen on select)" in md
     assert f"other: C{best['index']} (on 1 val file(s))" in md
+
+
+def test_generators_mapping_is_checked(tiny, tmp_path):
+    data = yaml.safe_load(tiny["config"].read_text())
+    for value, message in (({"x": str(tmp_path / "none.pt")}, r"key 'generators': 'x': .*none.pt: generator "
+                                                                 r"checkpoint not found"),
+                           (["a.pt"], r"'generators': expected a mapping of label to generator checkpoint")):
+        path = tmp_path / "bad.yaml"
+        path.write_text(yaml.safe_dump({**data, "generators": value}))
+        with pytest.raises(UserError, match=message):
+            load_eval_config(path)
 
 
 def test_sections_parsing():

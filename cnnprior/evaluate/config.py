@@ -17,7 +17,7 @@ from cnnprior.evaluate import sections
 from cnnprior.evaluate.sections.base import EvalSet
 
 __all__ = ["EvalConfig", "EvalSet", "GENERATOR_KEYS", "L1_SUFFIX", "load_eval_config", "parse_eval_sets",
-           "parse_sections"]
+           "parse_generators", "parse_sections"]
 
 L1_SUFFIX = "_l1"  # <gan>_l1: the GAN's twin trained with the adversarial term off
 # the generator checkpoint keys, in report order: the GANs, their L1-only twins, the learned baselines
@@ -39,6 +39,20 @@ def parse_sections(value: Any, loc: str, where: str = "") -> list[str]:
             raise UserError(f"{loc}: {s!r} is not one of {', '.join(known)}"
                             + (f" (did you mean '{close[0]}'?)" if close else "") + "; fidelity always runs")
     return list(dict.fromkeys(value))
+
+
+def parse_generators(value: Any, loc: str, where: str) -> dict[str, str]:
+    """`generators:` a mapping {label: generator checkpoint} (scored in the generalisation section only)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) and k and v
+                                              for k, v in value.items()):
+        raise UserError(f"{loc}: expected a mapping of label to generator checkpoint, got {value!r}")
+    for label, path in value.items():
+        if not Path(path).is_file():
+            raise UserError(f"{loc}: {label!r}: {path}: generator checkpoint not found (train it with --stage gan, or "
+                            f"remove the entry)")
+    return dict(value)
 
 
 def parse_eval_sets(value: Any, loc: str, where: str) -> list[EvalSet]:
@@ -84,6 +98,9 @@ class EvalConfig:
     steps: int = opt(16, lo=1, hi=10_000, help="deletion/insertion steps")
     road_num: int = opt(32, lo=0, help="ROAD on a seeded random subset of this many images (0 = skip ROAD)")
     seed: int = opt(0, lo=0, help="seed of the random-map baseline, the ROAD subset and ROAD's noise")
+    generators: dict = field(default_factory=dict, metadata={
+        "help": "more generators by label, {label: checkpoint}, scored in the generalisation section only (e.g. "
+                "universal and leave-one-out generators)", "parse": parse_generators})
     generalisation: list = field(default_factory=list, metadata={
         "help": "extra prior files, a list of {name, priors} (fidelity only)", "parse": parse_eval_sets})
     sections: list = field(default_factory=lambda: sections.default_names(), metadata={

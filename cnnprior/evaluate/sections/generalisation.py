@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from cnnprior.core.errors import UserError
 from cnnprior.core.maps import generate
@@ -13,6 +15,7 @@ from cnnprior.core.report import Estimate, Report, Table
 from cnnprior.evaluate.sanity import ci_row, margin_row
 from cnnprior.evaluate.sections.base import EvalContext, EvalSet, Section, not_run_note
 from cnnprior.evaluate.sections.fidelity import COLUMNS, MEAN_OF_PRIORS, fidelity_per_image
+from cnnprior.gan.checkpoint import load_generator
 from cnnprior.priors.read import read_priors
 
 __all__ = ["best_single_prior", "GeneralisationSection", "generalise"]
@@ -43,8 +46,28 @@ def best_single_prior(files: list[str], count: int) -> dict:
     return {"index": int(torch.tensor(mean).argmax()), "val_r": mean, "chosen_on": list(files)}
 
 
-def generalise(s: EvalSet, ctx: EvalContext) -> dict:
-    """Fidelity of each GAN on one extra prior file; a skipped file gets a reason instead of results."""
+@dataclass
+class Scored:
+    """A generator scored in this section only (`generators:` of the evaluation config)."""
+
+    label: str
+    model: nn.Module
+    size_n: tuple[int, int]
+
+
+def extra_generators(ctx: EvalContext) -> list[Scored]:
+    """The `generators:` entries, loaded (eval mode, on the evaluation device)."""
+    out = []
+    for label, path in ctx.cfg.generators.items():
+        model, meta = load_generator(path, device=ctx.device)
+        pm = meta.get("priors_meta") or {}
+        out.append(Scored(label, model, (int(pm.get("size", -1)), int(pm.get("n", -1)))))
+    return out
+
+
+def generalise(s: EvalSet, ctx: EvalContext, extra: list | None = None) -> dict:
+    """Fidelity of each GAN (and each `extra` generator) on one extra prior file; a skipped file gets a reason
+    instead of results."""
     entry: dict[str, Any] = {"name": s.name, "priors": s.priors, "status": "skipped", "reason": "", "results": {}}
     if not Path(s.priors).is_file():
         entry["reason"] = f"{s.priors}: file not found"
@@ -54,10 +77,11 @@ def generalise(s: EvalSet, ctx: EvalContext) -> dict:
     except UserError as exc:
         entry["reason"] = str(exc)
         return entry
-    fit = [g for g in ctx.gans if g.size_n == (pf.size, pf.n)]
+    gans = list(ctx.gans) + list(extra or [])
+    fit = [g for g in gans if g.size_n == (pf.size, pf.n)]
     entry.update(dataset=pf.meta.get("dataset"), cnn_arch=(pf.meta.get("cnn") or {}).get("arch"), size=pf.size,
                  n=pf.n)
-    entry["reason"] = _skip_reason(ctx.gans, fit, pf.size, pf.n)
+    entry["reason"] = _skip_reason(gans, fit, pf.size, pf.n)
     if entry["reason"]:
         return entry
     m = len(pf) if ctx.cfg.num == 0 else min(ctx.count, len(pf))
@@ -78,7 +102,7 @@ def generalise(s: EvalSet, ctx: EvalContext) -> dict:
             entry["results"][g.label]["margin_best"] = margin_row(scores, single, f"C{best['index']}")
     entry["results"][MEAN_OF_PRIORS] = ci_row(reference)
     entry.update(status="ok", images=m)
-    skipped = [g.label for g in ctx.gans if g not in fit]
+    skipped = [g.label for g in gans if g not in fit]
     if skipped:
         entry["reason"] = f"{', '.join(skipped)} skipped: S/n differ"
     return entry
@@ -93,7 +117,8 @@ class GeneralisationSection(Section, name="generalisation", title="Generalisatio
         return []
 
     def run(self, ctx: EvalContext) -> list[dict]:
-        return [generalise(s, ctx) for s in ctx.cfg.generalisation]
+        extra = extra_generators(ctx) if ctx.cfg.generalisation else []
+        return [generalise(s, ctx, extra) for s in ctx.cfg.generalisation]
 
     def render(self, report: Report, results: Any, folder: Path, ctx: EvalContext) -> None:
         if not self.selected(ctx.cfg):
