@@ -519,7 +519,8 @@ def test_generalisation_matrix_and_best_single_prior_chosen_on_other_files(tiny,
         best_single_prior([str(tiny["priors"])], 0)
     data = yaml.safe_load(tiny["config"].read_text())
     data["generalisation"] = [{"name": "main", "priors": str(tiny["priors"]), "select": [val]},
-                              {"name": "other", "priors": data["generalisation"][0]["priors"], "select": [val]}]
+                              {"name": "other", "priors": data["generalisation"][0]["priors"], "select": [val],
+                               "held_out": "LSFT again", "in_domain": "LSFT", "universal": "GSFT"}]
     data["generators"] = {"LSFT again": data["lsft"]}  # scored in this section only, under its label
     path = tmp_path / "g.yaml"
     path.write_text(yaml.safe_dump({**data, "sections": ["generalisation"]}))
@@ -534,9 +535,18 @@ def test_generalisation_matrix_and_best_single_prior_chosen_on_other_files(tiny,
     assert lsft["margin_best"]["over"] == f"C{best['index']}"
     assert lsft["margin_best"]["r"] == pytest.approx(lsft["r"] - other["best_prior"]["r"], abs=1e-5)
     assert other["results"]["LSFT again"] == other["results"]["LSFT"]  # the same checkpoint, the same numbers
+    checks = {v["check"]: v for v in other["verdicts"]}
+    assert checks["held-out − in-domain"]["r"] == 0 and checks["held-out − in-domain"]["pass"]  # same model
+    assert checks["held-out − best single prior"]["r"] == pytest.approx(lsft["margin_best"]["r"], abs=1e-6)
+    assert checks["held-out − best single prior"]["pass"] == (lsft["margin_best"]["r"] >= 0.05)
+    gap = other["results"]["GSFT"]["r"] - other["results"]["LSFT"]["r"]
+    assert checks["universal − in-domain"]["r"] == pytest.approx(gap, abs=1e-5)
+    assert checks["universal − in-domain"]["pass"] == (gap >= -0.02)
+    assert next(e for e in m["generalisation"] if e["name"] == "main")["verdicts"] == []  # no labels, no checks
     assert set(m["fidelity"]) == set(report["metrics"]["fidelity"])  # ... and no other section sees it
     md = (tmp_path / "r" / "report.md").read_text()
-    assert "| generator | main | other |" in md and "| LSFT again |" in md and "best single prior (chosen on select)" in md
+    assert "| generator | main | other |" in md and "| LSFT again |" in md
+    assert "| other | held-out − in-domain | LSFT again − LSFT |" in md and "best single prior (chosen on select)" in md
     assert f"other: C{best['index']} (on 1 val file(s))" in md
 
 

@@ -282,3 +282,7 @@ class EvalSet:
     priors: str = opt("", help="prior file (.npy with its .json sidecar)")
     select: list = opt([], help="generalisation: val prior files on which this file's best single prior is "
                                 "chosen (for a CNN the generators never saw: other CNNs' val files, never its own)")
+    held_out: str = opt("", help="generalisation: label of the generator that never saw this file's CNN (a "
+                                 "leave-one-out generator); scored against in_domain and the best single prior")
+    in_domain: str = opt("", help="generalisation: label of the generator trained on this file's CNN alone")
+    universal: str = opt("", help="generalisation: label of the generator trained on this CNN among others")

@@ -65,6 +65,28 @@ def extra_generators(ctx: EvalContext) -> list[Scored]:
     return out
 
 
+# The generalisation goals: a generator that never saw the CNN within HELD_OUT_GAP of the in-domain one and
+# BEST_PRIOR_GAIN above the best single prior; a universal one within UNIVERSAL_GAP of the in-domain one (r).
+HELD_OUT_GAP, BEST_PRIOR_GAIN, UNIVERSAL_GAP = 0.05, 0.05, 0.02
+
+
+def verdicts(s: EvalSet, per_image: dict[str, dict], single: dict | None) -> list[dict]:
+    """The goal checks of one file from its `held_out` / `in_domain` / `universal` labels: paired margins in r
+    [95 % bootstrap] and whether each mean meets its goal."""
+    out = []
+
+    def add(what: str, a: str, b: str, scores_b: dict | None, goal: float) -> None:
+        if a in per_image and scores_b is not None:
+            m = margin_row({"r": per_image[a]["r"]}, {"r": scores_b["r"]}, b)
+            out.append({"check": what, "a": a, "b": b, "r": m["r"], "r_ci95": m["r_ci95"], "goal": goal,
+                        "pass": bool(m["r"] >= goal)})
+
+    add("held-out − in-domain", s.held_out, s.in_domain, per_image.get(s.in_domain), -HELD_OUT_GAP)
+    add("held-out − best single prior", s.held_out, "best single prior", single, BEST_PRIOR_GAIN)
+    add("universal − in-domain", s.universal, s.in_domain, per_image.get(s.in_domain), -UNIVERSAL_GAP)
+    return out
+
+
 def generalise(s: EvalSet, ctx: EvalContext, extra: list | None = None) -> dict:
     """Fidelity of each GAN (and each `extra` generator) on one extra prior file; a skipped file gets a reason
     instead of results."""
@@ -94,13 +116,15 @@ def generalise(s: EvalSet, ctx: EvalContext, extra: list | None = None) -> dict:
     if best is not None:
         single = fidelity_per_image(d["priors"][:, best["index"]:best["index"] + 1], d["target"])
         entry["best_prior"] = {**best, **ci_row(single)}
+    per_image: dict[str, dict] = {}
     for g in fit:
-        scores = fidelity_per_image(generate(g.model, d["image"], d["priors"], ctx.cfg.batch_size, ctx.device),
-                                    d["target"])
+        scores = per_image[g.label] = fidelity_per_image(
+            generate(g.model, d["image"], d["priors"], ctx.cfg.batch_size, ctx.device), d["target"])
         entry["results"][g.label] = {**ci_row(scores), "margin": margin_row(scores, reference, MEAN_OF_PRIORS)}
         if best is not None:
             entry["results"][g.label]["margin_best"] = margin_row(scores, single, f"C{best['index']}")
     entry["results"][MEAN_OF_PRIORS] = ci_row(reference)
+    entry["verdicts"] = verdicts(s, per_image, single if best is not None else None)
     entry.update(status="ok", images=m)
     skipped = [g.label for g in gans if g not in fit]
     if skipped:
@@ -150,6 +174,15 @@ class GeneralisationSection(Section, name="generalisation", title="Generalisatio
                                margins, [None] * 9, [None] * 6 + [c[3] for c in COLUMNS]))
         report.ul(skipped)
         matrix(report, [e for e in results if e["status"] == "ok"])
+        goals = [[e["name"], v["check"], f"{v['a']} − {v['b']}", Estimate.of(v, "r"), f"≥ {v['goal']:+.2f}",
+                  "pass" if v["pass"] else "fail"] for e in results for v in e.get("verdicts") or []]
+        if goals:
+            report.p(f"Goals (r, paired per image, 95 % bootstrap): a generator that never saw the CNN within "
+                     f"{HELD_OUT_GAP} of the in-domain one and {BEST_PRIOR_GAIN} above the best single prior (chosen "
+                     f"on other CNNs' val files); a universal one within {UNIVERSAL_GAP} of the in-domain one. The "
+                     f"verdict reads the mean.")
+            report.table(Table(["CNN", "check", "difference", "Δ r", "goal", "verdict"], goals, [None] * 6,
+                               [None, None, None, "+.3f", None, None]))
 
 
 def matrix(report: Report, entries: list[dict]) -> None:
