@@ -21,7 +21,7 @@ from cnnprior.cnn.importer import import_cnn, read_foreign_state
 from cnnprior.cnn.layers import conv_layers
 from cnnprior.cnn.model import CNN_FORMAT, build_cnn, load_cnn, save_cnn
 from cnnprior.cnn.train import CNN_STATE_FORMAT, EpochBatches, cnn_paths, evaluate_accuracy, train_cnn
-from cnnprior.core.config import ARCHS, to_dict
+from cnnprior.core.config import ARCHS, load_config, to_dict
 from cnnprior.core.errors import UserError
 from cnnprior.core.runtime import epoch_order
 from cnnprior.core.testhooks import KILL_ENV
@@ -474,3 +474,23 @@ def test_own_cnn_readme_path_from_state_dict_to_explained_images(foreign: dict, 
     assert all(e["class"] in ("cat", "dog", "bird", "fish") for e in m["per_image"])
     assert [e["file"] for e in m["per_image"]] == [f"0000_holiday_{m['per_image'][0]['class']}.png",
                                                    f"0001_my_dog_{m['per_image'][1]['class']}.png"]
+
+
+def test_bn_momentum_reaches_every_batch_norm_and_the_running_statistics() -> None:
+    """cnn.bn_momentum: MobileNet-V3 ships momentum 0.01; 0.1 moves the running statistics ten times as fast, so a
+    short run from scratch is not evaluated with its initial statistics."""
+    from torch import nn
+
+    from cnnprior.cnn.model import set_bn_momentum
+    torch.manual_seed(0)
+    model = build_cnn("mobilenet_v3_small", ["a", "b"], 64)
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert {m.momentum for m in norms} == {0.01}
+    assert set_bn_momentum(model, 0.1) == len(norms) and {m.momentum for m in norms} == {0.1}
+    first = norms[0]
+    model.train()
+    with torch.no_grad():
+        model(torch.rand(4, 3, 64, 64) + 3.0)  # inputs far from the initial mean 0
+    assert float(first.running_mean.abs().max()) > 0.05  # 0.01 would leave it at a tenth of that
+    assert load_config(None, ["cnn.bn_momentum=0.1"]).cnn.bn_momentum == 0.1
+    assert load_config(None, []).cnn.bn_momentum == -1.0

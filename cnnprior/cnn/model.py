@@ -14,7 +14,9 @@ from cnnprior.core.config import ARCHS
 from cnnprior.core.errors import UserError
 from cnnprior.core.runtime import atomic_torch_save, load_checkpoint
 
-__all__ = ["build_cnn", "CNN_FORMAT", "IMAGENET_MEAN", "IMAGENET_STD", "load_cnn", "save_cnn", "TargetCNN"]
+__all__ = [
+    "build_cnn", "CNN_FORMAT", "IMAGENET_MEAN", "IMAGENET_STD", "load_cnn", "save_cnn", "set_bn_momentum", "TargetCNN"
+]
 
 CNN_FORMAT = "cnnprior-cnn/1"
 
@@ -91,6 +93,16 @@ def build_cnn(arch: str, class_names: list[str], image_size: int, pretrained: bo
     else:
         net = get_model(arch, weights=None, num_classes=len(class_names), **extra)
     return TargetCNN(net, arch, class_names, image_size)
+
+
+def set_bn_momentum(model: nn.Module, momentum: float) -> int:
+    """Set every batch norm's running-statistics momentum (returns how many). torchvision's MobileNet-V3 uses
+    0.01, tuned for long ImageNet schedules: after a few hundred steps from scratch their running
+    statistics still hold the initial values, and eval-mode accuracy is at chance while train accuracy is not."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.momentum = momentum
+    return len(norms)
 
 
 def save_cnn(model: TargetCNN, path: str | Path, *, val_accuracy: float | None, epoch: int, config: dict,

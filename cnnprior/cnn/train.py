@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from cnnprior.cnn.model import TargetCNN, build_cnn, save_cnn
+from cnnprior.cnn.model import TargetCNN, build_cnn, save_cnn, set_bn_momentum
 from cnnprior.core import runtime
 from cnnprior.core.config import Config, save_config, to_dict
 from cnnprior.core.distributed import (
@@ -272,6 +272,8 @@ def _classifier_run(cfg: Config, class_names: list[str], train_count: int, steps
     over `steps`; each rank's own seed for what it draws later (dropout, augmentation)."""
     seed_everything(cnn_seed(cfg))
     model = build_cnn(cfg.cnn.arch, class_names, cfg.data.image_size, cfg.cnn.pretrained).to(device)
+    if cfg.cnn.bn_momentum >= 0:
+        set_bn_momentum(model, cfg.cnn.bn_momentum)
     model = model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.cnn.optimizer == "sgd":

@@ -64,6 +64,9 @@ class CNNConfig:
     device: str = opt("auto", choices=("auto", "cpu", "cuda"))
     checkpoint_every: int = opt(0, lo=0, help="also save the full-state `-last.pt` every N steps (0 = end of "
                                                "epoch only); --resume continues from it")
+    bn_momentum: float = opt(-1.0, lo=-1.0, hi=1.0, help="batch-norm running-statistics momentum while training "
+                                                         "(-1 = the architecture's own; MobileNet-V3's 0.01 is too slow "
+                                                         "for a few hundred steps from scratch: 0.1 then)")
     seed: int = opt(-1, lo=-1, help="seed of the initial weights, the augmentation and the batch order (-1 = "
                                      "data.seed); two runs of one architecture on the same split differ by it")
     random_labels: float = opt(0.0, lo=0.0, hi=1.0, help="share of the train images whose labels are permuted "
