@@ -22,6 +22,7 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 import cnnprior
+from cnnprior.cnn.layers import final_layer, last_block
 from cnnprior.cnn.model import build_cnn, load_cnn, save_cnn
 from cnnprior.core.errors import UserError
 from cnnprior.core.metrics import fidelity, pearson
@@ -272,6 +273,22 @@ def test_mismatched_layers_are_noted(world, ex) -> None:
     assert ex.notes == []
     other = Explainer.from_checkpoints(generator=world["gen_other_layers"], cnn=world["cnn"], device="cpu")
     assert len(other.notes) == 1 and "conv layers" in other.notes[0]
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v3_small", "vgg11_bn", "resnet34"])
+def test_a_cnn_of_another_architecture_gets_its_own_target_and_block(world, arch, tmp_path) -> None:
+    """--images with any --cnn: a generator fitted to ResNet-18 priors explains another architecture with that
+    CNN's own final feature map as the target and that CNN's last block left out (never ResNet-18's layer names)."""
+    torch.manual_seed(0)
+    other = build_cnn(arch, CLASSES, image_size=IMG)
+    path = save_cnn(other, tmp_path / f"{arch}-cnn.pt", val_accuracy=0.5, epoch=0, config={}, dataset="shapes")
+    ex2 = Explainer.from_checkpoints(generator=world["gen"], cnn=path, device="cpu")
+    d = ex2.extractor.describe()
+    assert d["target_layer"] == final_layer(other, IMG)[0] and d["left_out_blocks"] == last_block(
+        other, d["target_layer"], IMG)
+    assert len(ex2.notes) == 1 and f"arch {arch} vs resnet18" in ex2.notes[0]
+    maps = ex2(torch.from_numpy(world["pixels"][:2]).permute(0, 3, 1, 2).float() / 255)
+    assert maps.shape == (2, IMG, IMG) and np.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1
 
 
 def test_package_exports() -> None:
