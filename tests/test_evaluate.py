@@ -22,7 +22,7 @@ from cnnprior.core.errors import UserError
 from cnnprior.core.maps import random_maps
 from cnnprior.core.report import Estimate, Report, Table
 from cnnprior.core.runtime import file_sha256
-from cnnprior.evaluate.config import load_eval_config, parse_sections
+from cnnprior.evaluate.config import GENERATOR_KEYS, load_eval_config, parse_sections
 from cnnprior.evaluate.run import main
 from cnnprior.evaluate.sanity import ci_row, margin_row, mean_ci, paired_ci
 from cnnprior.evaluate.sections.faithfulness import drop_and_increase
@@ -459,8 +459,12 @@ def test_intensity_baseline_uses_the_validation_sign():
 def test_shipped_configs_are_valid(path, tiny):
     """Only known keys and valid values; the files they name are swapped for the tiny ones."""
     data = yaml.safe_load(tiny["config"].read_text())
-    cfg = load_eval_config(path, [f"priors={tiny['priors']}", f"lsft={data['lsft']}",
-                                           f"gsft={data['gsft']}"])
+    raw = yaml.safe_load(path.read_text())
+    swaps = [f"{key}={data['gsft'] if 'gsft' in key else data['lsft']}" for key in GENERATOR_KEYS if raw.get(key)]
+    if raw.get("generators"):  # labels kept, files swapped (these generators are made by commands, not shipped)
+        swaps.append("generators=" + json.dumps({label: data["lsft"] for label in raw["generators"]}))
+    cfg = load_eval_config(path, [f"priors={tiny['priors']}", f"lsft={data['lsft']}", f"gsft={data['gsft']}", *swaps])
+    assert list(cfg.generators) == list(raw.get("generators") or {})
     assert cfg.num == 256 and cfg.cnn == "" and cfg.steps >= 8 and cfg.road_num >= 8
     assert all(s.name and s.priors.startswith("npys/") for s in cfg.generalisation)
 
