@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cnnprior.core import metrics
 from cnnprior.core.errors import UserError
 from cnnprior.core.maps import generate
 from cnnprior.core.report import Estimate, Report, Table
@@ -39,8 +40,8 @@ def best_single_prior(files: list[str], count: int) -> dict:
         if pf.meta.get("split") == "test":
             raise UserError(f"generalisation select: {name} is a test-split prior file; choose on val files")
         d = pf.tensors(slice(0, min(count, len(pf)) if count else len(pf)))
-        r = torch.stack([fidelity_per_image(d["priors"][:, k:k + 1], d["target"])["r"].nan_to_num(0.0).sum()
-                         for k in range(d["priors"].shape[1])])
+        r = torch.stack([metrics.pearson(d["priors"][:, k:k + 1], d["target"]).nan_to_num(0.0).sum()
+                         for k in range(d["priors"].shape[1])])  # r only: SSIM would cost most of the time
         sums, total = (r if sums is None else sums + r), total + len(d["target"])
     mean = (sums / max(total, 1)).tolist()
     return {"index": int(torch.tensor(mean).argmax()), "val_r": mean, "chosen_on": list(files)}
