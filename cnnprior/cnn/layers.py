@@ -189,19 +189,20 @@ def last_block(model: nn.Module, target: str, image_size: int | None = None) -> 
     names, modules = _names(model), dict(model.named_modules())
     if target not in modules:
         raise UserError(f"priors.target_layer: the CNN has no module {target!r}")
-    convs: list[str] = []
+    convs: list[str] = []  # every conv in forward order; the first `before` run before the target's output
+    before = None
     for call in trace_calls(model, image_size, leaves_only=False):
         if isinstance(call.module, nn.Conv2d) and names[call.module] not in convs:
             convs.append(names[call.module])
-        if call.module is modules[target]:
-            break
+        if call.module is modules[target] and before is None:
+            before = len(convs)
+    total, convs = len(convs), convs[:before]
     if not convs:
         raise UserError(f"no conv layer runs before the target {target!r}; set priors.target_layer to a later module")
 
     def held(prefix: str) -> int:
         return sum(within(c, prefix) for c in convs)
 
-    total = len(conv_layers(model, image_size))
     blocks = [target] if held(target) else []
     parts = convs[-1].split(".")
     for k in range(len(parts) - 1, 0, -1):

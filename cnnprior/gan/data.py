@@ -18,7 +18,7 @@ from cnnprior.priors.priorset import manifest_path
 from cnnprior.priors.read import read_priors
 
 __all__ = [
-    "AGREE_KEYS", "check_agree", "load_gan_data", "MapData", "picked_cnns", "priors_meta", "randomised_files",
+    "AGREE_KEYS", "check_agree", "check_cnn_names", "load_gan_data", "MapData", "picked_cnns", "priors_meta", "randomised_files",
     "trained_cnns", "with_randomised"
 ]
 
@@ -209,17 +209,21 @@ def _cnn_keys(pf: PriorFile) -> set[str]:
     return {str(cnn.get("arch")), str(cnn.get("checkpoint"))}
 
 
-def picked_cnns(cfg: Config, files: list[PriorFile], key: str, check: bool = True) -> list[PriorFile]:
-    """`files` without those of the CNNs in gan.leave_out and, when gan.only is set, of the CNNs not in it; with
-    `check`, a name that matches none of `files` is refused (a typo would silently keep every CNN)."""
-    pairs = (("gan.leave_out", cfg.gan.leave_out), ("gan.only", cfg.gan.only))
-    for name, wanted in pairs if check else ():
+def check_cnn_names(cfg: Config, files: list[PriorFile]) -> None:
+    """Refuse a gan.leave_out / gan.only name that matches no CNN of the training files (a typo would silently
+    keep every CNN)."""
+    for name, wanted in (("gan.leave_out", cfg.gan.leave_out), ("gan.only", cfg.gan.only)):
         unknown = [w for w in wanted if not any(w in _cnn_keys(pf) for pf in files)]
         if unknown:
             seen = sorted({str((pf.meta.get("cnn") or {}).get("arch")) for pf in files})
-            raise UserError(f"{name}: {unknown[0]!r} is no CNN of the {key} files (their architectures: "
+            raise UserError(f"{name}: {unknown[0]!r} is no CNN of the gan.train files (their architectures: "
                             f"{', '.join(seen)}; a CNN checkpoint path also works)")
-    kept = [pf for pf in files if not _cnn_keys(pf) & set(cfg.gan.leave_out)
+
+
+def picked_cnns(cfg: Config, named: list[tuple[str, PriorFile]], key: str) -> list[tuple[str, PriorFile]]:
+    """(name, file) pairs without the files of the CNNs in gan.leave_out and, when gan.only is set, of the CNNs
+    not in it."""
+    kept = [(n, pf) for n, pf in named if not _cnn_keys(pf) & set(cfg.gan.leave_out)
             and (not cfg.gan.only or _cnn_keys(pf) & set(cfg.gan.only))]
     if not kept:
         raise UserError(f"gan.leave_out / gan.only leave no {key} file")
@@ -229,13 +233,13 @@ def picked_cnns(cfg: Config, files: list[PriorFile], key: str, check: bool = Tru
 def load_gan_data(cfg: Config) -> tuple[MapData, MapData, dict]:
     """Training data (all train files end to end, gan.train_per_file records of each), validation data (each val
     file capped at gan.val_limit), both streamed, and the priors meta."""
-    files = picked_cnns(cfg, [read_priors(f) for f in cfg.gan_train_files()], "gan.train")
-    names = [str(pf.path) for pf in files]
+    train = [(f, read_priors(f)) for f in cfg.gan_train_files()]
+    check_cnn_names(cfg, [pf for _, pf in train])
+    names, files = map(list, zip(*picked_cnns(cfg, train, "gan.train"), strict=True))
     for pf in files[1:]:
         check_agree(files[0], pf)
-    vals = picked_cnns(cfg, [_val_file(cfg, name) for name in cfg.gan_val_files()], "gan.val / gan.val_more",
-                       check=False)
-    val_names = [str(v.path) for v in vals]
+    val_names, vals = map(list, zip(*picked_cnns(cfg, [(f, _val_file(cfg, f)) for f in cfg.gan_val_files()],
+                                                 "gan.val / gan.val_more"), strict=True))
     for val in vals:
         check_agree(files[0], val)
     per = cfg.gan.train_per_file

@@ -114,6 +114,7 @@ def generalise(s: EvalSet, ctx: EvalContext, extra: list | None = None) -> dict:
     d = pf.tensors(slice(0, m))
     reference = fidelity_per_image(d["priors"].mean(1, keepdim=True), d["target"])
     best = best_single_prior(s.select, ctx.count) if s.select else None
+    single = None
     if best is not None:
         single = fidelity_per_image(d["priors"][:, best["index"]:best["index"] + 1], d["target"])
         entry["best_prior"] = {**best, **ci_row(single)}
@@ -125,7 +126,7 @@ def generalise(s: EvalSet, ctx: EvalContext, extra: list | None = None) -> dict:
         if best is not None:
             entry["results"][g.label]["margin_best"] = margin_row(scores, single, f"C{best['index']}")
     entry["results"][MEAN_OF_PRIORS] = ci_row(reference)
-    entry["verdicts"] = verdicts(s, per_image, single if best is not None else None)
+    entry["verdicts"] = verdicts(s, per_image, single)
     entry.update(status="ok", images=m)
     skipped = [g.label for g in gans if g not in fit]
     if skipped:
