@@ -13,7 +13,8 @@ Training (`--train`, on by default on CUDA): images/s of one pix2pix step (D the
 timed interleaved. The step is the trainer's own (cnnprior.gan.train.build_trainer and train_step: foreach Adam,
 channels_last, gan.precision's autocast, the presets' discriminator widths), under its backend settings.
 `--train-step` times only the CPU-preset training steps (fp32); `--train-compile` times them compiled;
-`--train-profile fp32|bf16` prints the ops that bound one CPU-preset training step (torch.profiler, self time).
+`--train-profile fp32|bf16` prints the ops that bound one training step of each `--train-preset` preset (torch.profiler,
+self time).
 Timings are interleaved (reference conv, model, ...) and every ratio is taken per repeat, then the median,
 so a machine shared with other jobs still gives comparable numbers.
 """
@@ -280,8 +281,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the preset(s) --train times (default all: cpu and paper)")
     parser.add_argument("--train-step", action="store_true", help="only time CPU-preset training steps (fp32)")
     parser.add_argument("--train-profile", choices=[*sorted(PRECISIONS)], default=None,
-                        help="only profile one CPU-preset training step per variant at this precision (top ops by "
-                             "self time, torch.profiler)")
+                        help="only profile one training step per variant of each --train-preset preset at this "
+                             "precision (top ops by self time, torch.profiler)")
     parser.add_argument("--train-compile", action="store_true",
                         help="time the training steps through torch.compile (gan.compile: true; compiling takes "
                              "about a minute per step function on a CPU)")
@@ -307,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if args.train_profile:
-        profile_steps("cpu", args.train_batch, args.size, device, args.train_profile)
+        for preset in sorted(PRESETS) if args.train_preset == "all" else [args.train_preset]:
+            profile_steps(preset, args.train_batch, args.size, device, args.train_profile)
         return 0
     if args.train_step:
         bench_training(["cpu"], args.train_batch, args.size, args.repeats, device, ["fp32"],

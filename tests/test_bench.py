@@ -33,6 +33,16 @@ def test_shapes_bench_prints_its_ratio_lines(capsys: pytest.CaptureFixture[str])
         assert re.fullmatch(rf"size {size}: shapes \d+ img/s, ratio shapes/noise: \d+\.\d\d", line), line
 
 
+def test_sft_merge_bench_checks_equal_outputs_and_prints_its_ratios(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "sft.json"
+    assert _restoring_threads(lambda: _bench("sft_merge").main(["--quick", "--layers", "3", "--json", str(out)])) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-2:]
+    for way, line in zip(("wide hidden \\+ grouped out", "wide hidden \\+ per-branch out"), last, strict=True):
+        assert re.fullmatch(rf"ratio merged/per-layer \({way}\): \d+\.\d\d", line), line
+    assert len([k for k in json.loads(out.read_text()) if k.startswith("ratio ")]) == 2
+
+
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
 @pytest.mark.parametrize("variant", ["lsft", "gsft"])
 def test_generator_bench_training_step_runs_and_updates_weights(variant: str, dtype: torch.dtype | None) -> None:
