@@ -37,10 +37,11 @@ def test_sft_merge_bench_checks_equal_outputs_and_prints_its_ratios(tmp_path: Pa
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "sft.json"
     assert _restoring_threads(lambda: _bench("sft_merge").main(["--quick", "--layers", "3", "--json", str(out)])) == 0
-    last = capsys.readouterr().out.strip().splitlines()[-2:]
-    for way, line in zip(("wide hidden \\+ grouped out", "wide hidden \\+ per-branch out"), last, strict=True):
-        assert re.fullmatch(rf"ratio merged/per-layer \({way}\): \d+\.\d\d", line), line
-    assert len([k for k in json.loads(out.read_text()) if k.startswith("ratio ")]) == 2
+    last = capsys.readouterr().out.strip().splitlines()[-3:]
+    ways = ("product \\+ add_", "wide hidden \\+ grouped out", "wide hidden \\+ per-branch out")
+    for way, line in zip(ways, last, strict=True):
+        assert re.fullmatch(rf"ratio {way}/models: \d+\.\d\d", line), line
+    assert len([k for k in json.loads(out.read_text()) if k.startswith("ratio ")]) == 3
 
 
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
