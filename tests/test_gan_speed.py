@@ -58,7 +58,19 @@ def test_precision_key_defaults_to_fp32_and_bad_values_are_one_line() -> None:
             load_config(None, [bad])
         text = str(exc.value)
         assert "\n" not in text and f"key '{bad.split('=')[0]}'" in text, text
-    assert "fp32, bf16" in str(pytest.raises(UserError, load_config, None, ["gan.precision=fp16"]).value)
+    assert "fp32, bf16, auto" in str(pytest.raises(UserError, load_config, None, ["gan.precision=fp16"]).value)
+
+
+@pytest.mark.parametrize(("flags", "expected"), [({"avx512f", "avx512_bf16"}, "bf16"), ({"amx_bf16"}, "bf16"),
+                                                  ({"avx512f", "avx2"}, "fp32"), (set(), "fp32")])
+def test_auto_precision_is_bf16_only_on_a_cpu_with_native_bf16(monkeypatch, flags: set, expected: str) -> None:
+    monkeypatch.setattr(gan_step, "cpu_flags", lambda: flags)
+    gc = load_config(None, ["gan.precision=auto"]).gan
+    assert precision(gc, torch.device("cpu")) == expected
+    assert precision(gc, torch.device("cuda")) == "fp32"  # not measured on GPUs: fp32 (TF32) there
+    assert precision(gc) == "fp32"  # no device named: fp32
+    tr = build_trainer(gc, 2, torch.device("cpu"))
+    assert tr.precision == expected  # what the checkpoint records: the arithmetic the run used
 
 
 def test_deprecated_amp_key_maps_to_precision() -> None:

@@ -158,9 +158,10 @@ class GANConfig:
     out: str = opt("", help="checkpoint prefix; empty = models/<name>-<variant>")
     seed: int = opt(0, lo=0)
     device: str = opt("auto", choices=("auto", "cpu", "cuda"))
-    precision: str = opt("fp32", choices=("fp32", "bf16"), help="training and validation arithmetic: fp32, or bf16 "
-                          "autocast (CPU and CUDA; weights, optimiser and checkpoints stay fp32). Exact resume is "
-                          "bit-identical in fp32 on CPU; see docs/scaling.md#training-speed for bf16")
+    precision: str = opt("fp32", choices=("fp32", "bf16", "auto"), help="training and validation arithmetic: "
+                          "fp32, or bf16 autocast (CPU and CUDA; weights, optimiser and checkpoints stay fp32), or "
+                          "auto: bf16 on a CPU with native bf16 (AVX512-BF16 or AMX), fp32 elsewhere. Exact resume "
+                          "is bit-identical in fp32 on CPU; see docs/scaling.md#training-speed for bf16")
     amp: str = opt("none", choices=("none", "bf16"), help="deprecated alias of gan.precision: bf16 = precision bf16 "
                                                         "(it wins over precision), none = precision decides")
     compile: bool = opt(False, help="train through torch.compile'd networks (about a minute of compiling first; "

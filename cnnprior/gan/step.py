@@ -21,8 +21,8 @@ from cnnprior.gan.data import MapData
 from cnnprior.gan.models import build_discriminator, build_generator
 
 __all__ = [
-    "adam", "AUTOCAST_DTYPES", "build_trainer", "compile_trainer", "compiler_problem", "GANLoss", "load_optimizer",
-    "precision", "Trainer", "train_step", "training_backends"
+    "adam", "AUTOCAST_DTYPES", "build_trainer", "compile_trainer", "compiler_problem", "cpu_flags", "GANLoss",
+    "load_optimizer", "native_bf16", "NATIVE_BF16_FLAGS", "precision", "Trainer", "train_step", "training_backends"
 ]
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
@@ -49,9 +49,35 @@ def _set_requires_grad(module: nn.Module, flag: bool) -> None:
         p.requires_grad_(flag)
 
 
-def precision(gc: GANConfig) -> str:
-    """The run's arithmetic, fp32 or bf16: gan.precision, or bf16 where the deprecated gan.amp says bf16."""
-    return "bf16" if gc.amp == "bf16" else gc.precision
+# CPU flags of native bf16 arithmetic (Linux /proc/cpuinfo names): oneDNN runs bf16 convolutions on them; elsewhere
+# it emulates bf16, slower than fp32.
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags (empty where /proc/cpuinfo is not readable: not Linux)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            return {flag for line in fh if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+    except OSError:
+        return set()
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether gan.precision auto trains this device in bf16: a CPU with native bf16 (measured on one: the shipped
+    GSFT recipe keeps its val r at about twice the speed, docs/scaling.md). CUDA: not measured yet, so fp32 (with
+    TF32)."""
+    return device.type == "cpu" and any(flag in cpu_flags() for flag in NATIVE_BF16_FLAGS)
+
+
+def precision(gc: GANConfig, device: torch.device | None = None) -> str:
+    """The run's arithmetic, fp32 or bf16: gan.precision (auto: `native_bf16` on `device`, fp32 without one), or
+    bf16 where the deprecated gan.amp says bf16."""
+    if gc.amp == "bf16":
+        return "bf16"
+    if gc.precision == "auto":
+        return "bf16" if device is not None and native_bf16(device) else "fp32"
+    return gc.precision
 
 
 def adam(params: object, gc: GANConfig, device: torch.device) -> torch.optim.Adam:
@@ -145,7 +171,7 @@ def build_trainer(gc: GANConfig, n_priors: int, device: torch.device) -> Trainer
     g = build_generator(gc.variant, n_priors, gc.width, gc.depth, gc.cond_channels, gc.cond_hidden).to(device)
     d = build_discriminator(gc.disc_width, gc.disc_layers).to(device)
     opt_g, opt_d = adam(g.parameters(), gc, device), adam(d.parameters(), gc, device)
-    prec = precision(gc)
+    prec = precision(gc, device)
     dtype = AUTOCAST_DTYPES[prec]
 
     def autocast() -> AbstractContextManager:
