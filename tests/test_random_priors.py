@@ -11,7 +11,7 @@ import torch
 from cnnprior.cnn.model import build_cnn, load_cnn, save_cnn
 from cnnprior.core.config import load_config
 from cnnprior.core.errors import UserError
-from cnnprior.gan.data import MapData, with_randomised
+from cnnprior.gan.data import MapData, randomised_files, with_randomised
 from cnnprior.priors.random_priors import random_prior_path, run_random_priors_stage, stage_steps
 from cnnprior.priors.read import read_priors
 from cnnprior.priors.stage import run_priors_stage
@@ -80,3 +80,24 @@ def test_gan_data_mixes_randomised_records_at_the_configured_share(stage_files, 
     none = load_config(None, [f"priors.out={cfg.priors.out}x", "gan.randomised_share=0.5"])
     with pytest.raises(UserError, match=r"no randomised-copy prior files exist.*randomised_stages=\[all\]"):
         with_randomised(none, train, ref)
+
+
+def test_gan_takes_only_the_randomised_files_its_own_priors_config_writes(tmp_path) -> None:
+    """With gan.randomised empty the recipe takes the files of its own priors scheme and seeds only: files another
+    config wrote under the same prefix (other orders, inits, seeds, stages) must not change what it trains on."""
+    prefix = str(tmp_path / "cnn")
+    mine = [random_prior_path(prefix, stage, seed) for stage in ("fc", "layer4") for seed in (0, 1)]
+    others = [random_prior_path(prefix, "fc", 2), random_prior_path(prefix, "fc", 0, "bottom_up", "xavier_uniform"),
+              random_prior_path(prefix, "layer4", 0, "independent", "default"),
+              random_prior_path(prefix, "layer4", 0, "top_down", "kaiming_normal")]
+    for path in mine + others:
+        path.write_bytes(b"")
+    cfg = load_config(None, [f"priors.out={prefix}", "priors.randomised_seeds=2", "priors.randomised_stages=[all]"])
+    assert randomised_files(cfg) == sorted(map(str, mine))
+    assert randomised_files(load_config(None, [f"priors.out={prefix}", "priors.randomised_seeds=2",
+                                               "priors.randomised_stages=[fc]"])) == sorted(str(p) for p in mine[:2])
+    xavier = load_config(None, [f"priors.out={prefix}", "priors.randomised_order=bottom_up",
+                                "priors.randomised_init=xavier_uniform", "priors.randomised_stages=[all]"])
+    assert randomised_files(xavier) == [str(others[1])]
+    listed = load_config(None, [f"priors.out={prefix}", f"gan.randomised=[{others[0]}]"])
+    assert randomised_files(listed) == [str(others[0])]  # an explicit list wins

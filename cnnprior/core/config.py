@@ -144,7 +144,8 @@ class GANConfig:
     randomised_share: float = opt(0.0, lo=0.0, hi=0.9, help="fraction of the training samples taken from "
                                    "randomised-copy prior files (priors.randomised_stages): they force the "
                                    "generator to read its priors")
-    randomised: list = opt([], help="randomised-copy prior files; empty = every <priors.out>-train-random-*.npy")
+    randomised: list = opt([], help="randomised-copy prior files; empty = the <priors.out>-train-random-*.npy files "
+                                    "of this config's priors.randomised_order, _init, _stages and _seeds")
     val: str = opt("", help="validation prior file (checkpoint and baseline selection); empty = "
                              "<priors.out>-val.npy")
     val_more: list = opt([], help="further validation prior files (e.g. other CNNs' -val.npy for a generator of "

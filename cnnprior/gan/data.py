@@ -15,6 +15,7 @@ from cnnprior.core.config import Config
 from cnnprior.core.errors import UserError
 from cnnprior.priors.priorfile import PriorFile
 from cnnprior.priors.priorset import manifest_path
+from cnnprior.priors.random_priors import parse_random_prior_path
 from cnnprior.priors.read import read_priors
 
 __all__ = [
@@ -151,11 +152,21 @@ def priors_meta(pf: PriorFile, train_files: list[str]) -> dict:
 
 
 def randomised_files(cfg: Config) -> list[str]:
-    """The randomised-copy prior files for gan.randomised_share: gan.randomised, or all the priors stage wrote."""
+    """The randomised-copy prior files for gan.randomised_share: gan.randomised, or the ones this config's priors
+    stage writes (its priors.randomised_order, _init, _stages and seeds 0 .. randomised_seeds - 1). Files of other
+    schemes or seeds under the same prefix (made by another config's priors stage, e.g. for held-out sanity checks)
+    are not taken: a recipe must not change with what else was run before it."""
     if cfg.gan.randomised:
         return list(cfg.gan.randomised)
-    prefix = Path(cfg.priors_prefix)
-    return sorted(str(p) for p in prefix.parent.glob(f"{prefix.name}-train-random-*.npy"))
+    pc, prefix = cfg.priors, Path(cfg.priors_prefix)
+    stages = None if pc.randomised_stages in ([], ["all"]) else {s.replace("+", "_") for s in pc.randomised_stages}
+    picked = []
+    for path in prefix.parent.glob(f"{prefix.name}-train-random-*.npy"):
+        name = parse_random_prior_path(str(path))
+        if (name and (name["order"], name["init"]) == (pc.randomised_order, pc.randomised_init)
+                and name["seed"] < pc.randomised_seeds and (stages is None or name["stage"] in stages)):
+            picked.append(str(path))
+    return sorted(picked)
 
 
 def with_randomised(cfg: Config, train: MapData, ref: PriorFile) -> tuple[MapData, dict]:
