@@ -15,12 +15,12 @@ from cnnprior.core.config import Config
 from cnnprior.core.errors import UserError
 from cnnprior.priors.priorfile import PriorFile
 from cnnprior.priors.priorset import manifest_path
-from cnnprior.priors.random_priors import parse_random_prior_path
+from cnnprior.priors.random_priors import parse_random_prior_path, random_prior_path
 from cnnprior.priors.read import read_priors
 
 __all__ = [
-    "AGREE_KEYS", "check_agree", "check_cnn_names", "load_gan_data", "MapData", "picked_cnns", "priors_meta", "randomised_files",
-    "trained_cnns", "with_randomised"
+    "AGREE_KEYS", "check_agree", "check_cnn_names", "load_gan_data", "MapData", "picked_cnns", "priors_meta",
+    "randomised_files", "trained_cnns", "with_randomised"
 ]
 
 # Prior files trained on together must agree on these sidecar keys.
@@ -158,15 +158,14 @@ def randomised_files(cfg: Config) -> list[str]:
     are not taken: a recipe must not change with what else was run before it."""
     if cfg.gan.randomised:
         return list(cfg.gan.randomised)
-    pc, prefix = cfg.priors, Path(cfg.priors_prefix)
-    stages = None if pc.randomised_stages in ([], ["all"]) else {s.replace("+", "_") for s in pc.randomised_stages}
-    picked = []
-    for path in prefix.parent.glob(f"{prefix.name}-train-random-*.npy"):
-        name = parse_random_prior_path(str(path))
-        if (name and (name["order"], name["init"]) == (pc.randomised_order, pc.randomised_init)
-                and name["seed"] < pc.randomised_seeds and (stages is None or name["stage"] in stages)):
-            picked.append(str(path))
-    return sorted(picked)
+    pc, prefix = cfg.priors, cfg.priors_prefix
+    scheme, seeds = (pc.randomised_order, pc.randomised_init), range(pc.randomised_seeds)
+    if pc.randomised_stages not in ([], ["all"]):  # named stages: exactly the files the priors stage names
+        wanted = [random_prior_path(prefix, stage, seed, *scheme) for stage in pc.randomised_stages for seed in seeds]
+        return sorted(str(p) for p in wanted if p.is_file())
+    found = Path(prefix).parent.glob(f"{Path(prefix).name}-train-random-*.npy")  # `all`: the CNN's stages
+    return sorted(str(p) for p in found if (name := parse_random_prior_path(str(p)))
+                  and (name["order"], name["init"]) == scheme and name["seed"] in seeds)
 
 
 def with_randomised(cfg: Config, train: MapData, ref: PriorFile) -> tuple[MapData, dict]:
