@@ -138,9 +138,9 @@ def test_the_bench_and_the_training_loop_step_through_train_step(data, monkeypat
     calls: list[str] = []
     real = gan_train.train_step
 
-    def counting(tr, image, priors, target):
+    def counting(tr, image, priors, target, reference=None, paired=None):
         calls.append("step")
-        return real(tr, image, priors, target)
+        return real(tr, image, priors, target, reference, paired)
 
     monkeypatch.setattr(gan_train, "train_step", counting)
     bench = _bench_generator()

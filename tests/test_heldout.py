@@ -31,7 +31,7 @@ from cnnprior.evaluate.run import main
 from cnnprior.evaluate.sanity import mprt, same_size_spearman, spearman_abs
 from cnnprior.evaluate.sections.control import recipe_differences
 from cnnprior.evaluate.sections.datarand import DataRandOptions, DataRandSection
-from cnnprior.evaluate.sections.mprt import parse_randomisations, training_randomisations, training_seeds
+from cnnprior.evaluate.sections.mprt import parse_randomisations, sanity_weight, training_randomisations, training_seeds
 from cnnprior.evaluate.sections.swap import priors_only
 from cnnprior.gan.train import run_gan_stage
 from cnnprior.priors.random_priors import (
@@ -367,6 +367,12 @@ def test_training_randomisations_from_file_names() -> None:
     assert training_randomisations({}) == [] and training_randomisations({"priors_meta": {"randomised": None}}) == []
 
 
+def test_sanity_weight_from_the_checkpoint_config() -> None:
+    assert sanity_weight({"config": {"gan": {"sanity_weight": 8}}}) == 8.0
+    assert sanity_weight({"config": {"gan": {}}}) == 0.0 and sanity_weight({}) == 0.0  # older checkpoints: off
+    assert sanity_weight({"config": None}) == 0.0
+
+
 # ========================================================================================= 9. control recipe
 def _gan_meta(step: int = 100, **gan: object) -> dict:
     cfg = {"variant": "lsft", "epochs": 3, "batch_size": 8, "lr": 1e-3, "priors": "cnn", "image": "use", "out": "a",
@@ -433,6 +439,7 @@ def world(tmp_path_factory) -> dict:
     raw = torch.load(ckpts["lsft"], map_location="cpu", weights_only=True)
     raw["priors_meta"]["randomised"] = {"share": 0.5, "count": 6, "files": [
         "npys/x-train-random-independent_normal-fc-s0.npy", "npys/x-train-random-independent_normal-stem-s0.npy"]}
+    raw["config"]["gan"]["sanity_weight"] = 4.0  # and training with the randomisation term on them
     claims = root / "models" / "lsft-claims.pt"
     torch.save(raw, claims)
     cnns = {}
@@ -527,6 +534,8 @@ def test_mprt_training_scheme_and_overlap(held) -> None:
     assert "Verdicts (largest gap over the reference" in md and "| randomisation | LSFT |" in md
     assert "**Warning**: LSFT trained on prior files from the very randomised networks" in md
     assert "independent` cascade, init `normal`, seeds 0" in md
+    assert m["sanity_weights"] == {"LSFT": 4.0}
+    assert "Trained with the randomisation term (`gan.sanity_weight`" in md and "LSFT: weight 4." in md
     assert (held["out"] / "mprt.png").is_file() and (held["out"] / "mprt-independent-normal.png").is_file()
 
 
@@ -655,9 +664,10 @@ def test_swap_specificity_verdict_for_a_priors_only_generator(world, held) -> No
 # ----------------------------------------------------------------------------------------- 9. control section
 def test_control_names_what_differs(held) -> None:
     diffs = held["metrics"]["control"]["controls"]["LSFT control"]["differences"]["LSFT"]
-    # the `claims` copy names randomised-CNN files the control never had; nothing else differs
-    assert len(diffs) == 1 and diffs[0].startswith("randomised-CNN prior files:"), diffs
-    assert "LSFT control vs LSFT: **trained differently**: randomised-CNN prior files:" in held["md"]
+    # the `claims` copy names randomised-CNN files and a randomisation term the control never had; nothing else
+    assert len(diffs) == 2 and diffs[0] == "gan.sanity_weight: 4.0 vs 0.0", diffs
+    assert diffs[1].startswith("randomised-CNN prior files:"), diffs
+    assert "LSFT control vs LSFT: **trained differently**: gan.sanity_weight: 4.0 vs 0.0; randomised-CNN" in held["md"]
 
 
 def test_overlap_of_full_and_independent_with_top_down_training_files(world) -> None:

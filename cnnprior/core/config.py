@@ -146,6 +146,11 @@ class GANConfig:
                                    "generator to read its priors")
     randomised: list = opt([], help="randomised-copy prior files; empty = the <priors.out>-train-random-*.npy files "
                                     "of this config's priors.randomised_order, _init, _stages and _seeds")
+    sanity_weight: float = opt(0.0, lo=0.0, hi=1e6, help="weight of the randomisation term on randomised-copy "
+                                "samples: max(0, r(map, T) - r(target, T)), T the trained CNN's target of the same "
+                                "image (the train file's record with that dataset index), r Pearson's: the map may "
+                                "keep no more of the trained CNN's map than the randomised CNN's Grad-CAM does "
+                                "(0 = off; needs gan.randomised_share > 0)")
     val: str = opt("", help="validation prior file (checkpoint and baseline selection); empty = "
                              "<priors.out>-val.npy")
     val_more: list = opt([], help="further validation prior files (e.g. other CNNs' -val.npy for a generator of "
@@ -225,6 +230,9 @@ def _validate(cfg: Config, where: str) -> None:
             raise UserError(f"{where}: key 'priors.splits': {s!r} is not one of train, val, test")
     if not cfg.name or any(c in cfg.name for c in "/\\ "):
         raise UserError(f"{where}: key 'name': {cfg.name!r} must be non-empty without spaces or slashes")
+    if cfg.gan.sanity_weight > 0 and cfg.gan.randomised_share == 0:
+        raise UserError(f"{where}: key 'gan.sanity_weight' acts on randomised-copy samples only; set "
+                        f"gan.randomised_share > 0 (or gan.sanity_weight: 0)")
     if cfg.gan.variant == "convnet" and cfg.gan.depth < 1:
         raise UserError(f"{where}: key 'gan.depth': the convnet baseline needs >= 1 hidden convolution, got "
                         f"{cfg.gan.depth}")

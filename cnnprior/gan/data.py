@@ -20,7 +20,7 @@ from cnnprior.priors.read import read_priors
 
 __all__ = [
     "AGREE_KEYS", "check_agree", "check_cnn_names", "load_gan_data", "MapData", "picked_cnns", "priors_meta",
-    "randomised_files", "trained_cnns", "with_randomised"
+    "randomised_files", "trained_cnns", "with_randomised", "with_references"
 ]
 
 # Prior files trained on together must agree on these sidecar keys.
@@ -34,13 +34,15 @@ class MapData:
     `parts` are structured record arrays (memmapped; a PriorFile gives one, a prior set one per shard). Sample i
     is the record at position `rows[i]` of the parts laid end to end (`rows` None: position i, so a plain run
     holds no per-sample index). `use_image` / `use_priors` False make `batch` give zeros for that input
-    (gan.image / gan.priors: none).
+    (gan.image / gan.priors: none). `refs` (None: none) gives, per sample, the position of the trained CNN's
+    record of the same image, -1 where there is none: `reference(idx)` reads those targets (gan.sanity_weight).
     """
 
     parts: list[np.ndarray]
     rows: np.ndarray | None = None
     use_image: bool = True
     use_priors: bool = True
+    refs: np.ndarray | None = None
     starts: np.ndarray = field(init=False, repr=False)  # each part's first position, then the total
 
     def __post_init__(self) -> None:
@@ -70,7 +72,8 @@ class MapData:
 
     def take(self, idx: Tensor | np.ndarray) -> MapData:
         """The samples `idx` (in that order) as a MapData over the same parts."""
-        return replace(self, rows=self._positions(idx))
+        refs = None if self.refs is None else self.refs[self._indices(idx)]
+        return replace(self, rows=self._positions(idx), refs=refs)
 
     @staticmethod
     def join_all(datas: list[MapData]) -> MapData:
@@ -82,15 +85,38 @@ class MapData:
 
     def join(self, other: MapData) -> MapData:
         """This data's samples followed by `other`'s (other's input flags are not kept)."""
-        return replace(self, parts=self.parts + other.parts,
+        refs = None
+        if self.refs is not None or other.refs is not None:
+            mine = self.refs if self.refs is not None else np.full(len(self), -1, np.int64)
+            theirs = other.refs if other.refs is not None else np.full(len(other), -1, np.int64)
+            refs = np.concatenate([mine, np.where(theirs >= 0, theirs + self.starts[-1], -1)])
+        return replace(self, parts=self.parts + other.parts, refs=refs,
                        rows=np.concatenate([self.positions(), other.positions() + self.starts[-1]]))
 
-    def _positions(self, idx: Tensor | np.ndarray) -> np.ndarray:
-        """The positions of samples `idx` in the parts laid end to end."""
+    def _indices(self, idx: Tensor | np.ndarray) -> np.ndarray:
+        """`idx` as a checked int64 array of sample indices."""
         idx = np.asarray(idx.cpu() if isinstance(idx, Tensor) else idx, dtype=np.int64).reshape(-1)
         if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"sample index out of range 0..{len(self) - 1}")
+        return idx
+
+    def _positions(self, idx: Tensor | np.ndarray) -> np.ndarray:
+        """The positions of samples `idx` in the parts laid end to end."""
+        idx = self._indices(idx)
         return idx if self.rows is None else self.rows[idx]
+
+    def reference(self, idx: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The trained CNN's targets (B,1,S,S) in [0, 1] of the images of samples `idx` (zeros where a sample has
+        none) and a (B,) float mask, 1 where it has one."""
+        refs = (np.full(len(self._indices(idx)), -1, np.int64) if self.refs is None
+                else self.refs[self._indices(idx)])
+        has = refs >= 0
+        size = self.parts[0].dtype.fields["target"][0].shape
+        target = torch.zeros(len(refs), 1, *size)
+        if has.any():
+            plain = MapData(self.parts)  # positions, not samples
+            target[torch.from_numpy(has)] = plain.uint8(refs[has])[2].float() / 255.0
+        return target.to(device, non_blocking=True), torch.from_numpy(has).float().to(device, non_blocking=True)
 
     def uint8(self, idx: Tensor | np.ndarray) -> tuple[Tensor, Tensor, Tensor]:
         """uint8 tensors image (B,3,S,S), priors (B,n,S,S), target (B,1,S,S) of samples `idx`, in that order."""
@@ -187,7 +213,39 @@ def with_randomised(cfg: Config, train: MapData, ref: PriorFile) -> tuple[MapDat
                         f"{', '.join(names)} hold {len(pool)}; lower the share or raise priors.randomised_limit")
     pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(cfg.gan.seed))[:want]
     mixed = train.join(pool.take(pick))
-    return mixed, {"share": share, "files": names, "count": want}
+    info = {"share": share, "files": names, "count": want}
+    if cfg.gan.sanity_weight > 0:
+        mixed, info["paired"] = with_references(train, pool, pick, mixed, ref, files, names)
+    return mixed, info
+
+
+def _cnn_sha(pf: PriorFile) -> str | None:
+    return (pf.meta.get("cnn") or {}).get("checkpoint_sha256")
+
+
+def with_references(train: MapData, pool: MapData, pick: Tensor, mixed: MapData, ref: PriorFile,
+                    files: list[PriorFile], names: list[str]) -> tuple[MapData, int]:
+    """`mixed` (train's samples, then pool's `pick`) with `refs`: each randomised-copy sample points at the training
+    record of the same image (same dataset index) of the trained CNN; -1 where the training data lacks it. The
+    randomised files must be copies of the training files' CNN. -> (data, paired sample count)."""
+    for pf, name in zip(files, names, strict=True):
+        if _cnn_sha(pf) != _cnn_sha(ref):
+            raise UserError(f"{name}: gan.sanity_weight pairs randomised copies with the trained CNN's records, but "
+                            f"this file's CNN ({(pf.meta.get('cnn') or {}).get('checkpoint')}) is not the training "
+                            f"files' CNN ({(ref.meta.get('cnn') or {}).get('checkpoint')})")
+    train_pos = train.positions()
+    train_index = np.concatenate([np.asarray(p["index"]) for p in train.parts])[train_pos]
+    first: dict[int, int] = {}
+    for i, p in zip(train_index.tolist(), train_pos.tolist(), strict=True):
+        first.setdefault(i, p)
+    pool_index = np.concatenate([np.asarray(p["index"]) for p in pool.parts])[pool.take(pick).positions()]
+    refs = np.array([first.get(i, -1) for i in pool_index.tolist()], dtype=np.int64)
+    paired = int((refs >= 0).sum())
+    if paired == 0:
+        raise UserError(f"gan.sanity_weight: none of the {len(refs)} randomised-copy samples has its image among the "
+                        f"training records ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}); make the "
+                        f"randomised copies from the training images (priors.randomised_limit <= priors.train_limit)")
+    return replace(mixed, refs=np.concatenate([np.full(len(train), -1, np.int64), refs])), paired
 
 
 def _val_file(cfg: Config, name: str) -> PriorFile:
@@ -263,6 +321,10 @@ def load_gan_data(cfg: Config) -> tuple[MapData, MapData, dict]:
     meta = priors_meta(files[0], names)
     meta["cnns"] = trained_cnns(files)
     if cfg.gan.randomised_share > 0:
+        if cfg.gan.sanity_weight > 0 and len({_cnn_sha(pf) for pf in files}) > 1:
+            raise UserError(f"gan.sanity_weight pairs randomised copies with one trained CNN's records, but the "
+                            f"training files come from {len({_cnn_sha(pf) for pf in files})} CNNs "
+                            f"({', '.join(names)}); train on one CNN's files (gan.only) or set gan.sanity_weight: 0")
         train_data, meta["randomised"] = with_randomised(cfg, train_data, files[0])
     # gan.priors: none is the image-only control (the generator never sees the CNN's priors); gan.image: none the
     # priors-only generator (the image never reaches it)

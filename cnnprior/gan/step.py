@@ -22,7 +22,8 @@ from cnnprior.gan.models import build_discriminator, build_generator
 
 __all__ = [
     "adam", "AUTOCAST_DTYPES", "build_trainer", "compile_trainer", "compiler_problem", "cpu_flags", "GANLoss",
-    "load_optimizer", "native_bf16", "NATIVE_BF16_FLAGS", "precision", "Trainer", "train_step", "training_backends"
+    "load_optimizer", "native_bf16", "NATIVE_BF16_FLAGS", "pearson_rows", "precision", "sanity_term", "Trainer",
+    "train_step", "training_backends"
 ]
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
@@ -105,10 +106,12 @@ class Trainer:
     autocast: Callable[[], AbstractContextManager]
     precision: str = "fp32"
     d_frozen: nn.Module | None = None  # what G's update calls: the unwrapped D (None), or it compiled
+    sanity_weight: float = 0.0  # gan.sanity_weight: the randomisation term's weight (`sanity_term`)
 
-    def step(self, image: Tensor, priors: Tensor, target: Tensor) -> Tensor:
+    def step(self, image: Tensor, priors: Tensor, target: Tensor, reference: Tensor | None = None,
+             paired: Tensor | None = None) -> Tensor:
         """`train_step(self, ...)`."""
-        return train_step(self, image, priors, target)
+        return train_step(self, image, priors, target, reference, paired)
 
     @torch.no_grad()
     def validate(self, data: MapData, batch_size: int, device: torch.device, ctx: Dist) -> dict[str, float]:
@@ -128,17 +131,44 @@ class Trainer:
         return {"l1": l1 / count, "r": r / count, "ssim": ssim / count}
 
 
-def train_step(tr: Trainer, image: Tensor, priors: Tensor, target: Tensor) -> Tensor:
+def pearson_rows(a: Tensor, b: Tensor) -> Tensor:
+    """Pearson r of each sample's map pair, (B,); 0 where either map is constant (differentiable, fp32)."""
+    a, b = a.float().flatten(1), b.float().flatten(1)
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-8)
+
+
+def sanity_term(fake: Tensor, target: Tensor, reference: Tensor, paired: Tensor) -> Tensor:
+    """gan.sanity_weight's term: mean over the paired samples (`paired` 1) of max(0, r(fake, reference) -
+    r(target, reference)), the reference being the trained CNN's target of the same image: a map of a randomised
+    CNN may keep no more of the trained CNN's map than that CNN's own Grad-CAM does. 0 for a batch without pairs."""
+    excess = torch.relu(pearson_rows(fake, reference) - pearson_rows(target, reference).detach())
+    return (excess * paired).sum() / paired.sum().clamp_min(1.0)
+
+
+def g_loss(tr: Trainer, fake: Tensor, target: Tensor, reference: Tensor | None, paired: Tensor | None) -> Tensor:
+    """The generator's L1 term (weighted), plus the sanity term where gan.sanity_weight and a reference are given;
+    returns (weighted loss, unweighted L1)."""
+    l1 = (fake.float() - target).abs().mean()
+    loss = tr.l1_weight * l1
+    if tr.sanity_weight > 0 and reference is not None and paired is not None:
+        loss = loss + tr.sanity_weight * sanity_term(fake, target, reference, paired)
+    return loss, l1
+
+
+def train_step(tr: Trainer, image: Tensor, priors: Tensor, target: Tensor, reference: Tensor | None = None,
+               paired: Tensor | None = None) -> Tensor:
     """One D update then one G update (pix2pix) on a batch; the EPOCH_STATS values of this batch as a float64
     tensor on the batch's device (no host read: the caller decides when to look). With the adversarial weight 0
     (the L1-only twins, the learned baselines) D cannot change G: it is not trained and its statistics read NaN.
+    `reference` / `paired` (MapData.reference) add gan.sanity_weight's `sanity_term` to G's loss.
     The training loop and bench/generator.py both call this."""
     with tr.autocast():
         fake = tr.g_run(image, priors)
     if tr.adv_weight == 0:
         tr.opt_g.zero_grad(set_to_none=True)
-        l1 = (fake.float() - target).abs().mean()
-        (tr.l1_weight * l1).backward()
+        loss, l1 = g_loss(tr, fake, target, reference, paired)
+        loss.backward()
         tr.opt_g.step()
         nan = torch.full((), float("nan"), device=l1.device)
         return torch.stack([nan, nan, nan, l1.detach(), nan]).double()
@@ -156,8 +186,8 @@ def train_step(tr: Trainer, image: Tensor, priors: Tensor, target: Tensor) -> Te
     with tr.autocast():
         adv_logits = (tr.d if tr.d_frozen is None else tr.d_frozen)(image, fake)
     g_adv = tr.crit(adv_logits.float(), True)
-    l1 = (fake.float() - target).abs().mean()
-    (tr.adv_weight * g_adv + tr.l1_weight * l1).backward()
+    loss, l1 = g_loss(tr, fake, target, reference, paired)
+    (tr.adv_weight * g_adv + loss).backward()
     tr.opt_g.step()
     _set_requires_grad(tr.d, True)
     return torch.stack([tr.crit.score(real_logits), tr.crit.score(fake_logits), g_adv, l1,
@@ -179,7 +209,8 @@ def build_trainer(gc: GANConfig, n_priors: int, device: torch.device) -> Trainer
 
     # a learned baseline is never trained adversarially, whatever gan.adv_weight says
     adv_weight = gc.adv_weight if generators.VARIANTS[gc.variant].adversarial else 0.0
-    return Trainer(g, d, g, d, opt_g, opt_d, GANLoss(gc.loss), adv_weight, gc.l1_weight, autocast, prec)
+    return Trainer(g, d, g, d, opt_g, opt_d, GANLoss(gc.loss), adv_weight, gc.l1_weight, autocast, prec,
+                   sanity_weight=gc.sanity_weight)
 
 
 def compiler_problem(device: torch.device) -> str:

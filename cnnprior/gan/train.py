@@ -205,11 +205,13 @@ class _Run:
         bar = tqdm(total=batches, initial=self.start_batch, desc=f"epoch {self.epoch + 1}/{gc.epochs}",
                    dynamic_ncols=True, leave=False, disable=not ctx.main)
         for b in range(self.start_batch, batches):
-            image, priors, target = data.batch(mine[b * gc.batch_size:(b + 1) * gc.batch_size], self.device)
+            idx = mine[b * gc.batch_size:(b + 1) * gc.batch_size]
+            image, priors, target = data.batch(idx, self.device)
             if gc.image_dropout > 0:  # global RNG: seeded, saved in checkpoints, so resume stays exact
                 keep = (torch.rand(len(image)) >= gc.image_dropout).to(image.device, image.dtype)
                 image = image * keep.view(-1, 1, 1, 1)
-            stats = train_step(self.tr, image, priors, target)
+            reference, paired = data.reference(idx, self.device) if gc.sanity_weight > 0 else (None, None)
+            stats = train_step(self.tr, image, priors, target, reference, paired)
             self.sums += stats  # on the device: no host read per step
             self.step += 1
             bar.update(1)

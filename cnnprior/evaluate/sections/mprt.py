@@ -37,7 +37,7 @@ from cnnprior.priors.random_priors import parse_random_prior_path
 
 __all__ = [
     "maps_function", "mprt_chart", "MPRTOptions", "MPRTSection", "paired_references", "parse_randomisations",
-    "seed_cell", "seed_mean", "target_label", "training_networks", "training_randomisations",
+    "sanity_weight", "seed_cell", "seed_mean", "target_label", "training_networks", "training_randomisations",
     "training_seeds"
 ]
 
@@ -136,6 +136,11 @@ def parse_randomisations(text: str) -> list[tuple[str, str, str]]:
     if not out:
         raise UserError("mprt.randomisations: empty; name at least one (e.g. top_down)")
     return out
+
+
+def sanity_weight(meta: dict) -> float:
+    """gan.sanity_weight a generator trained with (0 when off or unrecorded), from its meta."""
+    return float((((meta or {}).get("config") or {}).get("gan") or {}).get("sanity_weight") or 0.0)
 
 
 def training_randomisations(meta: dict) -> list[dict]:
@@ -260,6 +265,7 @@ class MPRTSection(Section, name="mprt", title="Sanity check: model-parameter ran
                 "seen_in_training": sorted({g for b in blocks for g in b["seen_in_training"]}),
                 "training_seeds": {g.label: training_seeds(g.meta) for g in ctx.gans},
                 "training_randomisations": {g.label: training_randomisations(g.meta) for g in ctx.gans},
+                "sanity_weights": {g.label: sanity_weight(g.meta) for g in ctx.gans},
                 "emprt_bins": opts.emprt_bins,
                 "step0_target_l1": mean_ci(metrics.l1(step0[ref], stored))}
 
@@ -291,6 +297,13 @@ class MPRTSection(Section, name="mprt", title="Sanity check: model-parameter ran
             f"{g}: " + (", ".join(f"`{t['order']}` cascade, init `{t['init']}`, seeds "
                                   f"{', '.join(map(str, t['seeds']))}" for t in ts) if ts else "no randomised CNN")
             for g, ts in trained.items()) or "–") + ". Every other randomisation below is held out for them.")
+        weighted = {g: w for g, w in (results.get("sanity_weights") or {}).items() if w}
+        if weighted:
+            report.p("Trained with the randomisation term (`gan.sanity_weight`: on those randomised copies, a map may "
+                     "keep no more of the trained CNN's map than the copy's Grad-CAM does): " + "; ".join(
+                         f"{g}: weight {w:g}" for g, w in weighted.items()) + ". It was trained towards this "
+                     "test's criterion on the cascade and seeds named above; the other randomisations and seeds "
+                     "stay held out.")
         if results.get("seen_in_training"):
             report.p(f"**Warning**: {', '.join(results['seen_in_training'])} trained on prior files from the very "
                      f"randomised networks of this test (same scheme and seed): the test is not held out for them; "
