@@ -108,8 +108,8 @@ class MapData:
     def reference(self, idx: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
         """The trained CNN's targets (B,1,S,S) in [0, 1] of the images of samples `idx` (zeros where a sample has
         none) and a (B,) float mask, 1 where it has one."""
-        refs = (np.full(len(self._indices(idx)), -1, np.int64) if self.refs is None
-                else self.refs[self._indices(idx)])
+        samples = self._indices(idx)
+        refs = np.full(len(samples), -1, np.int64) if self.refs is None else self.refs[samples]
         has = refs >= 0
         size = self.parts[0].dtype.fields["target"][0].shape
         target = torch.zeros(len(refs), 1, *size)
