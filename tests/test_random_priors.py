@@ -142,13 +142,11 @@ def test_sanity_weight_refusals(stage_files) -> None:
     pool = MapData.from_files([copy])
     no_train = MapData.from_files([ref]).take(np.array([], dtype=np.int64))  # no training image to pair with
     with pytest.raises(UserError, match=r"none of the 2 randomised-copy samples has its image"):
-        with_references(no_train, pool, torch.arange(2), no_train.join(pool.take(torch.arange(2))), ref, [copy],
-                        ["copy.npy"])
+        with_references(no_train, pool.take(torch.arange(2)), ref, [copy], ["copy.npy"])
     copy.meta = {**copy.meta, "cnn": {**copy.meta["cnn"], "checkpoint_sha256": "0" * 64}}  # another CNN's copy
     train = MapData.from_files([ref])
     with pytest.raises(UserError, match=r"copy.npy: gan.sanity_weight pairs .* is not the training files' CNN"):
-        with_references(train, pool, torch.arange(2), train.join(pool.take(torch.arange(2))), ref, [copy],
-                        ["copy.npy"])
+        with_references(train, pool.take(torch.arange(2)), ref, [copy], ["copy.npy"])
 
 
 def test_sanity_term_penalises_keeping_more_of_the_trained_map_than_the_random_cnns_grad_cam() -> None:

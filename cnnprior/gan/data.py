@@ -212,10 +212,13 @@ def with_randomised(cfg: Config, train: MapData, ref: PriorFile) -> tuple[MapDat
         raise UserError(f"gan.randomised_share {share} needs {want} randomised-copy records but "
                         f"{', '.join(names)} hold {len(pool)}; lower the share or raise priors.randomised_limit")
     pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(cfg.gan.seed))[:want]
-    mixed = train.join(pool.take(pick))
+    picked = pool.take(pick)
+    mixed = train.join(picked)
     info = {"share": share, "files": names, "count": want}
     if cfg.gan.sanity_weight > 0:
-        mixed, info["paired"] = with_references(train, pool, pick, mixed, ref, files, names)
+        refs = with_references(train, picked, ref, files, names)
+        mixed = replace(mixed, refs=np.concatenate([np.full(len(train), -1, np.int64), refs]))
+        info["paired"] = int((refs >= 0).sum())
     return mixed, info
 
 
@@ -223,11 +226,11 @@ def _cnn_sha(pf: PriorFile) -> str | None:
     return (pf.meta.get("cnn") or {}).get("checkpoint_sha256")
 
 
-def with_references(train: MapData, pool: MapData, pick: Tensor, mixed: MapData, ref: PriorFile,
-                    files: list[PriorFile], names: list[str]) -> tuple[MapData, int]:
-    """`mixed` (train's samples, then pool's `pick`) with `refs`: each randomised-copy sample points at the training
-    record of the same image (same dataset index) of the trained CNN; -1 where the training data lacks it. The
-    randomised files must be copies of the training files' CNN. -> (data, paired sample count)."""
+def with_references(train: MapData, picked: MapData, ref: PriorFile, files: list[PriorFile],
+                    names: list[str]) -> np.ndarray:
+    """For each randomised-copy sample of `picked`, the position (in `train`'s parts, which come first when the two
+    are joined) of the trained CNN's training record of the same image (same dataset index); -1 where the training
+    data lacks it. The randomised `files` must be copies of the training files' CNN (`ref`'s)."""
     for pf, name in zip(files, names, strict=True):
         if _cnn_sha(pf) != _cnn_sha(ref):
             raise UserError(f"{name}: gan.sanity_weight pairs randomised copies with the trained CNN's records, but "
@@ -238,14 +241,13 @@ def with_references(train: MapData, pool: MapData, pick: Tensor, mixed: MapData,
     first: dict[int, int] = {}
     for i, p in zip(train_index.tolist(), train_pos.tolist(), strict=True):
         first.setdefault(i, p)
-    pool_index = np.concatenate([np.asarray(p["index"]) for p in pool.parts])[pool.take(pick).positions()]
+    pool_index = np.concatenate([np.asarray(p["index"]) for p in picked.parts])[picked.positions()]
     refs = np.array([first.get(i, -1) for i in pool_index.tolist()], dtype=np.int64)
-    paired = int((refs >= 0).sum())
-    if paired == 0:
+    if not (refs >= 0).any():
         raise UserError(f"gan.sanity_weight: none of the {len(refs)} randomised-copy samples has its image among the "
                         f"training records ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}); make the "
                         f"randomised copies from the training images (priors.randomised_limit <= priors.train_limit)")
-    return replace(mixed, refs=np.concatenate([np.full(len(train), -1, np.int64), refs])), paired
+    return refs
 
 
 def _val_file(cfg: Config, name: str) -> PriorFile:
@@ -321,9 +323,10 @@ def load_gan_data(cfg: Config) -> tuple[MapData, MapData, dict]:
     meta = priors_meta(files[0], names)
     meta["cnns"] = trained_cnns(files)
     if cfg.gan.randomised_share > 0:
-        if cfg.gan.sanity_weight > 0 and len({_cnn_sha(pf) for pf in files}) > 1:
+        cnns = {_cnn_sha(pf) for pf in files}
+        if cfg.gan.sanity_weight > 0 and len(cnns) > 1:
             raise UserError(f"gan.sanity_weight pairs randomised copies with one trained CNN's records, but the "
-                            f"training files come from {len({_cnn_sha(pf) for pf in files})} CNNs "
+                            f"training files come from {len(cnns)} CNNs "
                             f"({', '.join(names)}); train on one CNN's files (gan.only) or set gan.sanity_weight: 0")
         train_data, meta["randomised"] = with_randomised(cfg, train_data, files[0])
     # gan.priors: none is the image-only control (the generator never sees the CNN's priors); gan.image: none the

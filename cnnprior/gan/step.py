@@ -132,7 +132,8 @@ class Trainer:
 
 
 def pearson_rows(a: Tensor, b: Tensor) -> Tensor:
-    """Pearson r of each sample's map pair, (B,); 0 where either map is constant (differentiable, fp32)."""
+    """Pearson r of each sample's map pair, (B,), in fp32; 0 where either map is constant. A loss term:
+    `cnnprior.core.metrics.pearson` (the scoring metric) gives NaN gradients for a constant map."""
     a, b = a.float().flatten(1), b.float().flatten(1)
     a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
     return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-8)
@@ -146,7 +147,8 @@ def sanity_term(fake: Tensor, target: Tensor, reference: Tensor, paired: Tensor)
     return (excess * paired).sum() / paired.sum().clamp_min(1.0)
 
 
-def g_loss(tr: Trainer, fake: Tensor, target: Tensor, reference: Tensor | None, paired: Tensor | None) -> Tensor:
+def g_loss(tr: Trainer, fake: Tensor, target: Tensor, reference: Tensor | None,
+           paired: Tensor | None) -> tuple[Tensor, Tensor]:
     """The generator's L1 term (weighted), plus the sanity term where gan.sanity_weight and a reference are given;
     returns (weighted loss, unweighted L1)."""
     l1 = (fake.float() - target).abs().mean()
