@@ -4,7 +4,7 @@
 #   2. bench/priors.py: extraction images/s and ratio to a bare forward+backward on the shipped CNN (ResNet-18,
 #      128 px) and a random ResNet-18 at 64 px (random / shapes inputs); the priors stage vs extraction alone on a
 #      Fashion-MNIST-format fixture it writes to a temp folder
-#   3. bench/generator.py: generator inference images/s (cpu and paper presets), GAN training images/s of the
+#   3. bench/generator.py: generator inference images/s (cpu, cpu64 and paper presets), GAN training images/s of the
 #      paper presets (configs/fashion_{lsft,gsft}_paper.yaml: width 64, batch 16) in fp32 and bf16 autocast
 #   4. bench/classifier.py: classifier training images/s (ResNet-18, 128 px, batch 32), fp32 and bf16 autocast
 #   5. a summary of all of it (bench/device_summary.py), from the JSON files each step writes

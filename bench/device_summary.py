@@ -49,7 +49,7 @@ def summary_lines(folder: Path) -> tuple[list[str], bool]:
                 key = f"train {variant} paper {precision}"
                 shown = f"{res[key]:.1f} images/s" if key in res else "not run"
                 lines.append(f"summary: gan training {variant} paper {precision}: {shown}")
-        for preset in ("paper", "cpu"):
+        for preset in ("paper", "cpu", "cpu64"):
             for variant in VARIANTS:
                 lines.append(f"summary: generator inference {variant} {preset}: "
                              f"{res[f'infer {variant} {preset} images/s']:.1f} images/s")

@@ -2,13 +2,13 @@
 
 Usage: python bench/generator.py [--batch 32] [--size 64] [--repeats 3] [--device auto|cpu|cuda]
                                  [--threads N] [--cpu-chunk-mib M] [--train auto|on|off]
-                                 [--train-preset all|paper|cpu] [--train-batch 16] [--train-step]
+                                 [--train-preset all|paper|cpu|cpu64] [--train-batch 16] [--train-step]
                                  [--train-compile] [--train-profile fp32|bf16]
                                  [--json PATH] [--quick]
 
-Inference: images/s, GFLOP/s and efficiency (against a 64->64 3x3 conv) of LSFT and GSFT in both presets.
+Inference: images/s, GFLOP/s and efficiency (against a 64->64 3x3 conv) of LSFT and GSFT in every preset.
 Training (`--train`, on by default on CUDA): images/s of one pix2pix step (D then G) of each variant in
-`--train-preset` (default both), fp32 and bf16 autocast, and the training-step efficiency
+`--train-preset` (default all), fp32 and bf16 autocast, and the training-step efficiency
 `ratio train/conv (<variant> <preset> <precision>)`: the step's counted FLOPs per second over the reference conv's,
 timed interleaved. The step is the trainer's own (cnnprior.gan.train.build_trainer and train_step: foreach Adam,
 channels_last, gan.precision's autocast, the presets' discriminator widths), under its backend settings.
@@ -56,9 +56,15 @@ PRESETS: dict[str, dict[str, dict[str, int]]] = {
         "lsft": {"width": 32, "depth": 3, "cond_channels": 32, "cond_hidden": 64},
         "gsft": {"width": 32, "depth": 8, "cond_channels": 32, "cond_hidden": 64},
     },
+    # wider and shallower than "cpu": 3x3 convolutions carry more of the step, the SFT layers' 1x1 convolutions
+    # and elementwise passes (memory-bound, docs/scaling.md#training-speed) less
+    "cpu64": {
+        "lsft": {"width": 64, "depth": 1, "cond_channels": 32, "cond_hidden": 32},
+        "gsft": {"width": 64, "depth": 3, "cond_channels": 32, "cond_hidden": 64},
+    },
 }
 # gan.disc_width of the configs of each preset (configs/fashion_<variant>_<preset>.yaml)
-DISC_WIDTH = {"paper": 64, "cpu": 32}
+DISC_WIDTH = {"paper": 64, "cpu": 32, "cpu64": 32}
 
 
 def make_generator(variant: str, preset: str, device: torch.device) -> nn.Module:
@@ -119,7 +125,7 @@ def bench_inference(args: argparse.Namespace, device: torch.device) -> dict[str,
         print("note: other jobs are running; with threads >= free cores every small op waits on a descheduled")
         print("      thread, so efficiency reads low (try --threads 1 for a load-robust figure)")
     with torch.inference_mode():
-        for preset in ("cpu", "paper"):
+        for preset in PRESETS:
             for variant in ("lsft", "gsft"):
                 gen = make_generator(variant, preset, device)
                 fns: dict[str, Callable[[], object]] = {"conv": conv, "model": lambda gen=gen: gen(image, priors)}
@@ -139,7 +145,7 @@ def bench_inference(args: argparse.Namespace, device: torch.device) -> dict[str,
                 results[f"infer {variant} {preset} images/s"] = args.batch / statistics.median(t["model"])
                 params = sum(p.numel() for p in gen.parameters()) / 1e6
                 print(
-                    f"{variant} {preset:5s} {PRESETS[preset][variant]} {params:.2f} M params | "
+                    f"{variant} {preset:6s} {PRESETS[preset][variant]} {params:.2f} M params | "
                     f"{flops / args.batch / 1e9:.2f} GFLOP/image | "
                     f"{results[f'infer {variant} {preset} images/s']:.1f} images/s | "
                     f"{statistics.median(speed):.1f} GFLOP/s | efficiency {eff:.2f}"
@@ -278,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train", choices=["auto", "on", "off"], default="auto",
                         help="also time training steps, fp32 and bf16 autocast (auto: on CUDA only)")
     parser.add_argument("--train-preset", choices=[*sorted(PRESETS), "all"], default="all",
-                        help="the preset(s) --train times (default all: cpu and paper)")
+                        help="the preset(s) --train times (default all: cpu, cpu64 and paper)")
     parser.add_argument("--train-step", action="store_true", help="only time CPU-preset training steps (fp32)")
     parser.add_argument("--train-profile", choices=[*sorted(PRECISIONS)], default=None,
                         help="only profile one training step per variant of each --train-preset preset at this "
@@ -322,10 +328,9 @@ def main(argv: list[str] | None = None) -> int:
         results.update(bench_training(presets, args.train_batch, args.size, args.repeats, device,
                                       list(PRECISIONS), conv, conv_flops, compile=args.train_compile))
     print(f"conv 64->64 3x3 reference: {results['conv']:.1f} GFLOP/s | load average {load_average()}")
-    print(f"lsft cpu efficiency: {results['lsft cpu efficiency']:.2f}")
-    print(f"gsft cpu efficiency: {results['gsft cpu efficiency']:.2f}")
-    print(f"lsft paper efficiency: {results['lsft paper efficiency']:.2f}")
-    print(f"gsft paper efficiency: {results['gsft paper efficiency']:.2f}")
+    for preset in PRESETS:
+        for variant in ("lsft", "gsft"):
+            print(f"{variant} {preset} efficiency: {results[f'{variant} {preset} efficiency']:.2f}")
     print(f"lsft vectorised/loop: {results['lsft vectorised/loop']:.2f}")
     print_train_ratios(results)
     write_json(args.json, {"device": str(device), "device_name": device_name(device),

@@ -137,10 +137,10 @@ DEVICE_LINES = [  # every figure bench/device.sh promises, as `--device cpu --qu
     r"ratio extraction/bare \(resnet18 64px\): \d+\.\d\d",
     r"ratio stage/extraction: \d+\.\d\d",
     *(rf"{v} {p} +\{{.*\}} [\d.]+ M params \| [\d.]+ GFLOP/image \| [\d.]+ images/s \| .*"
-      for p in ("cpu", "paper") for v in ("lsft", "gsft")),
+      for p in ("cpu", "cpu64", "paper") for v in ("lsft", "gsft")),
     *(rf"train {v} {p} {d} batch 2 size 16: [\d.]+ images/s \| [\d.]+ GFLOP/image/step \| [\d.]+ GFLOP/s"
-      for p in ("cpu", "paper") for v in ("lsft", "gsft") for d in ("fp32", "bf16 autocast")),
-    *(rf"ratio train/conv \({v} {p} {d}\): \d+\.\d\d" for p in ("cpu", "paper") for v in ("lsft", "gsft")
+      for p in ("cpu", "cpu64", "paper") for v in ("lsft", "gsft") for d in ("fp32", "bf16 autocast")),
+    *(rf"ratio train/conv \({v} {p} {d}\): \d+\.\d\d" for p in ("cpu", "cpu64", "paper") for v in ("lsft", "gsft")
       for d in ("fp32", "bf16")),
     r"train classifier resnet18 32px fp32 batch 2: [\d.]+ images/s",
     r"train classifier resnet18 32px bf16 autocast batch 2: [\d.]+ images/s",
@@ -150,7 +150,7 @@ DEVICE_LINES = [  # every figure bench/device.sh promises, as `--device cpu --qu
     r"summary: priors extraction \(resnet18 64px\): .*, ratio extraction/bare \d+\.\d\d",
     r"summary: priors stage: [\d.]+ images/s, extraction alone [\d.]+ images/s, ratio stage/extraction \d+\.\d\d",
     *(rf"summary: gan training {v} paper {d}: [\d.]+ images/s" for v in ("lsft", "gsft") for d in ("fp32", "bf16")),
-    *(rf"summary: generator inference {v} {p}: [\d.]+ images/s" for p in ("paper", "cpu") for v in ("lsft", "gsft")),
+    *(rf"summary: generator inference {v} {p}: [\d.]+ images/s" for p in ("paper", "cpu", "cpu64") for v in ("lsft", "gsft")),
     r"summary: classifier training resnet18 32px fp32: [\d.]+ images/s",
     r"summary: classifier training resnet18 32px bf16: [\d.]+ images/s",
 ]

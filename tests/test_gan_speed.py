@@ -181,7 +181,7 @@ def test_bench_profiles_the_trainers_step(capsys) -> None:
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
-    for preset in ("cpu", "paper"):  # --train-preset all (the default): both presets
+    for preset in ("cpu", "cpu64", "paper"):  # --train-preset all (the default): every preset
         for variant in ("lsft", "gsft"):
             assert f"profile {variant} {preset} bf16 batch 2 size 16: " in out
     assert "aten::convolution_backward" in out or "aten::mkldnn_convolution" in out
