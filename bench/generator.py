@@ -56,11 +56,12 @@ PRESETS: dict[str, dict[str, dict[str, int]]] = {
         "lsft": {"width": 32, "depth": 3, "cond_channels": 32, "cond_hidden": 64},
         "gsft": {"width": 32, "depth": 8, "cond_channels": 32, "cond_hidden": 64},
     },
-    # wider and shallower than "cpu": 3x3 convolutions carry more of the step, the SFT layers' 1x1 convolutions
-    # and elementwise passes (memory-bound, docs/scaling.md#training-speed) less
+    # wider than "cpu" (LSFT also shallower): 3x3 convolutions carry more of the step, the SFT layers' 1x1
+    # convolutions and elementwise passes (memory-bound, docs/scaling.md#training-speed) less. GSFT keeps the
+    # 8 blocks: with 3 it lost val r (docs/scaling.md#a-wider-cpu-preset-for-fp32)
     "cpu64": {
         "lsft": {"width": 64, "depth": 1, "cond_channels": 32, "cond_hidden": 32},
-        "gsft": {"width": 64, "depth": 3, "cond_channels": 32, "cond_hidden": 64},
+        "gsft": {"width": 64, "depth": 8, "cond_channels": 32, "cond_hidden": 64},
     },
 }
 # gan.disc_width of the configs of each preset (configs/fashion_<variant>_<preset>.yaml)
