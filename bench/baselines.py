@@ -16,10 +16,11 @@ import sys
 import torch
 
 from cnnprior.cnn.model import load_cnn
-from cnnprior.core.baselines import choose
 from cnnprior.core.config import load_config
 from cnnprior.data.splits import load_split
-from cnnprior.priors.extract import PriorSpec, extractor_from
+from cnnprior.maps.baselines import choose
+from cnnprior.priors.extract import extractor_from
+from cnnprior.priors.spec import PriorSpec
 
 SETTINGS = {  # label -> (include_target_layer, exclude)
     "every layer, the target's block included": (True, []),

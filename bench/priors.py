@@ -67,7 +67,8 @@ from cnnprior.core.errors import cli_main
 from cnnprior.data.sources.base import datasets_root
 from cnnprior.data.sources.shapes import ShapesSource
 from cnnprior.data.sources.torchvision_sets import FASHION_MNIST_FILES
-from cnnprior.priors.extract import PriorExtractor, PriorSpec, extractor_for_checkpoint
+from cnnprior.priors.extract import PriorExtractor, extractor_for_checkpoint
+from cnnprior.priors.spec import PriorSpec
 from cnnprior.priors.stage import file_meta, split_dataset, write_prior_file
 
 REPO = Path(__file__).resolve().parents[1]

@@ -20,9 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cnnprior.cnn.model import load_cnn
 from cnnprior.core.config import load_config  # noqa: E402
-from cnnprior.core.viz import colorize, make_sheet  # noqa: E402
 from cnnprior.data.splits import load_split  # noqa: E402
-from cnnprior.priors.extract import PriorSpec, extractor_from, spec_from_config  # noqa: E402
+from cnnprior.present.viz import colorize, make_sheet  # noqa: E402
+from cnnprior.priors.extract import extractor_from  # noqa: E402
+from cnnprior.priors.spec import PriorSpec, spec_from_config  # noqa: E402
 
 
 def main() -> int:

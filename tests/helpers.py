@@ -90,6 +90,12 @@ def train_cmd(config: Path, *extra: str) -> list[str]:
     return [sys.executable, str(REPO / "train.py"), "--config", str(config), "--stage", "gan", *extra]
 
 
+def stage_cmd(config: Path, stage: str, *extra: str) -> list[str]:
+    """A stage run through the Python API with the tests' callbacks (`--kill-at N`, `--dump DIR`:
+    tests/stage_runner.py); `stage_cmd(...)[1:]` after torchrun's options runs it under torchrun."""
+    return [sys.executable, "-m", "tests.stage_runner", "--config", str(config), "--stage", stage, *extra]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

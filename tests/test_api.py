@@ -25,18 +25,19 @@ import cnnprior
 from cnnprior.cnn.layers import final_layer, last_block
 from cnnprior.cnn.model import build_cnn, load_cnn, save_cnn
 from cnnprior.core.errors import UserError
-from cnnprior.core.metrics import fidelity, pearson
 from cnnprior.core.runtime import atomic_torch_save
-from cnnprior.core.viz import colorize, invert_colormap
 from cnnprior.data.sources.shapes import ShapesSource
 from cnnprior.explain import inference
 from cnnprior.explain.api import GANCAM, Explainer, Explanation
 from cnnprior.gan.checkpoint import GAN_FORMAT, load_generator
 from cnnprior.gan.data import priors_meta
 from cnnprior.gan.models import build_generator
-from cnnprior.priors.extract import PriorSpec, extractor_from
+from cnnprior.maps.metrics import fidelity, pearson
+from cnnprior.present.viz import colorize, invert_colormap
+from cnnprior.priors.extract import extractor_from
 from cnnprior.priors.priorfile import records_tensors
 from cnnprior.priors.read import read_priors
+from cnnprior.priors.spec import PriorSpec
 from tests.helpers import SIZE, N, write_priors
 
 CLASSES = ["circle", "square", "triangle"]
@@ -234,19 +235,23 @@ def test_model_of_preprocess_is_the_cnn(world, ex, images) -> None:
         assert np.array_equal(ex.explain(images).predicted, ex.model(ex.preprocess(images)).argmax(1).numpy())
 
 
-def test_bad_input_is_a_user_error(world, ex, images) -> None:
-    bad = [images[0], images[:, :1], torch.rand(2, 4, IMG, IMG), images.numpy(), images.tolist(), None]
-    for x in bad:
-        for call in (ex, ex.explain, ex.records, ex.preprocess):
-            with pytest.raises(UserError, match=r"images: expected a float tensor \(B, 3, H, W\)"):
-                call(x)
+def test_bad_input_is_a_value_or_type_error(world, ex, images) -> None:
+    """A library user gets ValueError / TypeError for bad tensors and arguments; a checkpoint of the wrong kind is a
+    UserError (the command lines' one-line error)."""
+    bad = {ValueError: [images[0], images[:, :1], torch.rand(2, 4, IMG, IMG)],
+           TypeError: [images.numpy(), images.tolist(), None]}
+    for kind, inputs in bad.items():
+        for x in inputs:
+            for call in (ex, ex.explain, ex.records, ex.preprocess):
+                with pytest.raises(kind, match=r"images: expected a float tensor \(B, 3, H, W\)"):
+                    call(x)
     for targets in ([0], [0] * (COUNT + 1), []):
-        with pytest.raises(UserError, match=f"targets: {len(targets)} classes for {COUNT} images"):
+        with pytest.raises(ValueError, match=f"targets: {len(targets)} classes for {COUNT} images"):
             ex(images, targets=targets)
     cam = GANCAM(ex)
-    with pytest.raises(UserError, match="aug_smooth"):
+    with pytest.raises(ValueError, match="aug_smooth"):
         cam(input_tensor=ex.preprocess(images), aug_smooth=True)
-    with pytest.raises(UserError, match="ClassifierOutputTarget"):
+    with pytest.raises(TypeError, match="ClassifierOutputTarget"):
         cam(input_tensor=ex.preprocess(images), targets=[lambda out: out[0]] * COUNT)
     with pytest.raises(UserError, match="is a lsft checkpoint"):
         Explainer.from_checkpoints(generator=world["gen"], cnn=world["cnn"], device="cpu", variant="gsft")
@@ -256,16 +261,16 @@ def test_any_height_when_the_width_equals_s(ex) -> None:
     assert ex(torch.rand(1, 3, 24, SIZE)).shape == (1, 24, SIZE)
 
 
-def test_out_of_range_target_is_a_user_error(ex, images) -> None:
-    with pytest.raises(UserError, match="targets: classes must be in"):
+def test_out_of_range_target_is_a_value_error(ex, images) -> None:
+    with pytest.raises(ValueError, match="targets: classes must be in"):
         ex(images[:2], targets=[len(CLASSES), 0])
-    with pytest.raises(UserError, match="targets: classes must be in"):
+    with pytest.raises(ValueError, match="targets: classes must be in"):
         ex(images[:2], targets=[-1, 0])
-    with pytest.raises(UserError, match="uint8"):
+    with pytest.raises(TypeError, match="uint8"):
         ex((images[:2] * 255).to(torch.uint8))
-    with pytest.raises(UserError, match=r"images: values span \[0, 2.*expected RGB in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"images: values span \[0, 2.*expected RGB in \[0, 1\]"):
         ex(images[:2] * 2)
-    with pytest.raises(UserError, match="targets: class indices must be integers, got torch.float"):
+    with pytest.raises(TypeError, match="targets: class indices must be integers, got torch.float"):
         ex(images[:2], targets=[0.7, 1.2])
 
 
@@ -360,7 +365,9 @@ def test_gancam_maps_work_with_show_cam_on_image_and_road(ex, images) -> None:
         keep = torch.from_numpy(grayscale[i] < np.percentile(grayscale[i], 50))
         changed = (perturbed[i] != x[i]).any(0)
         assert not changed[keep].any()  # the less relevant half is untouched
-        assert 0.4 < changed.float().mean().item() <= 0.5 + 1e-6  # the most relevant half is imputed
+        # the most relevant half is imputed: every changed pixel lies at or above the median (ties at the median
+        # make that set one or a few pixels more than half, depending on the float order of the map)
+        assert 0.4 < changed.float().mean().item() <= (~keep).float().mean().item()
 
 
 # ----------------------------------------------------------------------------------------- generator only
@@ -379,11 +386,11 @@ def test_generator_only_explainer_generates_but_refuses_images(world, images) ->
     assert exg.generate(t["image"][:0], t["priors"][:0]).shape == (0, 1, SIZE, SIZE)
 
     for call in (exg, exg.explain, exg.records, exg.preprocess):
-        with pytest.raises(UserError, match="no CNN"):
+        with pytest.raises(ValueError, match="no CNN"):
             call(images)
-    with pytest.raises(UserError, match="no CNN"):
+    with pytest.raises(ValueError, match="no CNN"):
         exg(images, targets=[0] * COUNT)
-    with pytest.raises(UserError, match="no CNN"):
+    with pytest.raises(ValueError, match="no CNN"):
         _ = exg.model
-    with pytest.raises(UserError, match="no CNN"):
+    with pytest.raises(ValueError, match="no CNN"):
         GANCAM(exg)

@@ -24,10 +24,9 @@ from cnnprior.cnn.train import CNN_STATE_FORMAT, EpochBatches, cnn_paths, evalua
 from cnnprior.core.config import ARCHS, load_config, to_dict
 from cnnprior.core.errors import UserError
 from cnnprior.core.runtime import epoch_order
-from cnnprior.core.testhooks import KILL_ENV
 from cnnprior.data.sources.shapes import SHAPE_CLASSES
 from cnnprior.data.splits import load_split
-from tests.helpers import REPO, subprocess_env
+from tests.helpers import REPO, stage_cmd, subprocess_env
 
 # conv layers per architecture: all of them run in a forward pass (numbers from torchvision's definitions)
 CONV_COUNTS = {"resnet18": 20, "resnet34": 36, "resnet50": 53, "vgg11": 8, "vgg11_bn": 8, "vgg16": 13, "vgg16_bn": 13,
@@ -243,7 +242,7 @@ def test_classifier_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path: Pat
     kw = dict(cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # step 7 is epoch 2, batch 2: killed after training it, before its checkpoint; `last` holds step 6
     procs = [subprocess.Popen(_train_cmd(straight), env=subprocess_env(), **kw),
-             subprocess.Popen(_train_cmd(killed), env=subprocess_env(**{KILL_ENV: "7"}), **kw)]
+             subprocess.Popen(stage_cmd(killed, "classifier", "--kill-at", "7"), env=subprocess_env(), **kw)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert procs[0].returncode == 0, outs[0][1][-2000:]
     assert procs[1].returncode == -signal.SIGKILL, outs[1][1][-2000:]

@@ -20,9 +20,8 @@ from cnnprior.core.config import load_config
 from cnnprior.core.distributed import Dist, gather_objects, main_first, rank_seed, shard
 from cnnprior.core.errors import UserError
 from cnnprior.core.runtime import epoch_order, state_sha256
-from cnnprior.core.testhooks import DUMP_ENV, KILL_ENV
 from cnnprior.data.splits import load_split
-from tests.helpers import REPO, free_port, subprocess_env
+from tests.helpers import REPO, free_port, stage_cmd, subprocess_env
 
 # 40 shapes: 20 train, 10 val. Batch 3 per process: each rank's shard is 10 images, 3 batches (steps) per epoch
 TRAIN, PER_RANK_BATCHES = 20, 3
@@ -41,11 +40,13 @@ def _config(root: Path, **cnn: object) -> Path:
     return path
 
 
-def _torchrun(config: Path, *extra: str) -> list[str]:
-    """`torchrun --nproc_per_node=2 train.py --config CONFIG --stage classifier EXTRA` (gloo on CPU)."""
+def _torchrun(config: Path, *extra: str, api: bool = False) -> list[str]:
+    """`torchrun --nproc_per_node=2 train.py --config CONFIG --stage classifier EXTRA` (gloo on CPU); `api`: the
+    stage through the Python API with the tests' callbacks instead (EXTRA: --kill-at N, --dump DIR, --resume)."""
+    script = stage_cmd(config, "classifier", *extra)[1:] if api else [str(REPO / "train.py"), "--config", str(config),
+                                                                        "--stage", "classifier", *extra]
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-            "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(REPO / "train.py"), "--config", str(config),
-            "--stage", "classifier", *extra]
+            "--master_addr=127.0.0.1", f"--master_port={free_port()}", *script]
 
 
 def _last(root: Path) -> dict:
@@ -97,8 +98,9 @@ def test_two_processes_train_identical_weights_and_resume_bit_identically(tmp_pa
     killed = _config(tmp_path / "b", checkpoint_every=1)
     kw = dict(cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # 3 steps per epoch: step 5 is epoch 2, batch 2; every rank is killed after training it, `last` holds step 4
-    procs = [subprocess.Popen(_torchrun(straight), env=subprocess_env(**{DUMP_ENV: str(tmp_path / "dump-a")}), **kw),
-             subprocess.Popen(_torchrun(killed), env=subprocess_env(**{KILL_ENV: "5"}), **kw)]
+    procs = [subprocess.Popen(_torchrun(straight, "--dump", str(tmp_path / "dump-a"), api=True), env=subprocess_env(),
+                              **kw),
+             subprocess.Popen(_torchrun(killed, "--kill-at", "5", api=True), env=subprocess_env(), **kw)]
     outs = [p.communicate(timeout=600) for p in procs]
     assert procs[0].returncode == 0, outs[0][1][-3000:]
     assert procs[1].returncode != 0, outs[1][1][-3000:]
@@ -137,8 +139,8 @@ def test_two_processes_train_identical_weights_and_resume_bit_identically(tmp_pa
     assert len(err) == 1 and "saved mid-epoch by 2 process(es), now 1" in err[0]
     assert (tmp_path / "b" / "models" / "tiny-cnn-last.pt").read_bytes() == before
 
-    res = subprocess.run(_torchrun(killed, "--resume"), env=subprocess_env(**{DUMP_ENV: str(tmp_path / "dump-b")}),
-                         timeout=600, **kw)
+    res = subprocess.run(_torchrun(killed, "--resume", "--dump", str(tmp_path / "dump-b"), api=True),
+                         env=subprocess_env(), timeout=600, **kw)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming at epoch 2, batch 1, step 4" in res.stdout
     assert _dumps(tmp_path / "dump-b") == ranks
@@ -154,8 +156,8 @@ def test_process_count_may_change_where_an_epoch_ended(tmp_path: Path) -> None:
     """Two processes for epoch 1, one for epoch 2: the schedule follows the epochs and ends where it should."""
     config = _config(tmp_path)
     # killed at step 4 (epoch 2's first); without checkpoint_every, `last` holds the end of epoch 1
-    res = subprocess.run(_torchrun(config), cwd=tmp_path, env=subprocess_env(**{KILL_ENV: "4"}), capture_output=True,
-                         text=True, timeout=600)
+    res = subprocess.run(_torchrun(config, "--kill-at", "4", api=True), cwd=tmp_path, env=subprocess_env(),
+                         capture_output=True, text=True, timeout=600)
     assert res.returncode != 0, res.stderr[-3000:]
     first = _last(tmp_path)
     assert (first["progress"]["epoch"], first["progress"]["batch"], first["progress"]["step"]) == (1, 0, 3)

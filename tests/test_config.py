@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from cnnprior.core.config import Config, from_dict, load_config, save_config, to_dict
-from cnnprior.core.errors import UserError
-from cnnprior.core.schema import parse_override
+from cnnprior.core.errors import UserError, cli_main
+from cnnprior.core.schema import parse_override, suggest
 from tests.helpers import REPO
 
 # (YAML text, fragments the one-line message must contain besides the file name)
@@ -193,3 +193,50 @@ def test_stage_all_is_refused_under_torchrun(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert train_main(["--config", "configs/fashion_resnet18.yaml"]) == 2
     assert "--stage all under torchrun" in capsys.readouterr().err
+
+
+def test_the_library_raises_value_error_and_only_the_cli_exits_2(tmp_path: Path, capsys) -> None:
+    """A bad config value through the Python API is a ValueError (the UserError subclass), never SystemExit; the
+    CLI turns the same error into one line on stderr and exit code 2."""
+    from cnnprior.cli import main, train_main
+
+    path = tmp_path / "run.yaml"
+    path.write_text("name: x\ncnn:\n  epochs: 1\n")
+    with pytest.raises(ValueError) as info:
+        load_config(path, ["cnn.lr=-1"])
+    assert type(info.value) is UserError
+    assert str(info.value) == f"{path}: key 'cnn.lr': -1.0 is below the minimum 0.0"
+    with pytest.raises(ValueError, match=r"key 'cnn\.lr': expected a number"):
+        from_dict({"cnn": {"lr": "fast"}})
+    capsys.readouterr()
+    for run in (lambda: train_main(["--config", str(path), "--set", "cnn.lr=-1"]),
+                lambda: main(["train", "--config", str(path), "--stage", "classifier", "--set", "cnn.lr=-1"])):
+        assert run() == 2
+        captured = capsys.readouterr()
+        assert captured.err == f"error: {info.value}\n" and captured.out == ""
+    assert not (tmp_path / "models").exists()
+
+
+def test_cli_main_reports_user_errors_in_one_line_and_lets_bugs_through(capsys) -> None:
+    @cli_main
+    def user_error(argv: list[str]) -> int:
+        raise UserError("first line\nsecond line")
+
+    @cli_main
+    def bug(argv: list[str]) -> int:
+        raise ValueError("not a user error")
+
+    assert user_error([]) == 2
+    assert capsys.readouterr().err == "error: first line second line\n"
+    with pytest.raises(ValueError, match="not a user error"):  # a plain ValueError is a bug: its traceback shows
+        bug([])
+
+
+def test_set_fills_a_blank_section_and_suggest_is_one_helper(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("name: x\ngan:\n")  # a section whose keys are all commented out
+    assert load_config(path, ["gan.epochs=2"]).gan.epochs == 2
+    assert suggest("epoch", ["lr", "epochs"]) == " (did you mean 'epochs'?)"
+    assert suggest("zzz", ["lr", "epochs"]) == " (known keys: epochs, lr)"
+    assert suggest("zzz", ["lr"], listing=None) == "" and suggest("nmu", ["num"], prefix="mprt.") == \
+        " (did you mean 'mprt.num'?)"

@@ -15,14 +15,10 @@ import yaml
 
 from cnnprior.cnn.layers import conv_layers
 from cnnprior.cnn.model import build_cnn, save_cnn
-from cnnprior.core import metrics
-from cnnprior.core.baselines import BaselineChoice
 from cnnprior.core.config import load_config
 from cnnprior.core.errors import UserError
-from cnnprior.core.maps import random_maps
-from cnnprior.core.report import Estimate, Report, Table
 from cnnprior.core.runtime import file_sha256
-from cnnprior.evaluate.config import GENERATOR_KEYS, load_eval_config, parse_sections
+from cnnprior.evaluate.config import generator_keys, load_eval_config, parse_sections
 from cnnprior.evaluate.run import main
 from cnnprior.evaluate.sanity import ci_row, margin_row, mean_ci, paired_ci
 from cnnprior.evaluate.sections.faithfulness import drop_and_increase
@@ -31,9 +27,14 @@ from cnnprior.evaluate.sections.relevance import prior_labels, prior_relevance
 from cnnprior.gan.models import build_generator
 from cnnprior.gan.models.sft import SFTResBlock
 from cnnprior.gan.train import run_gan_stage
-from cnnprior.priors.extract import PriorExtractor, PriorSpec
+from cnnprior.maps import metrics
+from cnnprior.maps.baselines import BaselineChoice
+from cnnprior.maps.ops import random_maps
+from cnnprior.present.report import Estimate, Report, Table
+from cnnprior.priors.extract import PriorExtractor
 from cnnprior.priors.priorfile import PRIORS_FORMAT, PriorWriter, make_records
 from cnnprior.priors.read import read_priors
+from cnnprior.priors.spec import PriorSpec
 from tests.helpers import gan_config
 
 SIZE, N, COUNT, CLASSES = 16, 4, 8, ["a", "b", "c", "d", "e"]
@@ -460,7 +461,7 @@ def test_shipped_configs_are_valid(path, tiny):
     """Only known keys and valid values; the files they name are swapped for the tiny ones."""
     data = yaml.safe_load(tiny["config"].read_text())
     raw = yaml.safe_load(path.read_text())
-    swaps = [f"{key}={data['gsft'] if 'gsft' in key else data['lsft']}" for key in GENERATOR_KEYS if raw.get(key)]
+    swaps = [f"{key}={data['gsft'] if 'gsft' in key else data['lsft']}" for key in generator_keys() if raw.get(key)]
     if raw.get("generators"):  # labels kept, files swapped (these generators are made by commands, not shipped)
         swaps.append("generators=" + json.dumps({label: data["lsft"] for label in raw["generators"]}))
     cfg = load_eval_config(path, [f"priors={tiny['priors']}", f"lsft={data['lsft']}", f"gsft={data['gsft']}", *swaps])

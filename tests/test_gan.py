@@ -16,15 +16,14 @@ from cnnprior.cli import train_main
 from cnnprior.core.config import load_config
 from cnnprior.core.distributed import shard
 from cnnprior.core.errors import UserError
-from cnnprior.core.metrics import fidelity
 from cnnprior.core.runtime import epoch_order, rng_state, seed_everything, set_rng_state, state_sha256
-from cnnprior.core.testhooks import DUMP_ENV, KILL_ENV
 from cnnprior.gan.checkpoint import GAN_FORMAT, load_generator
 from cnnprior.gan.data import MapData
 from cnnprior.gan.models import build_generator
 from cnnprior.gan.train import run_gan_stage
+from cnnprior.maps.metrics import fidelity
 from cnnprior.priors.read import read_priors
-from tests.helpers import SIZE, N, free_port, gan_config, subprocess_env, tiny_data, train_cmd, write_priors
+from tests.helpers import SIZE, N, free_port, gan_config, stage_cmd, subprocess_env, tiny_data, train_cmd, write_priors
 
 SCHEMA = {"format", "variant", "generator_config", "generator", "discriminator_config", "discriminator", "optim_g",
           "optim_d", "epoch", "step", "batch_in_epoch", "rng", "data_order", "config", "priors_meta", "metrics",
@@ -173,7 +172,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, data) -> None:
     kw = dict(cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # 4 steps per epoch: step 6 is epoch 2, batch 2; killed after training it, before its checkpoint
     procs = [subprocess.Popen(train_cmd(straight), env=subprocess_env(), **kw),
-             subprocess.Popen(train_cmd(killed), env=subprocess_env(**{KILL_ENV: "6"}), **kw)]
+             subprocess.Popen(stage_cmd(killed, "gan", "--kill-at", "6"), env=subprocess_env(), **kw)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert procs[0].returncode == 0, outs[0][1][-2000:]
     assert procs[1].returncode == -signal.SIGKILL, outs[1][1][-2000:]
@@ -195,15 +194,45 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, data) -> None:
         assert ha["val_l1"] == hb["val_l1"] and ha["l1"] == pytest.approx(hb["l1"], rel=1e-12)
 
 
+def test_callbacks_see_every_step_before_its_checkpoint_and_the_final_weights(tmp_path, data) -> None:
+    """on_step(step) runs once per trained step, in order, before that step's checkpoint; on_finish(rank, summary)
+    gets the final weights' hashes; an exception from on_step stops the run (how the resume tests inject faults)."""
+    _, train, val = data
+    config = gan_config(tmp_path, train, val, epochs=2, checkpoint_every=3, out=str(tmp_path / "cb"))
+    last, seen, finished = tmp_path / "cb-last.pt", [], []
+
+    def on_step(step: int) -> None:
+        seen.append((step, torch.load(last, weights_only=True)["step"] if last.exists() else 0))
+
+    run_gan_stage(load_config(config), log=lambda _m: None, on_step=on_step,
+                  on_finish=lambda rank, summary: finished.append((rank, summary)))
+    # 4 steps per epoch: `last` is saved at steps 3 and 6 (checkpoint_every) and at the epochs' ends, 4 and 8
+    assert seen == [(1, 0), (2, 0), (3, 0), (4, 3), (5, 4), (6, 4), (7, 6), (8, 6)]
+    ck = torch.load(last, weights_only=True)
+    assert finished == [(0, {"generator": state_sha256(ck["generator"]),
+                             "discriminator": state_sha256(ck["discriminator"]), "step": 8, "world_size": 1})]
+
+    class Stop(Exception):
+        pass
+
+    def stop(step: int) -> None:
+        if step == 6:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_gan_stage(load_config(config), overwrite=True, log=lambda _m: None, on_step=stop)
+    assert torch.load(last, weights_only=True)["step"] == 4  # stopped after training step 6, before its checkpoint
+
+
 # ----------------------------------------------------------------------------------------- DDP
 def test_two_process_ddp_on_cpu(tmp_path, data) -> None:
     _, train, val = data
     config = gan_config(tmp_path, train, val, epochs=2, out=str(tmp_path / "ddp"))
     dump = tmp_path / "dump"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}", *train_cmd(config)[1:]]
-    res = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(**{DUMP_ENV: str(dump)}), capture_output=True,
-                         text=True, timeout=300)
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+           *stage_cmd(config, "gan", "--dump", str(dump))[1:]]
+    res = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     ranks = [json.loads((dump / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0] == ranks[1] and ranks[0]["world_size"] == 2

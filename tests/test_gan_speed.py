@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -184,7 +185,9 @@ def test_bench_profiles_the_trainers_step(capsys) -> None:
     for preset in ("cpu", "cpu64", "paper"):  # --train-preset all (the default): every preset
         for variant in ("lsft", "gsft"):
             assert f"profile {variant} {preset} bf16 batch 2 size 16: " in out
-    assert "aten::convolution_backward" in out or "aten::mkldnn_convolution" in out
+    # the convolutions show among the top ops; which kernel runs them (mkldnn, the slow path for bf16 on a CPU
+    # without native bf16) depends on the CPU
+    assert re.search(r"aten::\S*conv\S*", out), out
 
 
 # ----------------------------------------------------------------------------------------- runs

@@ -23,17 +23,20 @@ from cnnprior.cnn.randomise import INITS, ORDERS, randomise, randomised_stages, 
 from cnnprior.cnn.train import cnn_seed, evaluate_accuracy, train_cnn
 from cnnprior.core.config import load_config
 from cnnprior.core.errors import UserError
-from cnnprior.core.maps import live_cams, resize_maps
-from cnnprior.core.report import Report
 from cnnprior.data.relabel import Relabelled, permuted_labels
 from cnnprior.data.splits import load_split
+from cnnprior.evaluate.randomisations import parse_randomisations, training_randomisations, training_seeds
 from cnnprior.evaluate.run import main
 from cnnprior.evaluate.sanity import mprt, same_size_spearman, spearman_abs
 from cnnprior.evaluate.sections.control import recipe_differences
 from cnnprior.evaluate.sections.datarand import DataRandOptions, DataRandSection
-from cnnprior.evaluate.sections.mprt import parse_randomisations, sanity_weight, training_randomisations, training_seeds
+from cnnprior.evaluate.sections.mprt import sanity_weight
 from cnnprior.evaluate.sections.swap import priors_only
+from cnnprior.gan.checkpoint import GAN_FORMAT, GeneratorMeta
 from cnnprior.gan.train import run_gan_stage
+from cnnprior.maps.ops import resize_maps
+from cnnprior.present.report import Report
+from cnnprior.priors.cams import live_cams
 from cnnprior.priors.random_priors import (
     parse_random_prior_path,
     random_prior_path,
@@ -367,19 +370,26 @@ def test_training_randomisations_from_file_names() -> None:
     assert training_randomisations({}) == [] and training_randomisations({"priors_meta": {"randomised": None}}) == []
 
 
+def _meta(**entries: object) -> GeneratorMeta:
+    """The metadata of a generator checkpoint holding `entries` beside the required ones."""
+    required = {"format": GAN_FORMAT, "variant": "lsft", "generator_config": {"n_priors": 4},
+                "priors_meta": {"size": 16, "n": 4}}
+    return GeneratorMeta.parse({**required, **entries}, "g.pt")
+
+
 def test_sanity_weight_from_the_checkpoint_config() -> None:
-    assert sanity_weight({"config": {"gan": {"sanity_weight": 8}}}) == 8.0
-    assert sanity_weight({"config": {"gan": {}}}) == 0.0 and sanity_weight({}) == 0.0  # older checkpoints: off
-    assert sanity_weight({"config": None}) == 0.0
+    assert sanity_weight(_meta(config={"gan": {"sanity_weight": 8}})) == 8.0
+    assert sanity_weight(_meta(config={"gan": {}})) == 0.0 and sanity_weight(_meta()) == 0.0  # older: off
+    assert sanity_weight(_meta(config=None)) == 0.0
 
 
 # ========================================================================================= 9. control recipe
-def _gan_meta(step: int = 100, **gan: object) -> dict:
+def _gan_meta(step: int = 100, **gan: object) -> GeneratorMeta:
     cfg = {"variant": "lsft", "epochs": 3, "batch_size": 8, "lr": 1e-3, "priors": "cnn", "image": "use", "out": "a",
            "device": "cpu", "checkpoint_every": 0, "val": "v.npy", "val_limit": 0, "randomised_share": 0.5}
     cfg.update(gan)
-    return {"step": step, "config": {"gan": cfg},
-            "priors_meta": {"train_files": ["t.npy"], "randomised": {"files": ["r-s0.npy"], "share": 0.5}}}
+    return _meta(step=step, config={"gan": cfg}, priors_meta={"size": 16, "n": 4, "train_files": ["t.npy"],
+                                                               "randomised": {"files": ["r-s0.npy"], "share": 0.5}})
 
 
 def test_recipe_differences() -> None:
@@ -413,9 +423,23 @@ def test_recipe_differences_ignore_keys_added_since_with_their_defaults() -> Non
 
 
 def test_priors_only() -> None:
-    assert priors_only({"config": {"gan": {"image": "none"}}})
-    assert not priors_only({"config": {"gan": {"image": "use"}}})
-    assert not priors_only({"config": {"gan": {}}}) and not priors_only({}) and not priors_only({"config": None})
+    assert priors_only(_meta(config={"gan": {"image": "none"}}))
+    assert not priors_only(_meta(config={"gan": {"image": "use"}}))
+    assert not priors_only(_meta(config={"gan": {}})) and not priors_only(_meta()) and not priors_only(None)
+    assert not priors_only(_meta(config=None))
+
+
+def test_generator_meta_parses_once_and_refuses_other_versions() -> None:
+    meta = _meta(config={"gan": {"adv_weight": 0, "priors": "none"}}, metrics={"r": 0.5}, epoch=3, step=7)
+    assert (meta.variant, meta.size, meta.n, meta.epoch, meta.step, meta.val_r) == ("lsft", 16, 4, 3, 7, 0.5)
+    assert meta.adv_weight == 0.0 and meta.inputs == ("use", "none") and meta["epoch"] == 3 and "format" in meta
+    assert meta.path == "g.pt" and meta["priors_meta"] is meta.priors_meta
+    with pytest.raises(UserError, match=r"g.pt: a generator checkpoint of an older or unknown version \(no priors_meta"):
+        GeneratorMeta.parse({"format": GAN_FORMAT, "variant": "lsft", "generator_config": {"n_priors": 4}}, "g.pt")
+    with pytest.raises(UserError, match="another cnnprior version"):
+        GeneratorMeta.parse({"format": "cnnprior-gan/2"}, "g.pt")
+    with pytest.raises(UserError, match="not a GAN checkpoint"):
+        GeneratorMeta.parse({"format": "cnnprior-cnn/1"}, "g.pt")
 
 
 # ========================================================================================= tiny evaluation world

@@ -16,21 +16,22 @@ from PIL import Image
 
 from cnnprior.cnn.layers import conv_layers
 from cnnprior.cnn.model import build_cnn, load_cnn, save_cnn
-from cnnprior.core import viz
-from cnnprior.core.baselines import choose
 from cnnprior.core.config import load_config
-from cnnprior.core.metrics import fidelity
 from cnnprior.core.runtime import atomic_torch_save
-from cnnprior.core.viz import colorize
 from cnnprior.data.sources.base import read_image, resize_uint8
 from cnnprior.explain import inference, scores
 from cnnprior.gan.checkpoint import GAN_FORMAT, load_generator
 from cnnprior.gan.data import priors_meta
 from cnnprior.gan.models import build_generator
 from cnnprior.gan.train import run_gan_stage
-from cnnprior.priors.extract import PriorExtractor, PriorSpec, extractor_from
+from cnnprior.maps.baselines import choose
+from cnnprior.maps.metrics import fidelity
+from cnnprior.present import viz
+from cnnprior.present.viz import colorize
+from cnnprior.priors.extract import PriorExtractor, extractor_from
 from cnnprior.priors.priorfile import to_u8
 from cnnprior.priors.read import read_priors
+from cnnprior.priors.spec import PriorSpec
 from tests.helpers import REPO, gan_config, subprocess_env, write_priors
 
 COUNT = 12

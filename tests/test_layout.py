@@ -4,13 +4,13 @@ over 450 lines, `__all__` in every module, and no private name imported across m
 from __future__ import annotations
 
 import ast
-import dataclasses
 from pathlib import Path
 
 import pytest
 
-from cnnprior.core import generators
-from cnnprior.evaluate.config import GENERATOR_KEYS, EvalConfig
+from cnnprior.core.errors import UserError
+from cnnprior.evaluate.config import generator_keys, parse_explainers
+from cnnprior.gan.models.base import L1_SUFFIX, names
 
 PACKAGE = Path(__file__).resolve().parents[1] / "cnnprior"
 MAX_LINES = 450
@@ -101,7 +101,7 @@ def test_module_shape(path):
 
 
 def test_stages_import_no_later_stage():
-    order = ["core", "data", "cnn", "priors", "gan", "explain", "evaluate"]
+    order = ["core", "maps", "present", "data", "cnn", "priors", "gan", "explain", "evaluate"]
     graph = import_graph()
     for mod, deps in graph.items():
         parts = mod.split(".")
@@ -113,6 +113,26 @@ def test_stages_import_no_later_stage():
                 assert order.index(dparts[1]) <= order.index(parts[1]), f"{mod} imports the later stage {dep}"
 
 
-def test_every_generator_key_is_an_evaluation_config_key():
-    fields = {f.name for f in dataclasses.fields(EvalConfig)}
-    assert set(generators.ALL) <= set(GENERATOR_KEYS) <= fields
+def test_every_generator_is_an_evaluation_key():
+    """Every registered generator, and each GAN's L1-only twin, is a key of the evaluation's generator mapping."""
+    keys = generator_keys()
+    assert set(names()) <= set(keys) and {g + L1_SUFFIX for g in names(adversarial=True)} <= set(keys)
+    assert parse_explainers({k: f"{k}.pt" for k in keys}, "loc", "where") == {k: f"{k}.pt" for k in keys}
+    with pytest.raises(UserError, match="did you mean 'lsft'"):
+        parse_explainers({"lsfr": "x.pt"}, "loc", "where")
+
+
+def test_importing_the_package_and_loading_a_config_import_no_heavy_library():
+    """`import cnnprior` and parsing a run config stay light: grad-cam, OpenCV and matplotlib load only in the
+    stages that draw or compute CAMs."""
+    import subprocess
+    import sys
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "fashion_resnet18.yaml"
+    code = ("import sys, cnnprior\n"
+            "from cnnprior.core.config import load_config\n"
+            f"load_config({str(config)!r}, [])\n"
+            "heavy = [m for m in ('pytorch_grad_cam', 'cv2', 'matplotlib') if m in sys.modules]\n"
+            "print(heavy)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -15,20 +15,21 @@ import yaml
 from PIL import Image
 
 from cnnprior.cnn.model import build_cnn, save_cnn
-from cnnprior.core import generators, metrics
 from cnnprior.core.config import load_config
 from cnnprior.core.runtime import epoch_order, seed_everything
-from cnnprior.core.viz import SHEET_PAD
 from cnnprior.evaluate import run as evaluate_run
-from cnnprior.evaluate.config import GENERATOR_KEYS, L1_SUFFIX
+from cnnprior.evaluate.config import L1_SUFFIX, generator_keys
 from cnnprior.explain import inference
 from cnnprior.explain.learned import KEY_PREFIX, load_learned, sibling_paths
 from cnnprior.gan.checkpoint import load_generator
 from cnnprior.gan.data import load_gan_data
-from cnnprior.gan.models import build_discriminator, build_generator
+from cnnprior.gan.models import build_discriminator, build_generator, get, names
+from cnnprior.gan.models.base import DEFAULT
 from cnnprior.gan.models.convnet import ConvRegressor
 from cnnprior.gan.models.linear import LinearBaseline
 from cnnprior.gan.train import EPOCH_STATS, gan_paths, run_gan_stage
+from cnnprior.maps import metrics
+from cnnprior.present.viz import SHEET_PAD
 from cnnprior.priors.read import read_priors
 from tests.helpers import SIZE, N, gan_config, tiny_data, write_priors
 
@@ -95,20 +96,20 @@ def trained(tmp_path_factory) -> dict:
 
 # ----------------------------------------------------------------------------------------- registry and models
 def test_registry_lists_gans_and_baselines() -> None:
-    assert generators.ALL == ("lsft", "gsft", "linear", "convnet")
-    assert generators.NAMES == ("lsft", "gsft") and generators.BASELINES == ("linear", "convnet")
-    assert generators.DEFAULT == "lsft"
-    assert [generators.VARIANTS[v].adversarial for v in generators.ALL] == [True, True, False, False]
-    assert generators.VARIANTS["linear"].generator_class() is LinearBaseline
-    assert generators.VARIANTS["convnet"].generator_class() is ConvRegressor
-    assert GENERATOR_KEYS == ("lsft", "gsft", "lsft_l1", "gsft_l1", "linear", "convnet") and L1_SUFFIX == "_l1"
+    builtin = ("lsft", "gsft", "linear", "convnet")
+    assert names()[:4] == builtin  # the built-ins first, in their `order`; generators registered later follow
+    assert names(adversarial=True)[:2] == ("lsft", "gsft") and names(adversarial=False)[:2] == ("linear", "convnet")
+    assert DEFAULT == "lsft"
+    assert [get(v).adversarial for v in builtin] == [True, True, False, False]
+    assert get("linear") is LinearBaseline and get("convnet") is ConvRegressor
+    assert generator_keys()[:6] == ("lsft", "gsft", "lsft_l1", "gsft_l1", "linear", "convnet") and L1_SUFFIX == "_l1"
 
 
 @pytest.mark.parametrize("variant", ["linear", "convnet"])
 def test_baselines_build_map_and_rebuild(variant: str) -> None:
     torch.manual_seed(0)
     model = build_generator(variant, 8, 32, 3, 8, 8)
-    assert type(model) is generators.VARIANTS[variant].generator_class() and model.variant == variant
+    assert type(model) is get(variant) and model.variant == variant
     g = torch.Generator().manual_seed(1)
     image, priors = torch.rand(3, 3, 20, 20, generator=g), torch.rand(3, 8, 20, 20, generator=g)
     with torch.no_grad():
@@ -199,7 +200,7 @@ def test_baseline_trains_without_discriminator(trained, variant: str) -> None:
     assert run["lines"][1].startswith("epoch 1/1: L1 ")
     for key in ("best", "last", "export"):
         model, meta = load_generator(paths[key], expect_variant=variant)
-        assert type(model) is generators.VARIANTS[variant].generator_class() and not model.training
+        assert type(model) is get(variant) and not model.training
         assert meta["variant"] == variant and meta["priors_meta"]["n"] == N and meta["priors_meta"]["size"] == SIZE
         assert meta["metrics"]["r"] == h["val_r"] and math.isfinite(meta["metrics"]["r"])
     model, _ = load_generator(paths["export"])

@@ -1,4 +1,4 @@
-"""Tests for cnnprior.core.metrics: every metric against hand-computed values on tiny arrays."""
+"""Tests for cnnprior.maps.metrics: every metric against hand-computed values on tiny arrays."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from cnnprior.core import metrics
 from cnnprior.explain import scores
+from cnnprior.maps import metrics
 
 # ---------------------------------------------------------------------------------------------
 # Fidelity

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from cnnprior.core.errors import UserError
 from cnnprior.gan.models import (
     GSFTGenerator,
     LSFTGenerator,
@@ -215,7 +216,7 @@ def test_build_generator_variants_config_and_errors() -> None:
     assert isinstance(gen, GSFTGenerator) and gen.variant == "gsft"
     assert gen.config() == {"n_priors": 3, "width": 8, "n_blocks": 2, "cond_channels": 4, "cond_hidden": 8}
     GSFTGenerator(**gen.config()).load_state_dict(gen.state_dict())
-    with pytest.raises(ValueError, match="unknown generator variant"):
+    with pytest.raises(UserError, match="gan.variant: 'sft' is not a registered generator"):
         build_generator("sft", n_priors=3, width=8, depth=2, cond_channels=4, cond_hidden=8)
     with pytest.raises(ValueError, match=r"expected priors of shape \(B, 3, H, W\)"):
         gen(*inputs(1, n=4))

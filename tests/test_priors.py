@@ -1,4 +1,5 @@
-"""Tests for cnnprior.priors.extract: maps equal grad-cam's single-layer GradCAM, prior positions and averages, safe files."""
+"""Tests for cnnprior.priors (extract, resize, spec, priorfile): maps equal grad-cam's single-layer GradCAM, prior
+positions and averages, safe files."""
 
 from __future__ import annotations
 
@@ -20,23 +21,18 @@ from torch import nn
 from cnnprior.cli import train_main
 from cnnprior.cnn.layers import cam_layers, conv_layers
 from cnnprior.cnn.model import build_cnn, load_cnn, save_cnn
-from cnnprior.core import cams
 from cnnprior.core.errors import UserError
 from cnnprior.core.runtime import file_sha256
-from cnnprior.core.viz import colorize
 from cnnprior.data.sources.shapes import ShapesSource
-from cnnprior.priors.extract import (
-    PriorExtractor,
-    PriorSpec,
-    main,
-    minmax,
-    position_indices,
-    scale_and_resize,
-    scale_and_resize_all,
-)
+from cnnprior.present.viz import colorize
+from cnnprior.priors import cams
+from cnnprior.priors.cli import main
+from cnnprior.priors.extract import PriorExtractor
 from cnnprior.priors.priorfile import PRIORS_FORMAT, PriorWriter, make_records, record_dtype, sidecar_path, to_u8
 from cnnprior.priors.read import read_priors
 from cnnprior.priors.released import import_released
+from cnnprior.priors.resize import minmax, scale_and_resize, scale_and_resize_all
+from cnnprior.priors.spec import PriorSpec, position_indices
 from cnnprior.priors.stage import run_priors_stage
 from tests.helpers import REPO
 

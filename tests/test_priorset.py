@@ -17,7 +17,7 @@ from cnnprior.core.config import Config, load_config, save_config
 from cnnprior.core.distributed import Dist
 from cnnprior.core.errors import UserError
 from cnnprior.gan.data import MapData, load_gan_data
-from cnnprior.priors.extract import PriorSpec, main
+from cnnprior.priors.cli import main
 from cnnprior.priors.priorfile import PriorFile, PriorWriter, content_hash, record_dtype
 from cnnprior.priors.priorset import (
     PRIORSET_FORMAT,
@@ -30,6 +30,7 @@ from cnnprior.priors.priorset import (
 )
 from cnnprior.priors.random_priors import random_prior_path, run_random_priors_stage
 from cnnprior.priors.read import read_priors, zero_map_fractions
+from cnnprior.priors.spec import PriorSpec
 from cnnprior.priors.stage import check_outputs, finished, run_priors_stage, write_shard
 from tests.helpers import REPO, blob_maps, free_port, gan_config, sidecar_meta, subprocess_env
 
@@ -167,8 +168,10 @@ def test_bad_sets_are_one_line_errors(prior_set, tmp_path: Path, run_py, one_lin
         (lambda m: m.update(count=11), r"shards hold 10 records but the manifest says 11"),
         (lambda m: m["shards"][2].update(content_sha256="0" * 64), r"sidecar's content hash differs from the manifest"),
         (lambda m: m["meta"].update(n=3), r"sidecar key 'n' differs from the manifest"),
-        (lambda m: m.update(format="cnnprior-priorset/9"), r"not a cnnprior prior-set manifest \(format "
-                                                           r"'cnnprior-priorset/9'"),
+        (lambda m: m.update(format="cnnprior-priorset/9"), r"prior-set manifest of format 'cnnprior-priorset/9', from "
+                                                           r"another version of cnnprior \(this version reads "
+                                                           r"'cnnprior-priorset/1'\)"),
+        (lambda m: m.update(format="other"), r"not a cnnprior prior-set manifest \(format 'other'"),
         (lambda m: m.pop("shards"), r"manifest lacks count, content_sha256, meta or a list of shards"),
         (lambda m: m.update(content_sha256="0" * 64), None),  # only verify sees a wrong total hash
     ]

@@ -15,10 +15,8 @@ import torch
 import yaml
 
 from cnnprior.cnn.model import build_cnn, save_cnn
-from cnnprior.core import metrics
 from cnnprior.core.config import load_config
 from cnnprior.core.errors import UserError
-from cnnprior.core.maps import live_cams, resize_maps
 from cnnprior.core.runtime import file_sha256
 from cnnprior.evaluate import sanity
 from cnnprior.evaluate.config import load_eval_config
@@ -42,8 +40,12 @@ from cnnprior.evaluate.sections import EvalContext
 from cnnprior.gan.checkpoint import MaskedInputGenerator, load_generator
 from cnnprior.gan.data import load_gan_data
 from cnnprior.gan.train import run_gan_stage
-from cnnprior.priors.extract import extractor_from, spec_from_sidecar
+from cnnprior.maps import metrics
+from cnnprior.maps.ops import resize_maps
+from cnnprior.priors.cams import live_cams
+from cnnprior.priors.extract import extractor_from
 from cnnprior.priors.priorfile import PRIORS_FORMAT, PriorWriter, make_records
+from cnnprior.priors.spec import spec_from_sidecar
 from tests.helpers import gan_config
 
 CLASSES = ["a", "b", "c", "d", "e"]
@@ -427,7 +429,7 @@ def test_section_options_parse_and_override(world, tmp_path):
     assert cfg.sections == ["mprt", "gridpg"]
     assert (options_of(cfg, "mprt").num, options_of(cfg, "mprt").seed, options_of(cfg, "mprt").steps) == (8, 3, 0)
     assert options_of(cfg, "gridpg").min_prob == 0.5 and options_of(cfg, "gridpg").num == 2
-    assert options_of(cfg, "control").lsft == world["ckpts"]["control"]
+    assert options_of(cfg, "control").checkpoints["lsft"] == world["ckpts"]["control"]
     assert options_of(cfg, "faithfulness").insertion == "blurred"
     assert options_of(cfg, "prior_swap").num == 0  # defaults when unset
 
@@ -574,7 +576,8 @@ def test_mprt_pools_several_seeds_and_gives_each_seed_its_verdict(world, tmp_pat
 
 
 def test_mprt_names_the_training_seeds_and_defaults_to_a_held_out_seed():
-    from cnnprior.evaluate.sections.mprt import MPRTOptions, training_seeds
+    from cnnprior.evaluate.randomisations import training_seeds
+    from cnnprior.evaluate.sections.mprt import MPRTOptions
 
     meta = {"priors_meta": {"randomised": {"files": ["npys/x-train-random-fc-s0.npy", "npys/x-train-random-stem-s2.npy",
                                                      "npys/x-train-random-fc-s0.npy"]}}}

@@ -98,12 +98,12 @@ RSS_SIZE, RSS_N, RSS_COUNT = 64, 4, 4096  # 32,786-byte records: 134 MB for 1x, 
 # RssAnon is the process's anonymous memory (heap, tensors, numpy copies); memmapped prior-file pages are
 # file-backed (RssFile) and the kernel drops them at will, so VmRSS / VmHWM would grow with the data merely read.
 # /proc has no RssAnon high-water mark, so a thread samples it every 2 ms for the whole stage (file checks, data
-# set-up, training), and after_step samples it at every training step and stops the run after `steps` steps.
+# set-up, training), and the stage's on_step callback samples it at every training step and stops the run after
+# `steps` steps.
 RSS_SCRIPT = """
 import json, sys, threading, time
 from cnnprior.core.config import load_config
 from cnnprior.gan.train import run_gan_stage
-from cnnprior.core.testhooks import TestHooks
 
 def rss_anon():
     with open("/proc/self/status") as f:
@@ -114,7 +114,7 @@ class Stop(Exception):
 
 steps, peak, done = int(sys.argv[2]), {"run": 0, "steps": 0, "trained": 0}, threading.Event()
 
-def after_step(self, step):
+def after_step(step):
     peak["steps"], peak["trained"] = max(peak["steps"], rss_anon()), step
     if step >= steps:
         raise Stop
@@ -124,12 +124,11 @@ def sample():
         peak["run"] = max(peak["run"], rss_anon())
         time.sleep(0.002)
 
-TestHooks.after_step = after_step
 start = rss_anon()
 thread = threading.Thread(target=sample, daemon=True)
 thread.start()
 try:
-    run_gan_stage(load_config(sys.argv[1]), log=lambda _m: None)
+    run_gan_stage(load_config(sys.argv[1]), log=lambda _m: None, on_step=after_step)
 except Stop:
     pass
 done.set()

@@ -15,11 +15,12 @@ from torch import nn
 
 from cnnprior.cnn.layers import cam_layers, conv_layers, final_layer, last_block, within
 from cnnprior.cnn.model import build_cnn
-from cnnprior.core.baselines import BaselineChoice, baseline_maps, choose, choose_streamed, grayscale
 from cnnprior.core.config import ARCHS, Config, load_config
 from cnnprior.core.errors import UserError
-from cnnprior.priors.extract import PriorSpec, extractor_from, spec_from_sidecar
+from cnnprior.maps.baselines import BaselineChoice, baseline_maps, choose, choose_streamed, grayscale
+from cnnprior.priors.extract import extractor_from
 from cnnprior.priors.read import read_priors
+from cnnprior.priors.spec import PriorSpec, spec_from_sidecar
 from tests.helpers import REPO, write_priors
 
 FINAL = {"resnet18": "net.layer4.1", "densenet121": "net.features.norm5", "vgg11": "net.features.19",

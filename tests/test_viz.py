@@ -1,4 +1,4 @@
-"""Tests for cnnprior.core.viz: colormap round trips, overlays, sheets, HTML index, charts, atomic writes."""
+"""Tests for cnnprior.present.viz: colormap round trips, overlays, sheets, HTML index, charts, atomic writes."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cnnprior.core import viz
+from cnnprior.present import viz
 
 
 def _read(path) -> np.ndarray:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from cnnprior.core.errors import UserError
+from cnnprior.core.schema import suggest
 
 __all__ = [
     "ACTIVATIONS", "Call", "cam_layers", "conv_layers", "final_layer", "FINAL_LAYERS", "LAYER_OUTPUTS",
@@ -227,9 +228,7 @@ def named_module(model: nn.Module, name: str, key: str = "priors.target_layer") 
     """(name, module) of a qualified module name; one-line error naming close names when it does not exist."""
     modules = dict(model.named_modules())
     if name not in modules:
-        close = [n for n in modules if n.endswith(name.split(".")[-1])][:3]
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise UserError(f"{key}: the CNN has no module {name!r}{hint}")
+        raise UserError(f"{key}: the CNN has no module {name!r}{suggest(name, modules, listing=None)}")
     return name, modules[name]
 
 

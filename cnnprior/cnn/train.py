@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -28,46 +27,33 @@ from tqdm import tqdm
 
 from cnnprior.cnn.model import TargetCNN, build_cnn, save_cnn, set_bn_momentum
 from cnnprior.core import runtime
-from cnnprior.core.config import Config, save_config, to_dict
+from cnnprior.core.config import Config, to_dict
 from cnnprior.core.distributed import (
     Dist,
     all_sum,
     everywhere,
-    from_main,
     gather_objects,
-    init_distributed,
+    joined,
     main_first,
     mean_batchnorm_stats,
     rank_seed,
     shard,
 )
 from cnnprior.core.errors import UserError
-from cnnprior.core.runtime import Log, atomic_torch_save, load_checkpoint, seed_everything, state_sha256
-from cnnprior.core.testhooks import TestHooks
+from cnnprior.core.runtime import Log, load_checkpoint, seed_everything, state_sha256
+from cnnprior.core.stage import FinishCallback, Outputs, Stage, StepCallback
 from cnnprior.data.relabel import Relabelled
 from cnnprior.data.splits import SplitView, load_split
 
 __all__ = [
-    "cnn_paths", "cnn_seed", "CNN_STATE_FORMAT", "EpochBatches", "evaluate_accuracy", "prepare_cnn_outputs",
-    "RESUME_FREE_KEYS", "train_cnn"
+    "cnn_outputs", "cnn_paths", "cnn_seed", "CNN_STATE_FORMAT", "EpochBatches", "evaluate_accuracy",
+    "prepare_cnn_outputs", "RESUME_FREE_KEYS", "train_cnn"
 ]
 
 CNN_STATE_FORMAT = "cnnprior-cnn-state/1"  # the classifier stage's full-state `-last.pt` (for --resume)
 # data/cnn config keys that may change between a classifier run and its resumption (they change no number)
 RESUME_FREE_KEYS = frozenset({"data.root", "data.homepage", "data.download", "data.num_workers", "cnn.device",
                               "cnn.checkpoint", "cnn.checkpoint_every", "cnn.save_half"})
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -131,19 +117,21 @@ def cnn_paths(cfg: Config) -> dict[str, Path]:
     return {"best": best, "last": best.with_name(f"{best.stem}-last.pt"), "yaml": best.with_suffix(".yaml")}
 
 
+def cnn_outputs(cfg: Config) -> Outputs:
+    """The classifier stage's outputs (cnn_paths) for the stage skeleton; a fresh run removes an old `last`."""
+    return Outputs(cnn_paths(cfg), kind="classifier", state="classifier state", key="cnn.checkpoint",
+                   restart="retrain")
+
+
 def prepare_cnn_outputs(cfg: Config, resume: bool, overwrite: bool, world: int = 1) -> dict | None:
-    """Refuse to replace existing outputs without --overwrite; with --resume load `last` and check it fits (and,
-    if it was saved mid-epoch, that `world` processes resume it, as many as saved it)."""
-    paths = cnn_paths(cfg)
-    if not resume:
-        existing = [p for p in paths.values() if p.exists()]
-        if existing and not overwrite:
-            raise UserError(f"{existing[0]}: classifier outputs exist; use --resume to continue, --overwrite to "
-                            f"retrain, or another cnn.checkpoint")
-        return None
-    last = paths["last"]
-    if not last.is_file():
-        raise UserError(f"{last}: no classifier state to resume from; drop --resume to start a new run")
+    """Refuse to replace existing outputs without --overwrite (a fresh run removes an old `last`); with --resume
+    load `last` and check it fits (and, if it was saved mid-epoch, that `world` processes resume it, as many as
+    saved it)."""
+    return cnn_outputs(cfg).prepare(resume, overwrite, lambda last: _resumable_state(cfg, last, world))
+
+
+def _resumable_state(cfg: Config, last: Path, world: int) -> dict:
+    """The classifier state in `last`, checked against the config and the process count."""
     state = load_checkpoint(last, "classifier state")
     if state.get("format") != CNN_STATE_FORMAT:
         raise UserError(f"{last}: not a classifier state (format {state.get('format')!r}, expected "
@@ -173,34 +161,36 @@ class _ClassifierRun:
     aug: torch.Generator
     device: torch.device
     train_count: int
+    stage: Stage  # the outputs, the process's place in the job, the caller's callbacks
     # completed epochs, batches done in the current epoch, global step, best val accuracy, history, the running
     # (EMA) train loss and accuracy of the current epoch (this rank's), seconds spent in earlier processes
     progress: dict = field(default_factory=lambda: {"epoch": 0, "batch": 0, "step": 0, "best": -1.0,
                                                     "history": [], "loss": 0.0, "acc": 0.0, "seconds": 0.0})
-    ctx: Dist = field(default_factory=Dist)
     ddp: nn.Module | None = None  # what training calls in a torchrun job: the model's DDP wrapper
+
+    @property
+    def ctx(self) -> Dist:
+        return self.stage.ctx
 
     def rank_state(self) -> dict:
         """What differs between the ranks of a job: RNG states (global and augmentation), the running loss/accuracy."""
         return {"rng": runtime.rng_state(self.device), "augment_rng": self.aug.get_state(),
                 "loss": self.progress["loss"], "acc": self.progress["acc"]}
 
-    def save_state(self, path: Path, seconds: float) -> None:
-        """Atomically write the full state (weights, optimiser, scheduler, RNGs, progress) for --resume.
+    def save_state(self, seconds: float) -> None:
+        """Atomically write the full state (weights, optimiser, scheduler, RNGs, progress) as `last`, for --resume.
 
         Every rank calls it (it gathers the ranks' RNG states); rank 0 writes: its own state as in a one-process
         run, the other ranks' under `ranks`.
         """
         ranks = gather_objects(self.ctx, self.rank_state())
-        if not self.ctx.main:
-            return
-        atomic_torch_save({
+        self.stage.save("last", lambda: {
             "format": CNN_STATE_FORMAT, "model": {k: v.detach().cpu() for k, v in self.model.net.state_dict().items()},
             "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
             "rng": ranks[0]["rng"],
             "augment_rng": ranks[0]["augment_rng"], "progress": dict(self.progress, seconds=seconds),
             "class_names": list(self.model.class_names), "train_count": self.train_count,
-            "config": to_dict(self.cfg), "world_size": self.ctx.world, "ranks": ranks[1:]}, path)
+            "config": to_dict(self.cfg), "world_size": self.ctx.world, "ranks": ranks[1:]})
 
     def restore(self, state: dict, path: Path) -> None:
         """Continue from a `save_state` file (already checked against the config by prepare_cnn_outputs)."""
@@ -228,10 +218,9 @@ class _ClassifierRun:
         for group, base, fn in zip(self.opt.param_groups, self.sched.base_lrs, self.sched.lr_lambdas, strict=True):
             group["lr"] = base * fn(step)
 
-    def train_epoch(self, loader: DataLoader, sampler: EpochBatches, last: Path, elapsed: Callable[[], float]) -> None:
+    def train_epoch(self, loader: DataLoader, sampler: EpochBatches, elapsed: Callable[[], float]) -> None:
         """Train the rest of the current epoch; `last` every cnn.checkpoint_every steps (not at its end)."""
-        p, every = self.progress, self.cfg.cnn.checkpoint_every
-        hooks = TestHooks()
+        p = self.progress
         sampler.set_epoch(p["epoch"], p["batch"])
         net = self.ddp or self.model
         net.train()
@@ -255,9 +244,8 @@ class _ClassifierRun:
             p["batch"], p["step"] = p["batch"] + 1, p["step"] + 1
             bar.update(1)
             bar.set_postfix(loss=f"{p['loss']:.3f}", acc=f"{p['acc']:.3f}")
-            hooks.after_step(p["step"])
-            if every and p["step"] % every == 0 and p["batch"] < sampler.batches:
-                self.save_state(last, elapsed())
+            if self.stage.step_done(p["step"], mid_epoch=p["batch"] < sampler.batches):
+                self.save_state(elapsed())
         bar.close()
 
 
@@ -266,10 +254,10 @@ def cnn_seed(cfg: Config) -> int:
     return cfg.cnn.seed if cfg.cnn.seed >= 0 else cfg.data.seed
 
 
-def _classifier_run(cfg: Config, class_names: list[str], train_count: int, steps: int, device: torch.device,
-                    ctx: Dist) -> _ClassifierRun:
+def _classifier_run(cfg: Config, class_names: list[str], train_count: int, steps: int, stage: Stage) -> _ClassifierRun:
     """A fresh run: seeded model (channels_last, the same on every rank), optimiser and warm-up + cosine schedule
     over `steps`; each rank's own seed for what it draws later (dropout, augmentation)."""
+    ctx, device = stage.ctx, stage.device
     seed_everything(cnn_seed(cfg))
     model = build_cnn(cfg.cnn.arch, class_names, cfg.data.image_size, cfg.cnn.pretrained).to(device)
     if cfg.cnn.bn_momentum >= 0:
@@ -285,7 +273,7 @@ def _classifier_run(cfg: Config, class_names: list[str], train_count: int, steps
     seed = rank_seed(cnn_seed(cfg), ctx.rank)
     if ctx.rank:
         seed_everything(seed)
-    return _ClassifierRun(cfg, model, opt, sched, torch.Generator().manual_seed(seed), device, train_count, ctx=ctx)
+    return _ClassifierRun(cfg, model, opt, sched, torch.Generator().manual_seed(seed), device, train_count, stage)
 
 
 def _loaders(cfg: Config, train_set: Dataset, val_set: Dataset, device: torch.device,
@@ -312,17 +300,17 @@ def _eval_loader(cfg: Config, dataset: Dataset, device: torch.device, ctx: Dist)
                       generator=torch.Generator().manual_seed(cnn_seed(cfg)), **_loader_kw(cfg, device))
 
 
-def train_cnn(cfg: Config, resume: bool = False, overwrite: bool = False, log: Log = print) -> dict:
+def train_cnn(cfg: Config, resume: bool = False, overwrite: bool = False, log: Log = print,
+              on_step: StepCallback | None = None, on_finish: FinishCallback | None = None) -> dict:
     """The classifier stage: train the target CNN; keep the best-validation checkpoint and a full-state `last`.
 
     One process, or one rank of a torchrun job (DDP; gloo on CPU, nccl on GPU): see the module docstring.
+    `on_step(step)` runs after every trained step (before its checkpoint); `on_finish(rank, summary)` at the end,
+    with the hashes of the final weights and optimiser moments (core/stage.py).
     """
-    ctx, device = init_distributed(cfg.cnn.device)
-    try:
-        return _train(cfg, resume, overwrite, log if ctx.main else (lambda _msg: None), ctx, device)
-    finally:
-        if ctx.enabled:
-            dist.destroy_process_group()
+    with joined(cfg.cnn.device) as (ctx, device):
+        stage = Stage(cnn_outputs(cfg), ctx, device, log, cfg.cnn.checkpoint_every, on_step, on_finish)
+        return _train(cfg, resume, overwrite, stage)
 
 
 def _validate(model: nn.Module, loader: DataLoader, device: torch.device, ctx: Dist) -> float:
@@ -351,24 +339,22 @@ def _train_val(cfg: Config) -> tuple[SplitView | Relabelled, SplitView]:
     return train_set, val_set
 
 
-def _train(cfg: Config, resume: bool, overwrite: bool, log: Log, ctx: Dist, device: torch.device) -> dict:
-    state = from_main(ctx, lambda: prepare_cnn_outputs(cfg, resume, overwrite, ctx.world))
-    paths, t0 = cnn_paths(cfg), time.time()
+def _train(cfg: Config, resume: bool, overwrite: bool, stage: Stage) -> dict:
+    ctx, device, log, paths = stage.ctx, stage.device, stage.log, stage.paths
+    state = stage.begin(resume, overwrite, lambda last: _resumable_state(cfg, last, ctx.world))
+    t0 = time.time()
     # rank 0 first: a dataset extracted into the cache on first use is extracted once
     train_set, val_set = main_first(ctx, lambda: _train_val(cfg))
     train_loader, sampler, val_loader = _loaders(cfg, train_set, val_set, device, ctx)
     relabelled = isinstance(train_set, Relabelled)
     fit_loader = _eval_loader(cfg, train_set, device, ctx) if relabelled else None
     steps = max(1, cfg.cnn.epochs * sampler.batches)
-    run = everywhere(ctx, lambda: _classifier_run(cfg, train_set.class_names, len(train_set), steps, device, ctx))
+    run = everywhere(ctx, lambda: _classifier_run(cfg, train_set.class_names, len(train_set), steps, stage))
     if state is not None:
         everywhere(ctx, lambda: run.restore(state, paths["last"]))
-        if int(state.get("world_size", 1)) != ctx.world:  # only where an epoch ended (prepare_cnn_outputs)
+        if int(state.get("world_size", 1)) != ctx.world:  # only where an epoch ended (_resumable_state)
             run.reposition_schedule(run.progress["epoch"] * sampler.batches)
-    elif ctx.main:
-        paths["last"].unlink(missing_ok=True)  # --overwrite: an old run's state must never be resumed
-    if ctx.main:
-        save_config(cfg, paths["yaml"])
+    stage.write_config(cfg)
     if ctx.enabled:
         run.ddp = DDP(run.model, device_ids=[device.index] if device.type == "cuda" else None)
     p = run.progress
@@ -383,7 +369,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, log: Log, ctx: Dist, devi
     if state is not None and p["epoch"] >= cfg.cnn.epochs:
         log(f"classifier: nothing to do ({p['epoch']} of {cfg.cnn.epochs} epochs done)")
     while p["epoch"] < cfg.cnn.epochs:
-        run.train_epoch(train_loader, sampler, paths["last"], elapsed)
+        run.train_epoch(train_loader, sampler, elapsed)
         mean_batchnorm_stats(ctx, run.model)
         acc = _validate(run.model, val_loader, device, ctx)
         train_loss = _ranks_mean(ctx, p["loss"], device)
@@ -400,24 +386,21 @@ def _train(cfg: Config, resume: bool, overwrite: bool, log: Log, ctx: Dist, devi
             if ctx.main:
                 save_cnn(run.model, paths["best"], val_accuracy=acc, epoch=p["epoch"], config=to_dict(cfg),
                          dataset=cfg.data.source, history=p["history"], half=cfg.cnn.save_half)
-        run.save_state(paths["last"], elapsed())
+        run.save_state(elapsed())
     if cfg.cnn.epochs == 0:
         p["best"] = _validate(run.model, val_loader, device, ctx)
         if ctx.main:
             save_cnn(run.model, paths["best"], val_accuracy=p["best"], epoch=0, config=to_dict(cfg),
                      dataset=cfg.data.source, half=cfg.cnn.save_half)
-    TestHooks().dump(ctx.rank, lambda: _weights_summary(run))
+    stage.finish(lambda: _weights_summary(run))
     log(f"classifier: best val accuracy {p['best']:.4f}, checkpoint {paths['best']} ({elapsed():.0f}s)")
     return {"checkpoint": str(paths["best"]), "val_accuracy": p["best"], "seconds": elapsed(),
             "history": p["history"]}
 
 
 def _weights_summary(run: _ClassifierRun) -> dict:
-    """What the dump test hook writes per rank: hashes of the final weights and optimiser moments, the step count."""
+    """What on_finish is given: hashes of the final weights and optimiser moments, the step count, the processes."""
     moments = {f"{i}.{k}": v for i, s in run.opt.state_dict()["state"].items() for k, v in s.items()
                if isinstance(v, torch.Tensor)}
     return {"model": state_sha256(run.model.net.state_dict()), "optimizer": state_sha256(moments),
             "step": run.progress["step"], "world_size": run.ctx.world}
-
-
-# ----------------------------------------------------------------------------------------- your own CNN

@@ -10,17 +10,15 @@ from pathlib import Path
 
 import yaml
 
-from cnnprior.core import cams, generators
 from cnnprior.core.errors import UserError
 from cnnprior.core.runtime import atomic_write_text
-from cnnprior.core.schema import fill, opt, parse_override, read_yaml_mapping
+from cnnprior.core.schema import apply_overrides, fill, opt, read_yaml_mapping
 
 __all__ = [
     "ARCHS", "CNNConfig", "Config", "DataConfig", "from_dict", "GANConfig", "load_config", "PriorsConfig",
-    "save_config", "sets_nothing", "SOURCES", "to_dict"
+    "save_config", "sets_nothing", "to_dict"
 ]
 
-SOURCES = ("shapes", "fashion_mnist", "cifar10", "imagefolder")
 ARCHS = ("resnet18", "resnet34", "resnet50", "vgg11", "vgg11_bn", "vgg16", "vgg16_bn", "densenet121",
          "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "inception_v3")
 
@@ -29,7 +27,7 @@ ARCHS = ("resnet18", "resnet34", "resnet50", "vgg11", "vgg11_bn", "vgg16", "vgg1
 class DataConfig:
     """Where the images come from and how they are split."""
 
-    source: str = opt("shapes", choices=SOURCES, help="image source")
+    source: str = opt("shapes", help="image source by name: shapes, fashion_mnist, cifar10, imagefolder, or one registered with cnnprior.data.register_source")
     root: str = opt("", help="dataset folder (imagefolder/cifar10/fashion_mnist); empty = the source's default")
     homepage: str = opt("", help="where to get the dataset (shown when it is missing)")
     download: bool = opt(False, help="cifar10 only: allow torchvision to download the dataset")
@@ -83,7 +81,7 @@ class PriorsConfig:
 
     size: int = opt(64, lo=8, hi=1024, help="prior/map size S in pixels")
     n: int = opt(8, lo=1, hi=64, help="number of cumulative priors kept")
-    method: str = opt(cams.DEFAULT, choices=cams.NAMES, help="CAM method for the per-layer maps")
+    method: str = opt("gradcam", help="CAM method for the per-layer maps, by its name in cnnprior.priors.cams")
     order: str = opt("output_to_input", choices=("output_to_input", "input_to_output"),
                       help="order in which per-layer maps are cumulatively averaged")
     target: str = opt("final", choices=("final", "last_conv", "first", "last"),
@@ -123,10 +121,10 @@ class PriorsConfig:
 class GANConfig:
     """The conditional GAN: generator variant, sizes and training."""
 
-    variant: str = opt(generators.DEFAULT, choices=generators.ALL)
+    variant: str = opt("lsft", help="generator, by its registered name (lsft, gsft, linear, convnet, ...)")
     width: int = opt(64, lo=4, hi=1024, help="trunk channels")
-    depth: int = opt(7, lo=0, hi=256, help="lsft: plain residual blocks; gsft: SFT residual blocks; convnet: hidden "
-                                           "5x5 convolutions (>= 1); linear: unused")
+    depth: int = opt(7, lo=0, hi=256, help="the generator's depth: each generator's from_config says what it sets "
+                                           "(cnnprior/gan/models/)")
     cond_channels: int = opt(32, lo=1, hi=1024)
     cond_hidden: int = opt(128, lo=1, hi=4096)
     disc_width: int = opt(64, lo=4, hi=1024)
@@ -252,14 +250,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
         if sets_nothing(raw):
             raise UserError(f"{where}: the config sets nothing (empty, only comments, null or empty sections); "
                             f"copy one of configs/*.yaml and set at least name and data.source")
-    for text in overrides:
-        keys, value = parse_override(text)
-        node = raw
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise UserError(f"--set {text!r}: '{k}' is not a section")
-        node[keys[-1]] = value
+    apply_overrides(raw, overrides)
     cfg = Config()
     fill(cfg, raw, where)
     _validate(cfg, where)

@@ -91,25 +91,24 @@ def agree(ctx: Dist, error: str | None) -> None:
         raise UserError(error)
 
 
+def _attempt(fn: Callable[[], T]) -> tuple[T | None, str | None]:
+    """(fn(), None), or (None, its UserError's message)."""
+    try:
+        return fn(), None
+    except UserError as exc:
+        return None, str(exc)
+
+
 def everywhere(ctx: Dist, fn: Callable[[], T]) -> T:
     """Run fn on every rank; a UserError on any rank is raised on all."""
-    result, error = None, None
-    try:
-        result = fn()
-    except UserError as exc:
-        error = str(exc)
+    result, error = _attempt(fn)
     agree(ctx, error)
     return result  # type: ignore[return-value]
 
 
 def from_main(ctx: Dist, fn: Callable[[], T]) -> T:
     """Run fn on rank 0 only and hand its result (or its UserError) to every rank."""
-    result, error = None, None
-    if ctx.main:
-        try:
-            result = fn()
-        except UserError as exc:
-            error = str(exc)
+    result, error = _attempt(fn) if ctx.main else (None, None)
     if ctx.enabled:
         box = [(result, error)]
         dist.broadcast_object_list(box, src=0)
@@ -147,10 +146,7 @@ def main_first(ctx: Dist, fn: Callable[[], T]) -> T:
     for turn in range(3):
         error = None
         if group == turn:
-            try:
-                result = fn()
-            except UserError as exc:
-                error = str(exc)
+            result, error = _attempt(fn)
         agree(ctx, error)
     return result  # type: ignore[return-value]
 

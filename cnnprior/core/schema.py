@@ -9,7 +9,7 @@ import difflib
 import math
 import os
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import field
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,10 @@ import yaml
 
 from cnnprior.core.errors import UserError
 
-__all__ = ["check_range", "coerce", "describe_keys", "fill", "opt", "parse_override", "read_yaml_mapping", "suggest"]
+__all__ = [
+    "apply_overrides", "check_range", "coerce", "describe_keys", "fill", "opt", "parse_override", "read_yaml_mapping",
+    "suggest"
+]
 
 
 def opt(default: Any, *, choices: tuple | None = None, lo: float | None = None, hi: float | None = None,
@@ -30,10 +33,14 @@ def opt(default: Any, *, choices: tuple | None = None, lo: float | None = None, 
     return field(default=default, metadata=meta)
 
 
-def suggest(key: str, options: list[str]) -> str:
-    """' (did you mean 'x'?)' for the closest option, else the known keys."""
+def suggest(key: str, options: Iterable[str], listing: str | None = "known keys", prefix: str = "") -> str:
+    """The "did you mean" of every one-line error: " (did you mean '<prefix>x'?)" for the option closest to `key`;
+    when none is close, " (<listing>: the options, sorted)", or '' when `listing` is None (the caller says more)."""
+    options = [str(o) for o in options]
     close = difflib.get_close_matches(key, options, n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(sorted(options))})"
+    if close:
+        return f" (did you mean '{prefix}{close[0]}'?)"
+    return f" ({listing}: {', '.join(sorted(options))})" if listing is not None else ""
 
 
 def coerce(value: Any, ftype: Any, where: str) -> Any:
@@ -141,6 +148,26 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not path:
         raise UserError(f"--set {text!r}: empty key")
     return path, value
+
+
+def apply_overrides(raw: dict, overrides: Iterable[str],
+                    check: Callable[[list[str]], str | None] | None = None) -> dict:
+    """Put `--set section.key=value` overrides into a raw config mapping (in place; returned): the dotted key names
+    the nested mapping to set, made where missing (a blank section, `gan:` in YAML, becomes a mapping). `check(keys)`
+    may refuse a key path: it returns the reason, reported as "--set '<text>': <reason>"."""
+    for text in overrides:
+        keys, value = parse_override(text)
+        if check is not None and (problem := check(keys)):
+            raise UserError(f"--set {text!r}: {problem}")
+        node = raw
+        for k in keys[:-1]:
+            if node.get(k) is None:
+                node[k] = {}
+            node = node[k]
+            if not isinstance(node, dict):
+                raise UserError(f"--set {text!r}: '{k}' is not a section")
+        node[keys[-1]] = value
+    return raw
 
 
 def read_yaml_mapping(path: str | os.PathLike, examples: str, top_level: str) -> dict:

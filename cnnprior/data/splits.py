@@ -12,15 +12,19 @@ from torch.utils.data import Dataset
 
 from cnnprior.core.config import DataConfig
 from cnnprior.core.errors import UserError
+from cnnprior.core.schema import suggest
 from cnnprior.data.sources.base import SPLITS, ImageSource, UnreadableImageError, resize_uint8
 from cnnprior.data.sources.imagefolder import open_imagefolder
 from cnnprior.data.sources.shapes import ShapesSource
 from cnnprior.data.sources.torchvision_sets import cifar10, fashion_mnist
 
-__all__ = ["load_split", "open_source", "OPENERS", "pool_splits", "split_indices", "SplitView", "stratified_take"]
+__all__ = ["load_split", "open_source", "OPENERS", "pool_splits", "register_source", "source_opener", "split_indices", "SplitView",
+           "stratified_take"]
 
-# data.source -> the function that opens its pool of images (`pool`: the official split where there is one)
-OPENERS: dict[str, Callable[[DataConfig, str], ImageSource]] = {
+Opener = Callable[[DataConfig, str], ImageSource]
+# data.source -> the function that opens its pool of images (`pool`: the official split where there is one);
+# `register_source` adds one
+OPENERS: dict[str, Opener] = {
     "shapes": lambda cfg, pool: ShapesSource(cfg.shapes_count, cfg.image_size, cfg.seed),
     "fashion_mnist": lambda cfg, pool: fashion_mnist(cfg.root, pool),
     "cifar10": lambda cfg, pool: cifar10(cfg.root, pool, cfg.download),
@@ -181,12 +185,32 @@ class SplitView(Dataset):
         return f"{self.source.describe()}: {len(names)} classes [{shown}]; {sizes}"
 
 
+def register_source(name: str) -> Callable[[Opener], Opener]:
+    """Register an opener under the name `data.source` takes: `@register_source("mine") def open_mine(cfg, pool)`,
+    cfg the config's `data` section, pool "train" or "test" (the official split where the dataset has one)."""
+    if not name or not isinstance(name, str):
+        raise ValueError(f"a data source needs a non-empty name, got {name!r}")
+
+    def add(opener: Opener) -> Opener:
+        if name in OPENERS and OPENERS[name] is not opener:
+            raise ValueError(f"data source {name!r} is registered already")
+        OPENERS[name] = opener
+        return opener
+
+    return add
+
+
+def source_opener(name: str, key: str = "data.source") -> Opener:
+    """The opener registered as `name`; an unknown name is one line naming the registered ones."""
+    if name not in OPENERS:
+        raise UserError(f"{key}: unknown image source {name!r}" + suggest(name, list(OPENERS), listing="registered sources"))
+    return OPENERS[name]
+
+
 def open_source(cfg: DataConfig, pool: str = "train") -> ImageSource:
     """The image pool of a data config (`pool` = official train/test split where the dataset has one), with
-    data.class_names applied."""
-    if cfg.source not in OPENERS:  # pragma: no cover (validated by config)
-        raise UserError(f"unknown data.source {cfg.source!r}")
-    src = OPENERS[cfg.source](cfg, pool)
+    data.class_names applied. An unknown data.source is one line naming the registered ones."""
+    src = source_opener(cfg.source)(cfg, pool)
     if cfg.class_names:
         src.rename(cfg.class_names)
     return src

@@ -3,25 +3,46 @@ options (`mprt: {num: 64}`) and `--set` overrides; clear one-line errors."""
 
 from __future__ import annotations
 
-import difflib
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cnnprior.core import generators
 from cnnprior.core.errors import UserError
-from cnnprior.core.schema import coerce, fill, opt, parse_override, read_yaml_mapping
+from cnnprior.core.schema import apply_overrides, coerce, fill, opt, read_yaml_mapping, suggest
 from cnnprior.evaluate import sections
 from cnnprior.evaluate.sections.base import EvalSet
+from cnnprior.gan.models.base import L1_SUFFIX, names
 
-__all__ = ["EvalConfig", "EvalSet", "GENERATOR_KEYS", "L1_SUFFIX", "load_eval_config", "parse_eval_sets",
-           "parse_generators", "parse_sections"]
+__all__ = ["EvalConfig", "EvalSet", "generator_keys", "L1_SUFFIX", "load_eval_config", "parse_eval_sets",
+           "parse_explainers", "parse_generators", "parse_sections"]
 
-L1_SUFFIX = "_l1"  # <gan>_l1: the GAN's twin trained with the adversarial term off
-# the generator checkpoint keys, in report order: the GANs, their L1-only twins, the learned baselines
-GENERATOR_KEYS = generators.NAMES + tuple(v + L1_SUFFIX for v in generators.NAMES) + generators.BASELINES
+
+def generator_keys() -> tuple[str, ...]:
+    """The names a generator checkpoint is evaluated under, in report order: the registered GANs, their L1-only
+    twins (`<gan>_l1`, trained with gan.adv_weight 0), the learned baselines (registered, not adversarial)."""
+    gans = names(adversarial=True)
+    return gans + tuple(g + L1_SUFFIX for g in gans) + names(adversarial=False)
+
+
+def parse_explainers(value: Any, loc: str, where: str) -> dict[str, str]:
+    """`explainers:` a mapping {generator key: checkpoint} (see `generator_keys`); blank checkpoints are left out."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UserError(f"{loc}: expected a mapping of generator name to checkpoint, got {value!r}")
+    known = generator_keys()
+    out = {}
+    for key, path in value.items():
+        if key not in known:
+            raise UserError(f"{loc}: {key!r} is not a registered generator or <gan>{L1_SUFFIX} twin"
+                            f"{suggest(str(key), known, listing='known')}")
+        if path is not None and not isinstance(path, str):
+            raise UserError(f"{loc}: {key!r}: expected a checkpoint path, got {path!r}")
+        if path:
+            out[key] = path
+    return out
 
 
 def parse_sections(value: Any, loc: str, where: str = "") -> list[str]:
@@ -35,9 +56,8 @@ def parse_sections(value: Any, loc: str, where: str = "") -> list[str]:
     known = sections.selectable_names()
     for s in value:
         if s not in known:
-            close = difflib.get_close_matches(s, known, n=1, cutoff=0.6)
-            raise UserError(f"{loc}: {s!r} is not one of {', '.join(known)}"
-                            + (f" (did you mean '{close[0]}'?)" if close else "") + "; fidelity always runs")
+            raise UserError(f"{loc}: {s!r} is not one of {', '.join(known)}{suggest(s, known, listing=None)}; "
+                            f"fidelity always runs")
     return list(dict.fromkeys(value))
 
 
@@ -85,12 +105,10 @@ class EvalConfig:
 
     name: str = opt("eval", help="report name: outputs/eval-<name>-<timestamp>")
     priors: str = opt("", help="held-out prior file the GANs are evaluated on (required)")
-    lsft: str = opt("", help="LSFT generator checkpoint (empty = none)")
-    gsft: str = opt("", help="GSFT generator checkpoint (empty = none)")
-    lsft_l1: str = opt("", help="LSFT trained with gan.adv_weight: 0 (the adversarial ablation; empty = none)")
-    gsft_l1: str = opt("", help="GSFT trained with gan.adv_weight: 0 (the adversarial ablation; empty = none)")
-    convnet: str = opt("", help="learned baseline `convnet` checkpoint (empty = none)")
-    linear: str = opt("", help="learned baseline `linear` checkpoint (empty = none)")
+    explainers: dict = field(default_factory=dict, metadata={
+        "help": "the generators evaluated, {name: checkpoint}: a registered generator (lsft, gsft, linear, convnet, "
+                "...) or <gan>_l1, its twin trained with gan.adv_weight 0; each name is also a top-level key "
+                "(lsft: <checkpoint>, --set lsft=...)", "parse": parse_explainers})
     cnn: str = opt("", help="CNN checkpoint; empty = the prior file's cnn.checkpoint")
     num: int = opt(256, lo=0, help="images evaluated: the first num records (0 = all)")
     batch_size: int = opt(32, lo=1, hi=65_536)
@@ -109,41 +127,53 @@ class EvalConfig:
     source_file: str = field(default="", metadata={"internal": True})
 
 
-def _section_options(cfg: EvalConfig, where: str) -> Callable[[str, Any], bool]:
-    """The `extra` hook of `fill` for an evaluation config: a section's options mapping (`mprt: {num: 64}`)."""
+def _extra_keys(cfg: EvalConfig, where: str, aliases: dict[str, str]) -> Callable[[str, Any], bool]:
+    """The `extra` hook of `fill` for an evaluation config: a section's options mapping (`mprt: {num: 64}`), or a
+    generator key at the top level (`lsft: <checkpoint>`), collected into `aliases`."""
 
     def take(key: str, value: Any) -> bool:
-        if key not in sections.OPTIONS:
-            return False
-        sections.set_options(cfg, key, value, where)
-        return True
+        if key in sections.OPTIONS:
+            sections.set_options(cfg, key, value, where)
+            return True
+        if key in generator_keys():
+            aliases.update(parse_explainers({key: value}, f"{where}: key '{key}'", where))
+            return True
+        return False
 
     return take
 
 
-def _apply_eval_overrides(raw: dict, overrides: Sequence[str]) -> None:
-    """`--set key=value` (flat keys) and `--set section.option=value` onto the raw YAML mapping."""
-    for text in overrides:
-        keys, value = parse_override(text)
-        if len(keys) == 2 and keys[0] in sections.OPTIONS:  # a section option: --set mprt.num=16
-            node = raw.get(keys[0])
-            raw[keys[0]] = {**(node if isinstance(node, dict) else {}), keys[1]: value}
-            continue
-        if len(keys) != 1:
-            raise UserError(f"--set {text!r}: evaluation keys are flat (e.g. --set num=64; section options: "
-                            f"--set mprt.num=16)")
-        raw[keys[0]] = value
+def _merge_explainers(cfg: EvalConfig, aliases: dict[str, str], where: str) -> dict[str, str]:
+    """`explainers:` and the top-level generator keys in one mapping, in report order; returns each key's config
+    location. A generator given both ways with two checkpoints is an error."""
+    locs = {k: f"explainers.{k}" for k in cfg.explainers}
+    for key, path in aliases.items():
+        if cfg.explainers.get(key, path) != path:
+            raise UserError(f"{where}: key '{key}' and key 'explainers.{key}' name two checkpoints; keep one")
+        locs[key] = key
+    merged = {**cfg.explainers, **aliases}
+    order = generator_keys()
+    cfg.explainers = {k: merged[k] for k in sorted(merged, key=order.index)}
+    return locs
 
 
-def _check_eval_files(cfg: EvalConfig, where: str) -> None:
-    """The prior file is required; every configured file must exist."""
+def _eval_key_problem(keys: list[str]) -> str | None:
+    """`--set` keys are flat (`num=64`) or a section's option (`mprt.num=16`)."""
+    if len(keys) == 1 or (len(keys) == 2 and (keys[0] in sections.OPTIONS or keys[0] == "explainers")):
+        return None
+    return ("evaluation keys are flat (e.g. --set num=64; section options: --set mprt.num=16; generators: "
+            "--set lsft=... or --set explainers.lsft=...)")
+
+
+def _check_eval_files(cfg: EvalConfig, where: str, locs: dict[str, str]) -> None:
+    """The prior file is required; every configured file must exist (`locs`: each generator's config key)."""
     if not cfg.priors:
         raise UserError(f"{where}: key 'priors' is required (the held-out prior file, e.g. npys/<name>-test.npy)")
-    files = (("priors", "prior file"), *((k, f"{k.upper() if k in generators.NAMES else k} checkpoint")
-                                           for k in GENERATOR_KEYS),
-             ("cnn", "CNN checkpoint"))
-    for key, kind in files:
-        value = getattr(cfg, key)
+    gans = names(adversarial=True)
+    files = (("priors", cfg.priors, "prior file"),
+             *((locs[k], path, f"{k.upper() if k in gans else k} checkpoint") for k, path in cfg.explainers.items()),
+             ("cnn", cfg.cnn, "CNN checkpoint"))
+    for key, value, kind in files:
         if value and not Path(value).is_file():
             hint = {"priors": "write it with `python train.py --config <run config> --stage priors`",
                     "cnn": "or leave cnn empty to use the prior file's CNN"}.get(key, "train it with --stage gan, or "
@@ -156,11 +186,12 @@ def load_eval_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> 
     p = Path(path)
     where = str(p)
     raw = read_yaml_mapping(p, "configs/eval_*.yaml", "keys (name, priors, lsft, gsft, ...)")
-    _apply_eval_overrides(raw, overrides)
+    apply_overrides(raw, overrides, _eval_key_problem)
     cfg = EvalConfig()
-    fill(cfg, raw, where, blank_is_empty=True, extra=_section_options(cfg, where))
+    aliases: dict[str, str] = {}
+    fill(cfg, raw, where, blank_is_empty=True, extra=_extra_keys(cfg, where, aliases))
     if not cfg.name or any(c in cfg.name for c in "/\\ "):
         raise UserError(f"{where}: key 'name': {cfg.name!r} must be non-empty without spaces or slashes")
-    _check_eval_files(cfg, where)
+    _check_eval_files(cfg, where, _merge_explainers(cfg, aliases, where))
     cfg.source_file = str(p)
     return cfg

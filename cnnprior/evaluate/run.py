@@ -26,16 +26,16 @@ import torch
 from torch import Tensor, nn
 
 from cnnprior.cnn.model import load_cnn
-from cnnprior.core import generators, metrics
 from cnnprior.core.errors import UserError, cli_main
-from cnnprior.core.maps import generate
-from cnnprior.core.report import Report, Table
 from cnnprior.core.runtime import Log, file_sha256, publish_folder, resolve_device, temp_folder
 from cnnprior.core.schema import describe_keys
 from cnnprior.evaluate import sections
-from cnnprior.evaluate.config import GENERATOR_KEYS, L1_SUFFIX, EvalConfig, load_eval_config
-from cnnprior.explain.learned import inputs_of
-from cnnprior.gan.checkpoint import load_generator
+from cnnprior.evaluate.config import L1_SUFFIX, EvalConfig, generator_keys, load_eval_config
+from cnnprior.gan.checkpoint import GeneratorMeta, load_generator
+from cnnprior.gan.models.base import get, names
+from cnnprior.maps import metrics
+from cnnprior.maps.ops import generate
+from cnnprior.present.report import Report, Table
 from cnnprior.priors.extract import target_module
 from cnnprior.priors.priorfile import PriorFile
 from cnnprior.priors.read import read_priors
@@ -104,37 +104,42 @@ datasets) with the generators' S and n; the mean of that file's priors is shown 
 @dataclass
 class EvalGenerator:
     """A generator under evaluation: its config key, variant, checkpoint, model, checkpoint meta and its maps of the
-    evaluated images. `key` is a variant (a GAN or a learned baseline) or `<gan>_l1` (its L1-only twin)."""
+    evaluated images. `key` is a registered generator name (a GAN or a learned baseline) or `<gan>_l1` (its L1-only
+    twin)."""
 
     key: str
     variant: str
     path: str
     model: nn.Module
-    meta: dict
+    meta: GeneratorMeta
     maps: Tensor = field(default=None)  # type: ignore[assignment]
 
     @property
     def label(self) -> str:
         if self.key.endswith(L1_SUFFIX):
             return f"{self.variant.upper()} (L1 only)"
-        if self.variant in generators.BASELINES:
+        if self.learned:
             return f"learned {self.variant}"
         return self.variant.upper()
 
     @property
     def adversarial(self) -> bool:
         """A GAN trained with its adversarial term (not a twin, not a learned baseline)."""
-        return self.key in generators.NAMES
+        return not self.key.endswith(L1_SUFFIX) and get(self.variant).adversarial
+
+    @property
+    def learned(self) -> bool:
+        """A learned baseline: a registered generator that is never trained adversarially."""
+        return not get(self.variant).adversarial
 
     @property
     def val_r(self) -> float:
         """Validation r recorded in the checkpoint (its selection score), NaN when absent."""
-        return float((self.meta.get("metrics") or {}).get("r", float("nan")))
+        return self.meta.val_r
 
     @property
     def size_n(self) -> tuple[int, int]:
-        pm = self.meta.get("priors_meta") or {}
-        return int(pm.get("size", -1)), int(pm.get("n", -1))
+        return self.meta.size, self.meta.n
 
 
 # the gan keys an L1-only twin may differ in from its GAN (they change no training number)
@@ -146,9 +151,9 @@ def _load_generator(cfg: EvalConfig, key: str, path: str, pf: PriorFile, device:
                     notes: list[str]) -> EvalGenerator:
     model, meta = load_generator(path, device=device)
     variant = key.removesuffix(L1_SUFFIX)
-    if meta.get("variant") != variant:
-        raise UserError(f"{cfg.source_file}: key '{key}': {path} is a {meta.get('variant')} checkpoint")
-    adv = float(((meta.get("config") or {}).get("gan") or {}).get("adv_weight", 1.0))
+    if meta.variant != variant:
+        raise UserError(f"{cfg.source_file}: key '{key}': {path} is a {meta.variant} checkpoint")
+    adv = meta.adv_weight
     if key.endswith(L1_SUFFIX) and adv != 0:
         raise UserError(f"{cfg.source_file}: key '{key}': {path} was trained with gan.adv_weight {adv}, not 0 (the "
                         f"L1-only twin)")
@@ -158,7 +163,7 @@ def _load_generator(cfg: EvalConfig, key: str, path: str, pf: PriorFile, device:
     if g.size_n != (pf.size, pf.n):
         raise UserError(f"{path}: generator trained on S={g.size_n[0]}, n={g.size_n[1]} priors but {pf.path} has "
                         f"S={pf.size}, n={pf.n}")
-    pm = meta.get("priors_meta") or {}
+    pm = meta.priors_meta
     for k, ours in (("target", pf.meta.get("target")), ("method", pf.meta.get("method")),
                     ("order", pf.meta.get("order")), ("cnn_arch", (pf.meta.get("cnn") or {}).get("arch"))):
         if pm.get(k) is not None and ours is not None and pm.get(k) != ours:
@@ -170,13 +175,11 @@ def _load_generator(cfg: EvalConfig, key: str, path: str, pf: PriorFile, device:
 def load_generators(cfg: EvalConfig, pf: PriorFile, device: torch.device, notes: list[str]) -> list[EvalGenerator]:
     """The configured generators (GANs, their L1-only twins, learned baselines), checked against the prior file."""
     gans = []
-    for key in GENERATOR_KEYS:
-        path = getattr(cfg, key)
-        if not path:
-            if key in generators.NAMES:
-                notes.append(f"no {key} checkpoint configured: {key.upper()} rows are left out")
-            continue
-        gans.append(_load_generator(cfg, key, path, pf, device, notes))
+    for key in generator_keys():  # cfg.explainers is in this order
+        if key in cfg.explainers:
+            gans.append(_load_generator(cfg, key, cfg.explainers[key], pf, device, notes))
+        elif key in names(adversarial=True):
+            notes.append(f"no {key} checkpoint configured: {key.upper()} rows are left out")
     check_comparable(gans, notes)
     return gans
 
@@ -186,16 +189,16 @@ def check_comparable(gans: list[EvalGenerator], notes: list[str]) -> None:
     gan.priors) than a GAN is refused; a twin differing from its GAN in more than gan.adv_weight gets a note."""
     for g in (g for g in gans if g.adversarial):
         for other in (o for o in gans if not o.adversarial):
-            if inputs_of(other.meta) != inputs_of(g.meta):
+            if other.meta.inputs != g.meta.inputs:
                 raise UserError(f"{other.path} ({other.label}) was trained on inputs (gan.image, gan.priors) "
-                                f"{inputs_of(other.meta)} but {g.path} ({g.label}) on {inputs_of(g.meta)}; compare "
+                                f"{other.meta.inputs} but {g.path} ({g.label}) on {g.meta.inputs}; compare "
                                 f"at equal information")
         twin = next((o for o in gans if o.key == f"{g.key}{L1_SUFFIX}"), None)
         if twin is None:
             continue
-        a, b = ((x.meta.get("config") or {}).get("gan") or {} for x in (g, twin))
+        a, b = g.meta.gan, twin.meta.gan
         differ = sorted(k for k in set(a) | set(b) if k not in TWIN_FREE_KEYS and a.get(k) != b.get(k))
-        if differ or g.meta.get("generator_config") != twin.meta.get("generator_config"):
+        if differ or g.meta.generator_config != twin.meta.generator_config:
             notes.append(f"warning: {twin.label} differs from {g.label} in more than gan.adv_weight: "
                          f"{', '.join(differ) or 'generator_config'}")
 
@@ -304,8 +307,8 @@ def _metrics(ctx: sections.EvalContext, results: dict[str, Any]) -> dict:
         "cnn": {"path": ctx.cnn_meta["path"], "arch": ctx.cnn_meta["arch"], "image_size": ctx.image_size,
                 "last_conv": ctx.cnn_meta["target_name"], "classes": len(ctx.cnn_meta["class_names"]),
                 "val_accuracy": ctx.cnn_meta.get("val_accuracy")},
-        "gans": {g.label: {"path": g.path, "epoch": g.meta.get("epoch"), "config": g.meta.get("generator_config"),
-                           "history": g.meta.get("history") or []} for g in ctx.gans},
+        "gans": {g.label: {"path": g.path, "epoch": g.meta.epoch, "config": g.meta.generator_config,
+                           "history": g.meta.history} for g in ctx.gans},
         **always, "road_images": ctx.road_images,
         "deletion_insertion": {"steps": cfg.steps, "baseline": "black (zeros in [0,1] RGB input space)"},
         **others,
@@ -320,7 +323,7 @@ def _report_head(ctx: sections.EvalContext, res: dict) -> Report:
           f"n={pf['n']} priors, {pf['method']} target at `{pf['target_layer']}`); CNN `{cnn['path']}` "
           f"({cnn['arch']}, {cnn['image_size']}px, last conv `{cnn['last_conv']}`); device {res['device']}; "
           f"created {res['created']}.")
-    rep.ul([f"{g.label}: `{g.path}` (epoch {g.meta.get('epoch')}, "
+    rep.ul([f"{g.label}: `{g.path}` (epoch {g.meta.epoch}, "
             f"{sum(p.numel() for p in g.model.parameters()):,} parameters)" for g in ctx.gans])
     return rep
 

@@ -17,8 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from cnnprior.cnn.randomise import model_stages, randomise, randomised_copy, step_labels
-from cnnprior.core import metrics
-from cnnprior.core.maps import blur, rescale, resize_maps
+from cnnprior.maps import metrics
+from cnnprior.maps.ops import blur, rescale, resize_maps
 
 __all__ = [
     "average_ranks", "cell_masks", "ci_row", "confident_correct", "constant", "energy_in_cell", "explain_batched",

@@ -5,6 +5,10 @@ One path from images to maps, used by `--images` inference too: the CNN's all-la
 and the target (one forward + backward per batch), both are stored as the prior file stores them (uint8 at the
 generator's map size S, as the generator was trained), the generator maps (image, priors) to its map, and the
 map is resized (bilinear) to the input size.
+
+Errors: a bad argument or tensor raises `ValueError` / `TypeError`; a file that cannot serve (a checkpoint of
+another kind or version, priors that cannot be computed from images) raises `UserError`, which the command lines
+print as one line with exit code 2.
 """
 
 from __future__ import annotations
@@ -19,13 +23,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cnnprior.cnn.model import TargetCNN, load_cnn
-from cnnprior.core import cams
 from cnnprior.core.errors import UserError
-from cnnprior.core.maps import generate
 from cnnprior.core.runtime import resolve_device
-from cnnprior.gan.checkpoint import load_generator
-from cnnprior.priors.extract import PriorExtractor, extractor_from, spec_from_sidecar
+from cnnprior.gan.checkpoint import GeneratorMeta, load_generator
+from cnnprior.maps.ops import generate
+from cnnprior.priors import cams
+from cnnprior.priors.extract import PriorExtractor, extractor_from
 from cnnprior.priors.priorfile import make_records, record_dtype, records_tensors
+from cnnprior.priors.spec import spec_from_sidecar
 
 __all__ = ["Explainer", "Explanation", "GANCAM", "layer_differences"]
 
@@ -89,14 +94,15 @@ def layer_differences(described: dict, pm: dict, cnn_arch: str) -> list[str]:
 
 
 def _check_images(images: Tensor) -> Tensor:
-    if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:
-        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-        raise UserError(f"images: expected a float tensor (B, 3, H, W) of RGB in [0, 1], got {shape}")
+    if not isinstance(images, Tensor):
+        raise TypeError(f"images: expected a float tensor (B, 3, H, W) of RGB in [0, 1], got {type(images).__name__}")
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images: expected a float tensor (B, 3, H, W) of RGB in [0, 1], got {tuple(images.shape)}")
     if not images.is_floating_point():
-        raise UserError(f"images: expected a float tensor of RGB in [0, 1], got {images.dtype} (divide uint8 images "
+        raise TypeError(f"images: expected a float tensor of RGB in [0, 1], got {images.dtype} (divide uint8 images "
                         f"by 255)")
     if images.numel() and (float(images.min()) < -1e-3 or float(images.max()) > 1 + 1e-3):
-        raise UserError(f"images: values span [{float(images.min()):.3g}, {float(images.max()):.3g}]; expected RGB in "
+        raise ValueError(f"images: values span [{float(images.min()):.3g}, {float(images.max()):.3g}]; expected RGB in "
                         f"[0, 1] (not normalised: the explainer applies the CNN's normalisation itself)")
     return images.float()
 
@@ -109,11 +115,11 @@ def _resize(maps: Tensor, size: tuple[int, int]) -> np.ndarray:
 
 
 class Explainer:
-    """Explain a CNN's decisions with a trained LSFT / GSFT generator.
+    """Explain a CNN's decisions with a trained generator (LSFT, GSFT or any registered one).
 
     Args:
         generator: the generator as `load_generator` returns it (called as G(image, priors)).
-        generator_meta: its checkpoint's metadata (needs `priors_meta`).
+        generator_meta: its checkpoint's `GeneratorMeta` (or the checkpoint's metadata dict, parsed into one).
         cnn: the target CNN (`TargetCNN`: RGB in [0, 1] -> logits), or None to only run the generator on priors.
         device: "auto", "cpu", "cuda" or a torch.device.
         batch_size: images per forward / backward pass.
@@ -125,16 +131,19 @@ class Explainer:
         >>> maps = ex(images, targets=[3, 1])   # explain given classes
     """
 
-    def __init__(self, generator: nn.Module, generator_meta: dict, cnn: TargetCNN | None = None,
+    def __init__(self, generator: nn.Module, generator_meta: GeneratorMeta | dict, cnn: TargetCNN | None = None,
                  device: str | torch.device = "auto", batch_size: int = 32):
+        if not isinstance(generator, nn.Module):
+            raise TypeError(f"generator: expected an nn.Module called as G(image, priors), got "
+                            f"{type(generator).__name__}")
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.generator = generator.to(self.device).eval()
-        self.meta = generator_meta
-        self.priors_meta = dict(generator_meta.get("priors_meta") or {})
-        if "size" not in self.priors_meta or "n" not in self.priors_meta:
-            raise UserError(f"{generator_meta.get('path', 'generator')}: checkpoint lacks priors_meta size/n; "
-                            f"re-save it with this version of train.py")
-        self.size, self.n = int(self.priors_meta["size"]), int(self.priors_meta["n"])
+        meta = generator_meta if isinstance(generator_meta, GeneratorMeta) else GeneratorMeta.parse(generator_meta)
+        self.meta = meta
+        self.priors_meta = dict(meta.priors_meta)
+        self.size, self.n = meta.size, meta.n
         self.batch_size = int(batch_size)
         self.cnn = cnn.to(self.device).eval() if cnn is not None else None
         self.notes: list[str] = []
@@ -154,7 +163,7 @@ class Explainer:
                 generator on prior files only (`generate`).
             device: "auto" (CUDA when present), "cpu", "cuda".
             batch_size: images per pass.
-            variant: refuse a generator of another variant ("lsft", "gsft"); None accepts any.
+            variant: refuse a generator of another registered name ("lsft", "gsft", ...); None accepts any.
 
         Returns:
             An `Explainer`.
@@ -191,13 +200,13 @@ class Explainer:
         """The all-layer Grad-CAM extractor (priors and target) of the CNN.
 
         Returns:
-            The `PriorExtractor`; raises `UserError` when the explainer has no CNN.
+            The `PriorExtractor`; raises `ValueError` when the explainer has no CNN.
 
         Example:
             >>> ex.extractor.describe()["target_layer"]   # e.g. 'net.layer4.1'
         """
         if self._extractor is None:
-            raise UserError("this Explainer has no CNN: pass cnn= to Explainer.from_checkpoints to explain images")
+            raise ValueError("this Explainer has no CNN: pass cnn= to Explainer.from_checkpoints to explain images")
         return self._extractor
 
     @property
@@ -279,13 +288,13 @@ class Explainer:
         if targets is not None:
             given = torch.as_tensor(targets)
             if given.numel() and (given.is_floating_point() or given.is_complex() or given.dtype == torch.bool):
-                raise UserError(f"targets: class indices must be integers, got {given.dtype}")
+                raise TypeError(f"targets: class indices must be integers, got {given.dtype}")
             classes = given.to(torch.int64).view(-1)
         if classes is not None and len(classes) != len(images):
-            raise UserError(f"targets: {len(classes)} classes for {len(images)} images")
+            raise ValueError(f"targets: {len(classes)} classes for {len(images)} images")
         n_classes = len(self.extractor.model.class_names)
         if classes is not None and len(classes) and (int(classes.min()) < 0 or int(classes.max()) >= n_classes):
-            raise UserError(f"targets: classes must be in 0..{n_classes - 1} (the CNN has {n_classes} classes), got "
+            raise ValueError(f"targets: classes must be in 0..{n_classes - 1} (the CNN has {n_classes} classes), got "
                             f"{classes.tolist()}")
         out = []
         for s in range(0, len(images), self.batch_size):
@@ -383,8 +392,8 @@ class GANCAM:
             input_tensor: float tensor (B, 3, s, s) as `Explainer.preprocess` returns it.
             targets: one target per image carrying a class index (`.category`, e.g. `ClassifierOutputTarget(k)`);
                 None explains the predicted class.
-            aug_smooth: not supported (raises `UserError` when True).
-            eigen_smooth: not supported (raises `UserError` when True).
+            aug_smooth: not supported (raises `ValueError` when True).
+            eigen_smooth: not supported (raises `ValueError` when True).
 
         Returns:
             Numpy float32 (B, s, s) in [0, 1] at input_tensor's size.
@@ -393,11 +402,11 @@ class GANCAM:
             >>> grayscale = cam(input_tensor=x, targets=[ClassifierOutputTarget(3)] * len(x))
         """
         if aug_smooth or eigen_smooth:
-            raise UserError("GANCAM: aug_smooth / eigen_smooth are not supported (the GAN map is one map)")
+            raise ValueError("GANCAM: aug_smooth / eigen_smooth are not supported (the GAN map is one map)")
         classes = None
         if targets is not None:
             if not all(hasattr(t, "category") for t in targets):
-                raise UserError("GANCAM: targets must carry a class index (`.category`), e.g. "
+                raise TypeError("GANCAM: targets must carry a class index (`.category`), e.g. "
                                 "ClassifierOutputTarget(k)")
             classes = [int(t.category) for t in targets]
         images = self.explainer.unprocess(input_tensor)

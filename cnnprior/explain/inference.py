@@ -21,18 +21,14 @@ import torch
 from tqdm import tqdm
 
 from cnnprior.cnn.model import load_cnn
-from cnnprior.core import cams, generators
-from cnnprior.core.baselines import BaselineChoice
 from cnnprior.core.errors import UserError, cli_main
-from cnnprior.core.maps import generate
 from cnnprior.core.runtime import file_sha256, publish_folder, resolve_device, temp_folder
-from cnnprior.core.viz import colorize, make_sheet, overlay, save_png, write_index_html
 from cnnprior.explain.api import Explainer
 from cnnprior.explain.inputs import (
-    DEFAULT_CHECKPOINT,
     DEFAULT_CNN,
     DEFAULT_PRIORS,
     InputSet,
+    default_checkpoint,
     default_cnn,
     image_input,
     prior_file_input,
@@ -41,7 +37,12 @@ from cnnprior.explain.inputs import (
 )
 from cnnprior.explain.learned import Learned, load_learned
 from cnnprior.explain.scores import ScoreTable, build_metrics, format_table, rounded
-from cnnprior.gan.checkpoint import load_generator
+from cnnprior.gan.checkpoint import PAPER_SCRIPTS, GeneratorMeta, load_generator
+from cnnprior.gan.models.base import DEFAULT, get
+from cnnprior.maps.baselines import BaselineChoice
+from cnnprior.maps.ops import generate
+from cnnprior.present.viz import colorize, make_sheet, overlay, save_png, write_index_html
+from cnnprior.priors import cams
 
 __all__ = [
     "build_parser", "load_inputs", "main", "Options", "output_stem", "OUTPUTS", "OVERLAY_ALPHA", "provenance",
@@ -74,7 +75,7 @@ def resolve_checkpoint(path: str | None, variant: str) -> Path:
     """The generator checkpoint: --checkpoint, else the shipped default (or the `-best.pt` train.py writes)."""
     if path:
         return Path(path)
-    default = Path(DEFAULT_CHECKPOINT[variant])
+    default = Path(default_checkpoint(variant))
     best = default.with_name(f"{default.stem}-best.pt")  # what train.py's gan stage writes
     for candidate in (default, best):
         if candidate.is_file():
@@ -235,14 +236,15 @@ def write_samples(folder: Path, inp: InputSet, ex: Explainer, opts: Options, tab
     return out
 
 
-def provenance(opts: Options, ckpt: Path, gmeta: dict, inp: InputSet, device: torch.device, stamp: datetime) -> dict:
+def provenance(opts: Options, ckpt: Path, gmeta: GeneratorMeta, inp: InputSet, device: torch.device,
+               stamp: datetime) -> dict:
     """How the run was produced (command, checkpoint, generator, inputs), for metrics.json and index.html."""
-    pm, gm = gmeta.get("priors_meta") or {}, gmeta.get("metrics") or {}
+    pm = gmeta.priors_meta
     return {"command": opts.command, "working directory": os.getcwd(), "date": stamp.isoformat(timespec="seconds"),
             "variant": opts.variant, "checkpoint": str(ckpt), "checkpoint sha256": file_sha256(ckpt),
-            "generator": json.dumps(gmeta.get("generator_config", {})),
+            "generator": json.dumps(gmeta.generator_config),
             "generator trained on": f"{pm.get('dataset')} priors, {pm.get('cnn_arch')}, epochs "
-                                    f"{gmeta.get('epoch')}, val {json.dumps(gm)}",
+                                    f"{gmeta.epoch}, val {json.dumps(gmeta.metrics)}",
             **inp.provenance, "colormap": opts.cmap, "device": str(device), "samples": str(inp.count)}
 
 
@@ -276,8 +278,6 @@ def run(opts: Options) -> tuple[Path, dict]:
     device = resolve_device(opts.device)
     ckpt = resolve_checkpoint(opts.checkpoint, opts.variant)
     gen, gmeta = load_generator(ckpt, expect_variant=opts.variant, device=device)
-    if "size" not in (gmeta.get("priors_meta") or {}) or "n" not in gmeta["priors_meta"]:
-        raise UserError(f"{ckpt}: checkpoint lacks priors_meta size/n; re-save it with this version of train.py")
     opts.cnn = default_cnn(opts.cnn) if opts.images else opts.cnn
     ex = Explainer(gen, gmeta, load_cnn(opts.cnn, device)[0] if opts.images else None, device, opts.batch_size)
     pm = ex.priors_meta
@@ -296,7 +296,8 @@ def run(opts: Options) -> tuple[Path, dict]:
         table = ScoreTable(choice)
         written = write_samples(folder.tmp, inp, ex, opts, table, learned)
         scores, chosen = table.resolve()
-        make_sheet(written.sheet_rows, ["input", str(cams.title(pm.get("method"))), opts.variant.upper() + " GAN",
+        title = opts.variant.upper() + (" GAN" if get(opts.variant).adversarial else "")
+        make_sheet(written.sheet_rows, ["input", str(cams.title(pm.get("method"))), title,
                                         "overlay", *(b.label.split(" (")[0] for b in learned)],
                    folder.tmp / "sheet.png", cell=SHEET_CELL, titles=written.titles)
         prov = provenance(opts, ckpt, gmeta, inp, device, stamp)
@@ -323,7 +324,7 @@ def _epilog(variant: str, script: str) -> str:
     # script: the command's first words as typed, e.g. `python lsft_inference.py` or `cnnprior explain`
     """The --help text after the options: defaults, what the run folder holds, examples, exit status."""
     return f"""defaults (paths relative to the current folder):
-  checkpoint  {DEFAULT_CHECKPOINT[variant]} (or {Path(DEFAULT_CHECKPOINT[variant]).stem}-best.pt as train.py writes it)
+  checkpoint  {default_checkpoint(variant)} (or {Path(default_checkpoint(variant)).stem}-best.pt as train.py writes it)
   priors      {DEFAULT_PRIORS}
   cnn         {DEFAULT_CNN} (with --images)
   produce them with: {produce_command(variant)}
@@ -358,10 +359,12 @@ exit status: 0 done, 2 user error (one line on stderr; nothing half-written is l
 def build_parser(variant: str, prog: str | None = None) -> argparse.ArgumentParser:
     """The `<variant>_inference.py` argument parser (--help explains inputs, outputs and examples)."""
     script = prog or f"{variant}_inference.py"
-    other = next(v for v in generators.NAMES if v != variant)
+    others = [v for v in PAPER_SCRIPTS if v != variant]
+    belong = (f" {others[0].upper()} checkpoints belong to {others[0]}_inference.py." if len(others) == 1 else
+              " Another generator's checkpoints belong to `cnnprior explain --variant <name>`.")
     desc = (f"Run a trained {variant.upper()} generator: (image, n priors) -> explanation map, scored against the\n"
             f"Grad-CAM target map. Input: a prior file (default), or image files (--images) whose priors and\n"
-            f"target are computed on the fly from the CNN. {other.upper()} checkpoints belong to {other}_inference.py.")
+            f"target are computed on the fly from the CNN.{belong}")
     epilog = _epilog(variant, prog or f"python {script}")
     p = argparse.ArgumentParser(prog=script, description=desc, epilog=epilog,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -394,9 +397,10 @@ def build_parser(variant: str, prog: str | None = None) -> argparse.ArgumentPars
 
 
 @cli_main
-def main(argv: list[str] | None = None, variant: str = generators.DEFAULT, prog: str | None = None) -> int:
+def main(argv: list[str] | None = None, variant: str = DEFAULT, prog: str | None = None) -> int:
     """`lsft_inference.py` / `gsft_inference.py`: parse the command line and run inference."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    get(variant, "--variant")  # a registered generator (one line, listing the known ones)
     parser = build_parser(variant, prog)
     try:
         args = parser.parse_args(argv)

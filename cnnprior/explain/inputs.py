@@ -14,16 +14,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cnnprior.core import cams, generators
 from cnnprior.core.errors import UserError
 from cnnprior.core.runtime import file_sha256
 from cnnprior.data.sources.base import IMAGE_EXTENSIONS, read_image, resize_uint8
 from cnnprior.explain.api import Explainer
-from cnnprior.priors.extract import spec_from_sidecar
+from cnnprior.priors import cams
 from cnnprior.priors.read import read_priors
+from cnnprior.priors.spec import spec_from_sidecar
 
 __all__ = [
-    "Batch", "collect_images", "DEFAULT_CHECKPOINT", "DEFAULT_CNN", "DEFAULT_CONFIG", "default_missing",
+    "Batch", "collect_images", "default_checkpoint", "DEFAULT_CNN", "DEFAULT_CONFIG", "default_missing",
     "DEFAULT_NAME", "DEFAULT_PRIORS", "default_cnn", "image_input", "InputSet", "prior_file_input",
     "priors_text", "produce_command", "read_images", "target_text", "warn"
 ]
@@ -38,7 +38,11 @@ def produce_command(variant: str) -> str:
             f"{DEFAULT_CONFIG} --stage priors && python train.py --config configs/fashion_{variant}_cpu.yaml --stage gan")
 
 
-DEFAULT_CHECKPOINT = {v: f"models/{DEFAULT_NAME}-{v}.pt" for v in generators.NAMES}
+def default_checkpoint(variant: str) -> str:
+    """The shipped generator file of a registered generator name (models/<default name>-<name>.pt)."""
+    return f"models/{DEFAULT_NAME}-{variant}.pt"
+
+
 DEFAULT_PRIORS = f"npys/{DEFAULT_NAME}-test.npy"
 DEFAULT_CNN = f"models/{DEFAULT_NAME}-cnn.pt"
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 from torch import nn
 
-from cnnprior.core import generators
 from cnnprior.core.errors import UserError
-from cnnprior.gan.checkpoint import load_generator
+from cnnprior.gan.checkpoint import GeneratorMeta, load_generator
+from cnnprior.gan.models.base import names
 
-__all__ = ["inputs_of", "KEY_PREFIX", "Learned", "load_learned", "sibling_paths"]
+__all__ = ["KEY_PREFIX", "Learned", "load_learned", "sibling_paths"]
 
 KEY_PREFIX = "learned_"  # metrics.json keys: learned_convnet, learned_linear
 
@@ -34,22 +34,18 @@ class Learned:
 
 
 def sibling_paths(checkpoint: Path) -> list[Path]:
-    """The learned-baseline files trained beside a generator: `<prefix>-<baseline>.pt` for `<prefix>-<gan>[-x].pt`."""
+    """The learned-baseline files trained beside a generator: `<prefix>-<baseline>.pt` for `<prefix>-<gan>[-x].pt`
+    (every registered generator that is not adversarial is a learned baseline)."""
     stem = checkpoint.stem
-    for gan in generators.NAMES:
+    for gan in names(adversarial=True):
         if f"-{gan}" in stem:
             prefix = stem[:stem.rindex(f"-{gan}")]
-            return [p for b in generators.BASELINES if (p := checkpoint.with_name(f"{prefix}-{b}.pt")).is_file()]
+            return [p for b in names(adversarial=False) if (p := checkpoint.with_name(f"{prefix}-{b}.pt")).is_file()]
     return []
 
 
-def inputs_of(meta: dict) -> tuple:
-    """(gan.image, gan.priors) a generator checkpoint was trained with: the information it is given."""
-    gan = (meta.get("config") or {}).get("gan") or {}
-    return gan.get("image", "use"), gan.get("priors", "cnn")
-
-
-def load_learned(paths: list[str] | None, checkpoint: Path, gmeta: dict, device) -> tuple[list[Learned], list[str]]:
+def load_learned(paths: list[str] | None, checkpoint: Path, gmeta: GeneratorMeta,
+                 device) -> tuple[list[Learned], list[str]]:
     """The learned baselines to score beside the generator, and notes on the ones left out.
 
     Args:
@@ -65,20 +61,19 @@ def load_learned(paths: list[str] | None, checkpoint: Path, gmeta: dict, device)
     """
     explicit = paths is not None
     files = [Path(p) for p in paths] if explicit else sibling_paths(checkpoint)
-    pm, out, notes = gmeta.get("priors_meta") or {}, [], []
+    out, notes = [], []
     for f in files:
         if explicit and not f.is_file():
             raise UserError(f"--learned: {f}: no such file")
         model, meta = load_generator(f, device=device)
-        if meta.get("variant") not in generators.BASELINES:
-            raise UserError(f"--learned: {f} is a {meta.get('variant')} checkpoint, not a learned baseline "
-                            f"({', '.join(generators.BASELINES)})")
-        lpm = meta.get("priors_meta") or {}
-        if (lpm.get("size"), lpm.get("n")) != (pm.get("size"), pm.get("n")) or inputs_of(meta) != inputs_of(gmeta):
+        if meta.variant not in names(adversarial=False):
+            raise UserError(f"--learned: {f} is a {meta.variant} checkpoint, not a learned baseline "
+                            f"({', '.join(names(adversarial=False))})")
+        if (meta.size, meta.n) != (gmeta.size, gmeta.n) or meta.inputs != gmeta.inputs:
             notes.append(f"learned baseline {f} left out: trained on other priors or inputs than the generator "
-                         f"(S, n, gan.image, gan.priors {lpm.get('size')}, {lpm.get('n')}, {inputs_of(meta)} vs "
-                         f"{pm.get('size')}, {pm.get('n')}, {inputs_of(gmeta)})")
+                         f"(S, n, gan.image, gan.priors {meta.size}, {meta.n}, {meta.inputs} vs "
+                         f"{gmeta.size}, {gmeta.n}, {gmeta.inputs})")
             continue
-        r = (meta.get("metrics") or {}).get("r")
-        out.append(Learned(KEY_PREFIX + meta["variant"], str(f), model, None if r is None else float(r)))
+        r = meta.metrics.get("r")
+        out.append(Learned(KEY_PREFIX + meta.variant, str(f), model, None if r is None else float(r)))
     return out, notes

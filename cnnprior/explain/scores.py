@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from cnnprior.core.baselines import BaselineChoice, baseline_maps
-from cnnprior.core.baselines import label as baseline_label
-from cnnprior.core.maps import rescale
-from cnnprior.core.metrics import bootstrap_ci, l1, pearson, ssim_or_nan
+from cnnprior.maps.baselines import BaselineChoice, baseline_maps
+from cnnprior.maps.baselines import label as baseline_label
+from cnnprior.maps.metrics import bootstrap_ci, l1, pearson, ssim_or_nan
+from cnnprior.maps.ops import rescale
 
 __all__ = ["build_metrics", "fidelity_scores", "format_table", "method_label", "rounded", "SCORES", "ScoreTable"]
 

@@ -1,20 +1,24 @@
-"""Generator checkpoints: the format, exporting the generator-only file and loading it for inference (no training
-code: inference and evaluation import this, not the training loop)."""
+"""Generator checkpoints: the format, its metadata read in one place (`GeneratorMeta`), exporting the
+generator-only file and loading it for inference (no training code: inference and evaluation import this, not the
+training loop)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from cnnprior.core import generators
 from cnnprior.core.errors import UserError
 from cnnprior.core.runtime import atomic_torch_save, load_checkpoint, resolve_device
+from cnnprior.gan.models.base import get as get_generator
 
 __all__ = [
-    "ARCH_KEYS", "check_format", "export_generator", "GAN_FORMAT", "INPUT_KEYS", "load_generator",
-    "MaskedInputGenerator", "SCHEMA_KEYS", "STATE_KEYS"
+    "ARCH_KEYS", "check_format", "export_generator", "GAN_FORMAT", "GeneratorMeta", "INPUT_KEYS", "load_generator",
+    "MaskedInputGenerator", "PAPER_SCRIPTS", "SCHEMA_KEYS", "STATE_KEYS"
 ]
 
 GAN_FORMAT = "cnnprior-gan/1"
@@ -44,38 +48,140 @@ def export_generator(src: str | Path, dst: str | Path, history: list | None = No
     return atomic_torch_save(out, dst)
 
 
-def check_format(ckpt: dict, path: Path | str) -> None:
-    if ckpt.get("format") != GAN_FORMAT:
-        raise UserError(f"{path}: not a GAN checkpoint (format {ckpt.get('format')!r}, expected {GAN_FORMAT!r})")
+def check_format(ckpt: Mapping, path: Path | str) -> None:
+    """Refuse a file that is not a GAN checkpoint of this format version (one line)."""
+    fmt = ckpt.get("format")
+    if isinstance(fmt, str) and fmt.startswith(GAN_FORMAT.split("/")[0] + "/") and fmt != GAN_FORMAT:
+        raise UserError(f"{path}: a GAN checkpoint of another cnnprior version (format {fmt!r}; this version reads "
+                        f"{GAN_FORMAT!r})")
+    if fmt != GAN_FORMAT:
+        raise UserError(f"{path}: not a GAN checkpoint (format {fmt!r}, expected {GAN_FORMAT!r})")
+
+
+@dataclass(frozen=True)
+class GeneratorMeta(Mapping):
+    """What a generator checkpoint says about itself, parsed once (`parse`): typed fields for what inference and
+    evaluation read, and read-only mapping access (`meta["epoch"]`) to every stored entry but the weights and the
+    training state.
+
+    Attributes:
+        path: the file it was read from ('' when parsed from a dict).
+        variant: the registered generator name.
+        generator_config: the generator's constructor arguments.
+        gan: the `gan` section of the run config it was trained with ({} when not recorded).
+        priors_meta: the training priors' description (size S, n, method, target, layers, files...).
+        metrics: the validation scores of the kept epoch ({} when not recorded).
+        epoch, step: the kept epoch and step.
+        history: the per-epoch curve.
+        entries: every non-state entry, as stored.
+    """
+
+    path: str
+    variant: str
+    generator_config: dict
+    gan: dict
+    priors_meta: dict
+    metrics: dict
+    epoch: int | None
+    step: int
+    history: list
+    entries: dict = field(repr=False)
+
+    @classmethod
+    def parse(cls, ckpt: Mapping, path: Path | str = "") -> GeneratorMeta:
+        """Read a checkpoint dict (or the metadata `load_generator` returned); a file of another format or an older
+        version is one UserError line."""
+        where = str(path or ckpt.get("path") or "generator checkpoint")
+        check_format(ckpt, where)
+        config = ckpt.get("config")
+        pm = ckpt.get("priors_meta")
+        problems = [f"no {k!r}" for k, kind in (("variant", str), ("generator_config", Mapping))
+                    if not isinstance(ckpt.get(k), kind) or k == "variant" and not ckpt[k]]
+        if not isinstance(pm, Mapping) or "size" not in pm or "n" not in pm:
+            problems.append("no priors_meta size/n")
+        if problems:
+            raise UserError(f"{where}: a generator checkpoint of an older or unknown version ({', '.join(problems)});"
+                            f" re-save it with this version of train.py")
+        entries = {k: v for k, v in ckpt.items() if k not in STATE_KEYS}
+        if path:
+            entries["path"] = str(path)
+        epoch = ckpt.get("epoch")
+        gan = config.get("gan") if isinstance(config, Mapping) else None
+        # the typed fields are the stored objects themselves (not copies): meta["priors_meta"] is meta.priors_meta
+        return cls(path=str(entries.get("path", "")), variant=str(ckpt["variant"]),
+                   generator_config=ckpt["generator_config"], gan=gan if isinstance(gan, dict) else {},
+                   priors_meta=pm, metrics=ckpt.get("metrics") or {},
+                   epoch=None if epoch is None else int(epoch), step=int(ckpt.get("step") or 0),
+                   history=ckpt.get("history") or [], entries=entries)
+
+    @property
+    def size(self) -> int:
+        """The map size S it was trained on."""
+        return int(self.priors_meta["size"])
+
+    @property
+    def n(self) -> int:
+        """The priors per sample it was trained on."""
+        return int(self.priors_meta["n"])
+
+    @property
+    def val_r(self) -> float:
+        """The validation r recorded for the kept epoch (its selection score), NaN when absent."""
+        return float(self.metrics.get("r", float("nan")))
+
+    @property
+    def adv_weight(self) -> float:
+        """gan.adv_weight it was trained with (1.0 when not recorded)."""
+        return float(self.gan.get("adv_weight", 1.0))
+
+    @property
+    def inputs(self) -> tuple[str, str]:
+        """(gan.image, gan.priors) it was trained with: the information it is given."""
+        return self.gan.get("image", INPUT_KEYS["image"]), self.gan.get("priors", INPUT_KEYS["priors"])
+
+    def __getitem__(self, key: str) -> Any:
+        return self.entries[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
 
 
 def load_generator(path: str | Path, expect_variant: str | None = None,
-                   device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Load a GAN checkpoint's generator -> (model in eval mode, checkpoint meta without state dicts)."""
+                   device: str | torch.device = "cpu") -> tuple[nn.Module, GeneratorMeta]:
+    """Load a GAN checkpoint's generator -> (model in eval mode, its `GeneratorMeta`)."""
     ckpt = load_checkpoint(path, "GAN")
-    check_format(ckpt, path)
-    variant = ckpt.get("variant")
-    if variant not in generators.VARIANTS:
-        raise UserError(f"{path}: unknown generator variant {variant!r} (known: {', '.join(generators.ALL)})")
+    meta = GeneratorMeta.parse(ckpt, path)
+    cls = get_generator(meta.variant, f"{path}: variant")
+    variant = meta.variant
     if expect_variant is not None and variant != expect_variant:
-        if variant in generators.BASELINES:
+        if not cls.adversarial and get_generator(expect_variant, "variant").adversarial:
             raise UserError(f"{path} is a learned-baseline ({variant}) checkpoint, not a GAN; score it beside a GAN "
                             f"checkpoint with --learned {path}")
-        raise UserError(f"{path} is a {variant} checkpoint; use {variant}_inference.py")
+        raise UserError(f"{path} is a {variant} checkpoint; use {_command(variant)}")
     try:
-        model = generators.VARIANTS[variant].generator_class()(**ckpt["generator_config"])
+        model = cls(**meta.generator_config)
         model.load_state_dict(ckpt["generator"])
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"{path}: generator weights do not fit the {variant} model ({first[:160]})") from None
-    meta = {k: v for k, v in ckpt.items() if k not in STATE_KEYS}
-    meta["path"] = str(path)
     dev = resolve_device(device) if isinstance(device, str) else device
-    saved = (ckpt.get("config") or {}).get("gan") or {}
-    if saved.get("priors") == "none" or saved.get("image") == "none":
+    image, priors = meta.inputs
+    if priors == "none" or image == "none":
         # trained without priors (image-only control) or without the image (priors-only): never given them
-        model = MaskedInputGenerator(model, image=saved.get("image") != "none", priors=saved.get("priors") != "none")
+        model = MaskedInputGenerator(model, image=image != "none", priors=priors != "none")
     return model.to(dev).eval(), meta
+
+
+def _command(variant: str) -> str:
+    """The command that runs a generator of `variant`: the paper's scripts for lsft / gsft."""
+    return f"{variant}_inference.py" if variant in PAPER_SCRIPTS else f"cnnprior explain --variant {variant}"
+
+
+# the generators with a top-level script of their own (the paper's names)
+PAPER_SCRIPTS = ("lsft", "gsft")
 
 
 class MaskedInputGenerator(nn.Module):

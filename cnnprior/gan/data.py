@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cnnprior.core.baselines import choose_streamed
 from cnnprior.core.config import Config
 from cnnprior.core.errors import UserError
+from cnnprior.maps.baselines import choose_streamed
 from cnnprior.priors.priorfile import PriorFile
 from cnnprior.priors.priorset import manifest_path
 from cnnprior.priors.random_priors import parse_random_prior_path, random_prior_path

@@ -12,13 +12,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from cnnprior.core import generators
 from cnnprior.core.config import GANConfig
 from cnnprior.core.distributed import Dist, all_sum
-from cnnprior.core.metrics import fidelity
 from cnnprior.core.runtime import Log, seed_everything
 from cnnprior.gan.data import MapData
-from cnnprior.gan.models import build_discriminator, build_generator
+from cnnprior.gan.models import build_discriminator, get
+from cnnprior.maps.metrics import fidelity
 
 __all__ = [
     "adam", "AUTOCAST_DTYPES", "build_trainer", "compile_trainer", "compiler_problem", "cpu_flags", "GANLoss",
@@ -133,7 +132,7 @@ class Trainer:
 
 def pearson_rows(a: Tensor, b: Tensor) -> Tensor:
     """Pearson r of each sample's map pair, (B,), in fp32; 0 where either map is constant. A loss term:
-    `cnnprior.core.metrics.pearson` (the scoring metric) gives NaN gradients for a constant map."""
+    `cnnprior.maps.metrics.pearson` (the scoring metric) gives NaN gradients for a constant map."""
     a, b = a.float().flatten(1), b.float().flatten(1)
     a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
     return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-8)
@@ -200,7 +199,8 @@ def build_trainer(gc: GANConfig, n_priors: int, device: torch.device) -> Trainer
     """Seeded generator and discriminator (channels_last, as the models keep their weights), `adam` for each,
     the loss and gan.precision's autocast: what `train_step` needs, as `train.py --stage gan` builds it."""
     seed_everything(gc.seed)  # same initial weights on every rank
-    g = build_generator(gc.variant, n_priors, gc.width, gc.depth, gc.cond_channels, gc.cond_hidden).to(device)
+    generator = get(gc.variant)
+    g = generator.from_config(gc, n_priors).to(device)
     d = build_discriminator(gc.disc_width, gc.disc_layers).to(device)
     opt_g, opt_d = adam(g.parameters(), gc, device), adam(d.parameters(), gc, device)
     prec = precision(gc, device)
@@ -210,7 +210,7 @@ def build_trainer(gc: GANConfig, n_priors: int, device: torch.device) -> Trainer
         return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
     # a learned baseline is never trained adversarially, whatever gan.adv_weight says
-    adv_weight = gc.adv_weight if generators.VARIANTS[gc.variant].adversarial else 0.0
+    adv_weight = gc.adv_weight if generator.adversarial else 0.0
     return Trainer(g, d, g, d, opt_g, opt_d, GANLoss(gc.loss), adv_weight, gc.l1_weight, autocast, prec,
                    sanity_weight=gc.sanity_weight)
 

@@ -8,17 +8,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from cnnprior.core import runtime
-from cnnprior.core.config import Config, save_config, to_dict
-from cnnprior.core.distributed import Dist, all_sum, everywhere, from_main, init_distributed, shard
+from cnnprior.core.config import Config, to_dict
+from cnnprior.core.distributed import Dist, all_sum, everywhere, joined, shard
 from cnnprior.core.errors import UserError
-from cnnprior.core.runtime import Log, atomic_torch_save, load_checkpoint, state_sha256
-from cnnprior.core.testhooks import TestHooks
+from cnnprior.core.runtime import Log, load_checkpoint, state_sha256
+from cnnprior.core.stage import FinishCallback, Outputs, Stage, StepCallback
 from cnnprior.gan.checkpoint import ARCH_KEYS, GAN_FORMAT, INPUT_KEYS, SCHEMA_KEYS, check_format, export_generator
 from cnnprior.gan.data import AGREE_KEYS, MapData, load_gan_data
 
@@ -37,8 +36,9 @@ from cnnprior.gan.step import (
 )
 
 __all__ = [
-    "adam", "build_trainer", "check_adversarial", "compile_trainer", "EPOCH_STATS", "gan_paths", "GANLoss",
-    "load_init", "precision", "run_gan_stage", "Trainer", "train_step", "training_backends"
+    "adam", "build_trainer", "check_adversarial", "check_architecture", "compile_trainer", "EPOCH_STATS",
+    "gan_outputs", "gan_paths", "GANLoss", "load_init", "precision", "run_gan_stage", "Trainer", "train_step",
+    "training_backends"
 ]
 
 EPOCH_STATS = ("d_real", "d_fake", "g_adv", "l1", "d_loss")
@@ -61,41 +61,40 @@ def gan_paths(cfg: Config) -> dict[str, Path]:
             "export": Path(f"{prefix}.pt")}
 
 
-def _prepare_outputs(cfg: Config, resume: bool, overwrite: bool, world: int) -> dict | None:
-    """Refuse to clobber outputs; on resume load `last` and check it fits the config."""
-    paths = gan_paths(cfg)
-    if resume:
-        last = paths["last"]
-        if not last.is_file():
-            raise UserError(f"{last}: no GAN checkpoint to resume from; drop --resume to start a new run")
-        ckpt = load_checkpoint(last, "GAN")
-        check_format(ckpt, last)
-        saved = (ckpt.get("config") or {}).get("gan") or {}
-        for key in ARCH_KEYS:
-            if saved.get(key) != getattr(cfg.gan, key):
-                raise UserError(f"{last}: was trained with gan.{key}: {saved.get(key)!r} but the config says "
-                                f"{getattr(cfg.gan, key)!r}; keep it, or --overwrite to start over")
-        for key, default in INPUT_KEYS.items():
-            if saved.get(key, default) != getattr(cfg.gan, key):
-                raise UserError(f"{last}: was trained with gan.{key}: {saved.get(key, default)} but the config says "
-                                f"{getattr(cfg.gan, key)}; keep it, or --overwrite to start over")
-        check_adversarial(saved, cfg, str(last))
-        if not SCHEMA_KEYS <= ckpt.keys():
-            raise UserError(f"{last}: GAN checkpoint lacks {', '.join(sorted(SCHEMA_KEYS - ckpt.keys()))}; "
-                            f"it cannot be resumed (use --overwrite to start over)")
-        if ckpt["batch_in_epoch"] > 0:
-            for what, old, new in (("gan.batch_size", saved.get("batch_size"), cfg.gan.batch_size),
-                                   ("processes", ckpt.get("world_size", 1), world)):
-                if old != new:
-                    raise UserError(f"{last}: saved mid-epoch with {what} {old}, now {new}; resume with {old}")
-        return ckpt
-    existing = [p for p in paths.values() if p.exists()]
-    if existing and not overwrite:
-        raise UserError(f"{existing[0]}: GAN outputs exist; use --resume to continue, --overwrite to start over, "
-                        f"or another gan.out")
-    for key in ("last", "best"):
-        paths[key].unlink(missing_ok=True)
-    return None
+def gan_outputs(cfg: Config) -> Outputs:
+    """The stage's outputs (gan_paths) for the stage skeleton; a fresh run removes an old `last` and `best`."""
+    return Outputs(gan_paths(cfg), kind="GAN", state="GAN checkpoint", key="gan.out", stale=("last", "best"))
+
+
+def _resumable_checkpoint(cfg: Config, last: Path, world: int) -> dict:
+    """The checkpoint in `last`, checked against the config (and, saved mid-epoch, the batch and process count)."""
+    ckpt = load_checkpoint(last, "GAN")
+    check_format(ckpt, last)
+    saved = (ckpt.get("config") or {}).get("gan") or {}
+    check_architecture(saved, cfg, f"{last}: was trained with", "keep it, or --overwrite to start over")
+    for key, default in INPUT_KEYS.items():
+        if saved.get(key, default) != getattr(cfg.gan, key):
+            raise UserError(f"{last}: was trained with gan.{key}: {saved.get(key, default)} but the config says "
+                            f"{getattr(cfg.gan, key)}; keep it, or --overwrite to start over")
+    check_adversarial(saved, cfg, str(last))
+    if not SCHEMA_KEYS <= ckpt.keys():
+        raise UserError(f"{last}: GAN checkpoint lacks {', '.join(sorted(SCHEMA_KEYS - ckpt.keys()))}; "
+                        f"it cannot be resumed (use --overwrite to start over)")
+    if ckpt["batch_in_epoch"] > 0:
+        for what, old, new in (("gan.batch_size", saved.get("batch_size"), cfg.gan.batch_size),
+                               ("processes", ckpt.get("world_size", 1), world)):
+            if old != new:
+                raise UserError(f"{last}: saved mid-epoch with {what} {old}, now {new}; resume with {old}")
+    return ckpt
+
+
+def check_architecture(saved: dict, cfg: Config, where: str, hint: str) -> None:
+    """A saved run's gan section (`saved`) has the config's ARCH_KEYS: "<where> gan.<key>: <old> but the config
+    says <new>; <hint>" otherwise."""
+    for key in ARCH_KEYS:
+        if saved.get(key) != getattr(cfg.gan, key):
+            raise UserError(f"{where} gan.{key}: {saved.get(key)!r} but the config says {getattr(cfg.gan, key)!r}; "
+                            f"{hint}")
 
 
 def check_adversarial(saved: dict, cfg: Config, path: str) -> None:
@@ -113,10 +112,7 @@ def load_init(tr: Trainer, cfg: Config) -> None:
     ckpt = load_checkpoint(path, "GAN")
     check_format(ckpt, path)
     saved = (ckpt.get("config") or {}).get("gan") or {}
-    for key in ARCH_KEYS:
-        if saved.get(key) != getattr(cfg.gan, key):
-            raise UserError(f"gan.init: {path} has gan.{key}: {saved.get(key)!r} but the config says "
-                            f"{getattr(cfg.gan, key)!r}; warm starts need the same architecture")
+    check_architecture(saved, cfg, f"gan.init: {path} has", "warm starts need the same architecture")
     check_adversarial(saved, cfg, f"gan.init: {path}")
     try:
         tr.g.load_state_dict(ckpt["generator"])
@@ -151,15 +147,16 @@ def _fmt_epoch(epoch: int, epochs: int, h: dict) -> str:
             f"{h['val_ssim']:.3f} | {h['seconds']:.1f}s")
 
 
-def run_gan_stage(cfg: Config, resume: bool = False, overwrite: bool = False, log: Log = print) -> dict:
-    """`train.py --stage gan`: train the generator (single process, or one rank of a torchrun job)."""
-    ctx, device = init_distributed(cfg.gan.device)
-    try:
-        with training_backends(device):
-            return _train(cfg, resume, overwrite, log if ctx.main else (lambda _msg: None), ctx, device)
-    finally:
-        if ctx.enabled:
-            dist.destroy_process_group()
+def run_gan_stage(cfg: Config, resume: bool = False, overwrite: bool = False, log: Log = print,
+                  on_step: StepCallback | None = None, on_finish: FinishCallback | None = None) -> dict:
+    """`train.py --stage gan`: train the generator (single process, or one rank of a torchrun job).
+
+    `on_step(step)` runs after every trained step (before its checkpoint); `on_finish(rank, summary)` at the end,
+    with the hashes of the final generator and discriminator weights (core/stage.py).
+    """
+    with joined(cfg.gan.device) as (ctx, device), training_backends(device):
+        stage = Stage(gan_outputs(cfg), ctx, device, log, cfg.gan.checkpoint_every, on_step, on_finish)
+        return _train(cfg, resume, overwrite, stage)
 
 
 @dataclass
@@ -168,10 +165,8 @@ class _Run:
 
     cfg: Config
     tr: Trainer
-    ctx: Dist
-    device: torch.device
+    stage: Stage  # the outputs, the process's place in the job, the caller's callbacks
     pmeta: dict
-    paths: dict[str, Path]
     epoch: int = 0
     step: int = 0
     start_batch: int = 0
@@ -181,10 +176,23 @@ class _Run:
     sums: Tensor | None = None  # this epoch's EPOCH_STATS sums so far
     best_r: float = -math.inf  # the best validation r so far
 
-    def save(self, path: Path, batch_in_epoch: int, done_epochs: int, data_order: Tensor, epoch_sums: Tensor) -> None:
-        """A full-state checkpoint: networks, optimisers, RNG states, progress (exact resume)."""
+    @property
+    def ctx(self) -> Dist:
+        return self.stage.ctx
+
+    @property
+    def device(self) -> torch.device:
+        return self.stage.device
+
+    @property
+    def paths(self) -> dict[str, Path]:
+        return self.stage.paths
+
+    def save(self, key: str, batch_in_epoch: int, done_epochs: int, data_order: Tensor, epoch_sums: Tensor) -> None:
+        """A full-state checkpoint as output `key` (rank 0): networks, optimisers, RNG states, progress (exact
+        resume)."""
         gc, tr = self.cfg.gan, self.tr
-        atomic_torch_save({
+        self.stage.save(key, lambda: {
             "format": GAN_FORMAT, "variant": gc.variant, "precision": tr.precision, "generator_config": tr.g.config(),
             "generator": _cpu_state(tr.g),
             "discriminator_config": {"width": gc.disc_width, "n_layers": gc.disc_layers},
@@ -193,9 +201,9 @@ class _Run:
             "rng": runtime.rng_state(self.device),
             "data_order": data_order.cpu(), "epoch_sums": epoch_sums.cpu(), "world_size": self.ctx.world,
             "config": to_dict(self.cfg), "priors_meta": self.pmeta, "metrics": self.metrics, "history": self.history,
-        }, path)
+        })
 
-    def train_epoch(self, data: MapData, hooks: TestHooks) -> int:
+    def train_epoch(self, data: MapData) -> int:
         """Train the rest of the current epoch (saving `last` every gan.checkpoint_every steps); its batch count."""
         gc, ctx = self.cfg.gan, self.ctx
         if self.order is None:
@@ -218,12 +226,10 @@ class _Run:
             if ctx.main and b % BAR_EVERY == 0:
                 d_real, l1 = stats[[0, 3]].tolist()  # one host read
                 bar.set_postfix(l1=f"{l1:.3f}", **({} if math.isnan(d_real) else {"d_real": f"{d_real:.2f}"}))
-            hooks.after_step(self.step)
-            if gc.checkpoint_every and self.step % gc.checkpoint_every == 0 and b + 1 < batches:
+            if self.stage.step_done(self.step, mid_epoch=b + 1 < batches):
                 # every rank resumes with the ranks' mean partial sums, so the epoch's all-reduced total is right
                 partial = all_sum(ctx, self.sums.clone()) / ctx.world
-                if ctx.main:
-                    self.save(self.paths["last"], b + 1, self.epoch, self.order, partial)
+                self.save("last", b + 1, self.epoch, self.order, partial)
         bar.close()
         return batches
 
@@ -242,8 +248,8 @@ class _Run:
             next_order = runtime.epoch_order(gc.seed, self.epoch, count)
             if entry["val_r"] > self.best_r:
                 self.best_r = entry["val_r"]
-                self.save(self.paths["best"], 0, self.epoch, next_order, self.sums)
-            self.save(self.paths["last"], 0, self.epoch, next_order, self.sums)
+                self.save("best", 0, self.epoch, next_order, self.sums)
+            self.save("last", 0, self.epoch, next_order, self.sums)
         return entry
 
 
@@ -258,10 +264,11 @@ def _check_resumed_data(ckpt: dict, pmeta: dict, count: int, last: Path) -> None
                         f"files now hold {count}; resume with the same gan.train files")
 
 
-def _start(cfg: Config, ckpt: dict | None, pmeta: dict, ctx: Dist, device: torch.device, log: Log) -> _Run:
+def _start(cfg: Config, ckpt: dict | None, pmeta: dict, stage: Stage) -> _Run:
     """The networks (seeded), restored from `ckpt` when resuming, and the run's progress; compiled (gan.compile)
     after the DDP wrap."""
-    run = _Run(cfg, _build(cfg, pmeta["n"], device), ctx, device, pmeta, gan_paths(cfg),
+    ctx, device = stage.ctx, stage.device
+    run = _Run(cfg, _build(cfg, pmeta["n"], device), stage, pmeta,
                sums=torch.zeros(len(EPOCH_STATS), dtype=torch.float64, device=device))
     if ckpt is None and cfg.gan.init:
         load_init(run.tr, cfg)
@@ -276,21 +283,20 @@ def _start(cfg: Config, ckpt: dict | None, pmeta: dict, ctx: Dist, device: torch
     if ctx.enabled:
         _wrap_ddp(run.tr, device)
     if cfg.gan.compile:
-        compile_trainer(run.tr, device, log)
+        compile_trainer(run.tr, device, stage.log)
     return run
 
 
-def _train(cfg: Config, resume: bool, overwrite: bool, log: Log, ctx: Dist, device: torch.device) -> dict:
-    gc, paths = cfg.gan, gan_paths(cfg)
+def _train(cfg: Config, resume: bool, overwrite: bool, stage: Stage) -> dict:
+    gc, ctx, device, log, paths = cfg.gan, stage.ctx, stage.device, stage.log, stage.paths
     train_data, val_data, pmeta = everywhere(ctx, lambda: load_gan_data(cfg))
-    ckpt = from_main(ctx, lambda: _prepare_outputs(cfg, resume, overwrite, ctx.world))
+    ckpt = stage.begin(resume, overwrite, lambda last: _resumable_checkpoint(cfg, last, ctx.world))
     if ckpt is not None:
         everywhere(ctx, lambda: _check_resumed_data(ckpt, pmeta, len(train_data), paths["last"]))
     if gc.amp == "bf16":
         log("gan: gan.amp is deprecated; gan.amp: bf16 trains as gan.precision: bf16 (set that and drop gan.amp)")
-    run = _start(cfg, ckpt, pmeta, ctx, device, log)
-    if ctx.main:
-        save_config(cfg, paths["yaml"])
+    run = _start(cfg, ckpt, pmeta, stage)
+    stage.write_config(cfg)
     n_params = sum(p.numel() for p in run.tr.g.parameters())
     log(f"gan: {gc.variant} generator ({n_params:,} params) on {len(train_data)} train / {len(val_data)} val samples "
         f"(S={pmeta['size']}, n={pmeta['n']}), batch {gc.batch_size}"
@@ -300,17 +306,16 @@ def _train(cfg: Config, resume: bool, overwrite: bool, log: Log, ctx: Dist, devi
            else f"; warm start from {gc.init}" if gc.init else ""))
     if run.epoch >= gc.epochs:
         log(f"gan: nothing to do ({run.epoch} of {gc.epochs} epochs done; raise gan.epochs to train on)")
-    hooks = TestHooks()
     run.tr.g.train()
     run.tr.d.train()
     while run.epoch < gc.epochs:
         t0 = time.time()
-        batches = run.train_epoch(train_data, hooks)
+        batches = run.train_epoch(train_data)
         entry = run.end_epoch(batches, val_data, len(train_data), t0)
         log(_fmt_epoch(run.epoch, gc.epochs, entry))
-    hooks.dump(ctx.rank, lambda: {"generator": state_sha256(_cpu_state(run.tr.g)),
-                                  "discriminator": state_sha256(_cpu_state(run.tr.d)), "step": run.step,
-                                  "world_size": ctx.world})
+    stage.finish(lambda: {"generator": state_sha256(_cpu_state(run.tr.g)),
+                          "discriminator": state_sha256(_cpu_state(run.tr.d)), "step": run.step,
+                          "world_size": ctx.world})
     return _finish(run, log)
 
 

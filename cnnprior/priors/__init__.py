@@ -1,4 +1,5 @@
-"""Stage 2, the conditional priors: all-layer extraction (`extract`; its CAM methods, `cams`, live in
-cnnprior/core/), the prior file and prior set formats (`priorfile`, `priorset`), the released code's files
-(`released`), the priors stage (`stage`) and priors of randomised CNN copies (`random_priors`).
-`python -m cnnprior.priors` inspects files."""
+"""Stage 2, the conditional priors. CAM methods by name (`cams`), recording layers' outputs and gradients
+(`hooks`), the maps' common scaling (`resize`), how priors are formed (`spec`), the all-layer extractor
+(`extract`), prior-file metadata (`meta`), the prior file and prior set formats (`priorfile`, `priorset`, opened by
+`read`), the released code's files (`released`), the priors stage (`stage`), priors of randomised CNN copies
+(`random_priors`) and `python -m cnnprior.priors` (`cli`)."""

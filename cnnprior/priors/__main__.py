@@ -2,7 +2,7 @@
 
 import sys
 
-from cnnprior.priors.extract import main
+from cnnprior.priors.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -21,15 +21,13 @@ import torch.nn.functional as F
 
 from cnnprior.core.errors import UserError
 from cnnprior.core.runtime import atomic_write_text
+from cnnprior.priors.meta import PRIORS_FORMAT, PriorMeta, load_json
 
 __all__ = [
     "content_hash", "make_records", "pickle_refused", "PriorFile", "PriorRecords", "PRIORS_FORMAT", "PriorWriter",
     "read_prior_file", "record_chunks", "record_dtype", "records_tensors", "resize_images", "sidecar_path",
     "to_u8"
 ]
-
-PRIORS_FORMAT = "cnnprior-priors/1"
-
 
 def record_dtype(size: int, n: int, with_mask: bool = True) -> np.dtype:
     """Structured record: uint8 pixels/maps (maps quantised as round(255·m)), no object fields.
@@ -132,11 +130,18 @@ def records_tensors(r: np.ndarray, size: int) -> dict[str, torch.Tensor]:
 
 
 class PriorRecords:
-    """What every reader of priors uses, a prior file or a prior set alike: `meta` (sidecar or manifest), `path`,
-    `len()`, `parts` (memmapped record arrays), `select(idx)` (records), `tensors(idx)` (float tensors), `size`, `n`.
+    """What every reader of priors uses, a prior file or a prior set alike: `meta` (sidecar or manifest's dict),
+    `info` (the same, typed: `meta.PriorMeta`), `path`, `len()`, `parts` (memmapped record arrays), `select(idx)`
+    (records), `tensors(idx)` (float tensors), `size`, `n`.
     Open either with `cnnprior.priors.read.read_priors`."""
 
     meta: dict
+    path: Path
+
+    @property
+    def info(self) -> PriorMeta:
+        """The metadata, typed (parsed from `meta`)."""
+        return PriorMeta.parse(self.meta, self.path)
 
     @property
     def size(self) -> int:
@@ -201,19 +206,11 @@ def read_prior_file(path: str | Path, verify: bool = True) -> PriorFile:
     sc = sidecar_path(p)
     if not sc.is_file():
         raise UserError(f"{p}: sidecar {sc.name} missing (a prior file needs its .json; re-run --stage priors)")
-    try:
-        meta = json.loads(sc.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{sc}: sidecar is not valid JSON ({exc})") from None
-    if meta.get("format") != PRIORS_FORMAT:
-        raise UserError(f"{sc}: not a cnnprior prior sidecar (format {meta.get('format')!r}, "
-                        f"expected {PRIORS_FORMAT!r})")
-    try:
-        size, n, count = int(meta["size"]), int(meta["n"]), int(meta["count"])
-    except (KeyError, TypeError, ValueError):
-        raise UserError(f"{sc}: sidecar lacks size/n/count") from None
+    meta = load_json(sc, "sidecar", "prior sidecar", PRIORS_FORMAT)
+    info = PriorMeta.parse(meta, sc)
+    size, n, count = info.size, info.n, info.count
     has_mask = "mask" in (arr.dtype.names or ())
-    if bool(meta.get("has_masks", has_mask)) != has_mask:
+    if info.has_masks not in (None, has_mask):
         raise UserError(f"{p}: sidecar says has_masks={meta.get('has_masks')} but the records "
                         f"{'have' if has_mask else 'lack'} a mask field")
     expected = record_dtype(size, n, has_mask)

@@ -25,6 +25,7 @@ import torch
 
 from cnnprior.core.errors import UserError
 from cnnprior.core.runtime import atomic_write_text
+from cnnprior.priors.meta import load_json
 from cnnprior.priors.priorfile import (
     PriorFile,
     PriorRecords,
@@ -165,15 +166,7 @@ class PriorSet(PriorRecords):
 
 def load_manifest(path: Path) -> dict:
     """The manifest's JSON, checked for format and fields (one-line errors)."""
-    if not path.is_file():
-        raise UserError(f"{path}: prior-set manifest not found")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: prior-set manifest is not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != PRIORSET_FORMAT:
-        got = manifest.get("format") if isinstance(manifest, dict) else None
-        raise UserError(f"{path}: not a cnnprior prior-set manifest (format {got!r}, expected {PRIORSET_FORMAT!r})")
+    manifest = load_json(path, "prior-set manifest", "prior-set manifest", PRIORSET_FORMAT)
     shards = manifest.get("shards")
     ok = (isinstance(manifest.get("count"), int) and isinstance(manifest.get("content_sha256"), str)
           and isinstance(manifest.get("meta"), dict) and isinstance(shards, list) and shards

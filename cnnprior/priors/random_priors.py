@@ -27,6 +27,7 @@ from cnnprior.cnn.randomise import INITS, ORDERS, model_stages, randomise
 from cnnprior.core.distributed import everywhere, joined
 from cnnprior.core.errors import UserError
 from cnnprior.core.runtime import Log
+from cnnprior.priors import cams
 from cnnprior.priors.extract import PriorExtractor, extractor_for_checkpoint, extractor_from
 from cnnprior.priors.stage import file_meta, split_dataset, write_prior_file
 
@@ -96,6 +97,7 @@ def run_random_priors_stage(cfg, resume: bool = False, overwrite: bool = False, 
     pc = cfg.priors
     if not pc.randomised_stages:
         return []
+    cams.get(pc.method, "priors.method", one_pass=True)  # a bad method: one line, before any work
     with joined(pc.device) as (ctx, device):
         if ctx.enabled:
             log = rank_log(log, ctx.rank)

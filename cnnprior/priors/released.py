@@ -9,7 +9,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cnnprior.core.errors import UserError
-from cnnprior.core.viz import invert_colormap
+from cnnprior.present.viz import invert_colormap
 from cnnprior.priors.priorfile import PRIORS_FORMAT, PriorWriter, pickle_refused, record_dtype, sidecar_path, to_u8
 
 __all__ = ["import_released", "released_labels", "RELEASED_ROW"]

@@ -1,5 +1,6 @@
 """The priors stage (`train.py --stage priors`): the conditional priors of each split written to a prior file, or on
-torchrun to a prior set of one shard per rank (formats: priorfile.py, priorset.py; extraction: extract.py)."""
+torchrun to a prior set of one shard per rank (formats: priorfile.py, priorset.py; extraction: extract.py).
+`priors.method` is checked against the CAM registry (`cams`) before anything is loaded."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from cnnprior.core.distributed import Dist, everywhere, from_main, joined
 from cnnprior.core.errors import UserError
 from cnnprior.core.runtime import Log, file_sha256
 from cnnprior.data.splits import load_split, stratified_take
+from cnnprior.priors import cams
 from cnnprior.priors.extract import PriorExtractor, extractor_for_checkpoint
 from cnnprior.priors.priorfile import PRIORS_FORMAT, PriorWriter, make_records, read_prior_file, sidecar_path
 from cnnprior.priors.priorset import (
@@ -180,6 +182,7 @@ def run_priors_stage(cfg, resume: bool = False, overwrite: bool = False, log: Lo
     of whole batches of the single-process order (so the records are the ones one process writes), and rank 0
     the manifest. `--resume` continues each rank's shard; it needs the world size of the interrupted run.
     """
+    cams.get(cfg.priors.method, "priors.method", one_pass=True)  # a bad method: one line, before any work
     with joined(cfg.priors.device) as (ctx, device):
         return priors_stage(cfg, ctx, device, resume, overwrite, log if ctx.main else (lambda _msg: None))
 

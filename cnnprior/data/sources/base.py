@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,6 +10,7 @@ import numpy as np
 from PIL import Image, ImageFile
 
 from cnnprior.core.errors import UserError
+from cnnprior.core.schema import suggest
 
 __all__ = [
     "DATASETS_ENV", "datasets_root", "display_names", "IMAGE_EXTENSIONS", "ImageSource", "read_image", "require",
@@ -115,9 +115,8 @@ def display_names(folders: Sequence[str], defaults: Sequence[str], names: dict |
             keys.setdefault(d, i)
         for key, value in names.items():
             if key not in keys:
-                close = difflib.get_close_matches(key, list(keys), n=1)
-                hint = f"did you mean '{close[0]}'?" if close else f"classes: {', '.join(folders)}"
-                raise UserError(f"data.class_names: {key!r} is not a class of {where} ({hint})")
+                hint = suggest(key, keys, listing=None) or f" (classes: {', '.join(folders)})"
+                raise UserError(f"data.class_names: {key!r} is not a class of {where}{hint}")
             out[keys[key]] = value
     seen: dict[str, str] = {}
     for folder, name in zip(folders, out, strict=True):

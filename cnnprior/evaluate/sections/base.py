@@ -7,6 +7,9 @@ name holds its options (a dataclass the class declares), e.g.
     sections: [faithfulness, mprt]
     mprt: {num: 64, seed: 0}        # or --set mprt.num=16
 
+An options class may also take keys that are not its fields (a staticmethod `take_key(opts, key, value, loc)`
+returning whether it took the key, and a `keyed_help` line for --help), e.g. `control: {<generator name>: ...}`.
+
 Fidelity and the training curves always run. The default sections have a heading in every report (saying when
 they were not run); the others appear only when run. To add a section, write one class in this package and
 import its module in `__init__.py`.
@@ -15,7 +18,6 @@ import its module in `__init__.py`.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +27,9 @@ import torch
 from torch import Tensor, nn
 
 from cnnprior.core.errors import UserError
-from cnnprior.core.report import Report
 from cnnprior.core.runtime import Log
-from cnnprior.core.schema import opt
+from cnnprior.core.schema import opt, suggest
+from cnnprior.present.report import Report
 from cnnprior.priors.priorfile import PriorFile
 
 __all__ = [
@@ -115,6 +117,13 @@ class Section:
         """Whether this evaluation runs the section."""
         return not cls.selectable or cls.name in cfg.sections
 
+    def not_run(self, report: Report, ctx: EvalContext) -> bool:
+        """Whether the config did not select this section; the report then says so (`not_run_note`)."""
+        if self.selected(ctx.cfg):
+            return False
+        not_run_note(report)
+        return True
+
     def empty(self) -> Any:
         """The results recorded for a default section that was not run."""
         return None
@@ -185,13 +194,15 @@ def parse_options(name: str, value: Any, where: str) -> Any:
     opts = cls()
     if value is None:
         return opts
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     if not isinstance(value, dict):
         raise UserError(f"{where}: key '{name}': expected a mapping of {', '.join(fields)}, got {value!r}")
+    take = getattr(cls, "take_key", None)  # options keyed by name, e.g. control.<generator>
     for key, v in value.items():
+        if key not in fields and take is not None and take(opts, str(key), v, f"{where}: key '{name}.{key}'"):
+            continue
         if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
-            hint = f" (did you mean '{name}.{close[0]}'?)" if close else f" (known: {', '.join(fields)})"
+            hint = suggest(str(key), fields, listing=None, prefix=f"{name}.") or f" (known: {', '.join(fields)})"
             raise UserError(f"{where}: unknown key '{name}.{key}'{hint}")
         setattr(opts, key, _check_option(v, fields[key], f"{where}: key '{name}.{key}'"))
     return opts
@@ -214,7 +225,11 @@ def describe_options() -> str:
              f"{', '.join(default_names())}"]
     for name in sorted(OPTIONS, key=lambda n: SECTIONS[n].order):
         cls = OPTIONS[name]
+        if getattr(cls, "keyed_help", ""):
+            lines.append(f"  {name}.{cls.keyed_help}")
         for f in dataclasses.fields(cls):
+            if f.metadata.get("internal"):
+                continue
             extra = f.metadata.get("help", "")
             lines.append(f"  {name}.{f.name} = {f.default!r}" + (f"  ({extra})" if extra else ""))
     return "\n".join(lines)

@@ -1,23 +1,28 @@
-"""Section `control`: the image-only control generator (trained with `gan.priors: none`) and the GANs' margin."""
+"""Section `control`: image-only control generators (trained with `gan.priors: none`), one per generator name
+(`control: {lsft: <checkpoint>, gsft: ..., <any registered generator>: ...}`), and every evaluated generator's
+margin over each."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from cnnprior.core import cams, generators, metrics
 from cnnprior.core.config import Config, to_dict
 from cnnprior.core.errors import UserError
-from cnnprior.core.maps import generate, live_cams, resize_maps
-from cnnprior.core.report import Report, Table
 from cnnprior.evaluate.sanity import format_ci, mean_ci
 from cnnprior.evaluate.sections.base import EvalContext, Section, option
-from cnnprior.gan.checkpoint import load_generator
+from cnnprior.gan.checkpoint import GeneratorMeta, load_generator
+from cnnprior.gan.models.base import get, names
+from cnnprior.maps import metrics
+from cnnprior.maps.ops import generate, resize_maps
+from cnnprior.present.report import Report, Table
+from cnnprior.priors import cams
+from cnnprior.priors.cams import live_cams
 
 __all__ = ["ControlOptions", "ControlSection", "images_per_second", "load_control", "recipe_differences"]
 
@@ -28,42 +33,62 @@ _SAME_RECIPE_FREE = frozenset({"priors", "image", "out", "device", "checkpoint_e
 
 @dataclass
 class ControlOptions:
-    """Options of the `control` section."""
+    """Options of the `control` section: `speed_num`, and one key per registered generator naming its image-only
+    control checkpoint (`control.lsft`, `control.gsft`, ...; blank = none), kept in `checkpoints`."""
 
-    lsft: str = option("", file=True, help="image-only LSFT control checkpoint (trained with gan.priors: none)")
-    gsft: str = option("", file=True, help="image-only GSFT control checkpoint (trained with gan.priors: none)")
     speed_num: int = option(64, lo=1, help="images timed for the speed figures")
+    checkpoints: dict = field(default_factory=dict, metadata={"internal": True})  # generator name -> checkpoint
+
+    keyed_help: ClassVar[str] = ("<generator> = ''  (image-only control checkpoint of that registered generator, "
+                                 "trained with gan.priors: none: control.lsft, control.gsft, ...)")
+
+    @staticmethod
+    def take_key(opts: ControlOptions, key: str, value: Any, loc: str) -> bool:
+        """A key naming a registered generator: its control checkpoint (must exist; blank = none)."""
+        if key not in names():
+            return False
+        value = "" if value is None else value
+        if not isinstance(value, str):
+            raise UserError(f"{loc}: expected a checkpoint path, got {value!r}")
+        if value and not Path(value).is_file():
+            raise UserError(f"{loc}: {value}: file not found")
+        if value:
+            opts.checkpoints[key] = value
+        else:
+            opts.checkpoints.pop(key, None)
+        return True
 
 
-def load_control(path: str, variant: str, ctx: EvalContext) -> tuple[Any, dict]:
-    """An image-only generator; a checkpoint trained with priors, or for other S/n, is a one-line error."""
+def load_control(path: str, variant: str, ctx: EvalContext) -> tuple[Any, GeneratorMeta]:
+    """An image-only generator; a checkpoint trained with priors, for other S/n, or of another generator than
+    `variant` is a one-line error."""
     model, meta = load_generator(path, device=ctx.device)
-    trained = ((meta.get("config") or {}).get("gan") or {}).get("priors", "cnn")
+    trained = meta.inputs[1]
     if trained != "none":
         raise UserError(f"control.{variant}: {path} was trained with gan.priors: {trained}, not an image-only "
                         f"control (train one with --set gan.priors=none)")
-    pm = meta.get("priors_meta") or {}
-    if (pm.get("size"), pm.get("n")) != (ctx.pf.size, ctx.pf.n):
-        raise UserError(f"control.{variant}: {path} was trained on S={pm.get('size')}, n={pm.get('n')} but "
+    if meta.variant != variant:
+        raise UserError(f"control.{variant}: {path} is a {meta.variant} checkpoint (name it control.{meta.variant})")
+    if (meta.size, meta.n) != (ctx.pf.size, ctx.pf.n):
+        raise UserError(f"control.{variant}: {path} was trained on S={meta.size}, n={meta.n} but "
                         f"{ctx.pf.path} has S={ctx.pf.size}, n={ctx.pf.n}")
     return model, meta
 
 
-def recipe_differences(gan_meta: dict, control_meta: dict) -> list[str]:
+def recipe_differences(gan_meta: GeneratorMeta, control_meta: GeneratorMeta) -> list[str]:
     """How an image-only control's training differs from a GAN's, besides `gan.priors: none`: differing gan.*
     keys (architecture, budget, files, warm start, randomised share), samples seen, and the train files."""
-    a, b = ((m.get("config") or {}).get("gan") or {} for m in (gan_meta, control_meta))
+    a, b = gan_meta.gan, control_meta.gan
     # a key only one side has is a difference unless the other side predates it and the one has its default
     out = [f"gan.{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b))
            if k not in _SAME_RECIPE_FREE and a.get(k) != b.get(k)
            and not (k not in a and b.get(k) == _DEFAULTS.get(k, object()))
            and not (k not in b and a.get(k) == _DEFAULTS.get(k, object()))]
-    steps = [int(m.get("step") or 0) * int(((m.get("config") or {}).get("gan") or {}).get("batch_size") or 0)
-             for m in (gan_meta, control_meta)]
+    steps = [m.step * int(m.gan.get("batch_size") or 0) for m in (gan_meta, control_meta)]
     if steps[0] != steps[1]:
         out.append(f"samples seen by the kept checkpoint: {steps[0]:,} vs {steps[1]:,}")
     for key, what in (("train_files", "train prior files"), ("randomised", "randomised-CNN prior files")):
-        a_files, b_files = ((m.get("priors_meta") or {}).get(key) for m in (gan_meta, control_meta))
+        a_files, b_files = (m.priors_meta.get(key) for m in (gan_meta, control_meta))
         if a_files != b_files:
             out.append(f"{what}: {a_files!r} vs {b_files!r}")
     return out
@@ -104,19 +129,19 @@ class ControlSection(Section, name="control", title="Control: image-only generat
 
     def run(self, ctx: EvalContext) -> dict:
         opts = ctx.options(self.name)
-        paths = {v: getattr(opts, v) for v in generators.NAMES if getattr(opts, v)}
+        order = names()
+        paths = {v: opts.checkpoints[v] for v in sorted(opts.checkpoints, key=order.index)}
         if not paths:
             ctx.notes.append("control: no image-only generator configured (control.lsft / control.gsft)")
             return {"images": ctx.count, "controls": {}, "margins": {}, "speed": {}}
         d = ctx.data
         controls, fid, r_of = {}, {}, {}
         for variant, path in paths.items():
-            model, _ = load_control(path, variant, ctx)  # _: the control's meta
-            label = f"{variant.upper()} control"
+            model, cmeta = load_control(path, variant, ctx)
+            label = f"{variant.upper() if get(variant).adversarial else variant} control"
             controls[label] = model
             maps = generate(model, d["image"], torch.zeros_like(d["priors"]), ctx.cfg.batch_size, ctx.device)
             r_of[label] = metrics.pearson(maps, d["target"])
-            cmeta = _
             diffs = {g.label: recipe_differences(g.meta, cmeta) for g in ctx.gans if g.variant == variant}
             fid[label] = {"path": path, "r": mean_ci(r_of[label]), "l1": mean_ci(metrics.l1(maps, d["target"])),
                           "differences": diffs,

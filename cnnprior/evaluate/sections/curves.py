@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cnnprior.core import viz
-from cnnprior.core.report import Report
 from cnnprior.evaluate.sections.base import EvalContext, Section
+from cnnprior.present import viz
+from cnnprior.present.report import Report
 
 __all__ = ["CurvesSection", "history_chart", "SERIES"]
 

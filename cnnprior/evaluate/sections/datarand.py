@@ -15,12 +15,12 @@ from typing import Any
 import torch
 
 from cnnprior.cnn.model import load_cnn
-from cnnprior.core import metrics
 from cnnprior.core.errors import UserError
-from cnnprior.core.report import Report, Table
 from cnnprior.evaluate.sanity import MPRT_MARGIN, constant, format_ci, mean_ci, same_size_spearman, spearman_abs
 from cnnprior.evaluate.sections.base import EvalContext, Section, option
 from cnnprior.evaluate.sections.mprt import maps_function, target_label
+from cnnprior.maps import metrics
+from cnnprior.present.report import Report, Table
 
 __all__ = ["DataRandOptions", "DataRandSection", "fit_of"]
 

@@ -10,12 +10,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cnnprior.core import cams, metrics
-from cnnprior.core.maps import blur, live_cams, random_maps, resize_maps
-from cnnprior.core.report import Report, Table
 from cnnprior.evaluate.sanity import SMOOTHING_SIGMAS, ci_row, margin_row, smooth_maps
-from cnnprior.evaluate.sections.base import EvalContext, Section, not_run_note, option
+from cnnprior.evaluate.sections.base import EvalContext, Section, option
 from cnnprior.evaluate.sections.fidelity import margin_table
+from cnnprior.maps import metrics
+from cnnprior.maps.ops import blur, random_maps, resize_maps
+from cnnprior.present.report import Report, Table
+from cnnprior.priors import cams
+from cnnprior.priors.cams import live_cams
 
 __all__ = [
     "add_margins", "BLURRED_COLUMN", "COLUMNS", "drop_and_increase", "faithfulness_per_image",
@@ -136,8 +138,7 @@ class FaithfulnessSection(Section, name="faithfulness", title="Faithfulness to t
         return results
 
     def render(self, report: Report, results: Any, folder: Path, ctx: EvalContext) -> None:
-        if not self.selected(ctx.cfg):
-            not_run_note(report)
+        if self.not_run(report, ctx):
             return
         report.p(f"Images and maps upsampled from {ctx.pf.size}px to {ctx.image_size}px; explained class = the "
                  f"record's `explained`; masking / deletion / insertion baseline = black (zeros in [0,1] RGB input "
@@ -154,10 +155,14 @@ class FaithfulnessSection(Section, name="faithfulness", title="Faithfulness to t
         cols = COLUMNS + (BLURRED_COLUMN,) * blurred
         report.table(Table.of_metrics("method", results, cols))
         road = f" (ROAD: its {len(ctx.road_images)} images)" if ctx.road_images else ""
-        margin_table(report, results, cols,
-                     f"Each GAN minus `{stored_target_label(ctx.pf.meta)}`, the map it was trained to reproduce: mean "
-                     f"of the per-image differences [95 % paired bootstrap interval], **N = {ctx.count} images**"
-                     f"{road}. The arrows are the columns' above: for a ↓ column a negative Δ favours the GAN.")
+        margin_table(report, results, cols, target_margin_caption(
+            ctx, f"{road}. The arrows are the columns' above: for a ↓ column a negative Δ favours the GAN."))
+
+
+def target_margin_caption(ctx: EvalContext, tail: str) -> str:
+    """The caption of a table of each GAN's margin over the stored target map (`add_margins`), ending in `tail`."""
+    return (f"Each GAN minus `{stored_target_label(ctx.pf.meta)}`, the map it was trained to reproduce: mean of the "
+            f"per-image differences [95 % paired bootstrap interval], **N = {ctx.count} images**{tail}")
 
 
 def add_margins(results: dict[str, dict], per_image: dict[str, dict[str, Tensor]], gans: list[str],

@@ -8,13 +8,15 @@ from typing import Any
 
 from torch import Tensor
 
-from cnnprior.core import cams, generators, metrics
-from cnnprior.core.baselines import BaselineChoice, baseline_maps, grayscale
-from cnnprior.core.baselines import label as baseline_label
-from cnnprior.core.report import Estimate, Report, Table
 from cnnprior.evaluate.sanity import ci_row, margin_row
 from cnnprior.evaluate.sections.base import EvalContext, Section
 from cnnprior.evaluate.sections.relevance import prior_labels
+from cnnprior.gan.models.base import L1_SUFFIX
+from cnnprior.maps import metrics
+from cnnprior.maps.baselines import BaselineChoice, baseline_maps, grayscale
+from cnnprior.maps.baselines import label as baseline_label
+from cnnprior.present.report import Estimate, Report, Table
+from cnnprior.priors import cams
 
 __all__ = [
     "baseline_choice", "best_baseline", "best_learned", "COLUMNS", "fidelity_per_image", "fidelity_rows", "FidelitySection",
@@ -44,7 +46,7 @@ def intensity_rows(image: Tensor, choice: BaselineChoice | None) -> dict[str, Te
 
 def baseline_choice(g: Any) -> BaselineChoice | None:
     """The trivial-baseline choice a generator's checkpoint records (made on the validation prior file)."""
-    return BaselineChoice.from_dict((g.meta.get("priors_meta") or {}).get("baselines"))
+    return BaselineChoice.from_dict(g.meta.priors_meta.get("baselines"))
 
 
 def fidelity_rows(ctx: EvalContext) -> dict[str, Tensor]:
@@ -86,7 +88,7 @@ class FidelitySection(Section, name="fidelity", title="Fidelity to the target ma
             if best is not None:
                 results[g.label]["margin_learned"] = margin_row(per_image[g.label], per_image[best.label],
                                                                 f"{best.label} (val r {best.val_r:.3f})")
-            twin = next((t for t in ctx.gans if t.key == f"{g.key}_l1"), None)
+            twin = next((t for t in ctx.gans if t.key == f"{g.key}{L1_SUFFIX}"), None)
             if twin is not None:
                 results[g.label]["margin_twin"] = margin_row(per_image[g.label], per_image[twin.label], twin.label)
         return results
@@ -114,8 +116,9 @@ class FidelitySection(Section, name="fidelity", title="Fidelity to the target ma
 
 
 def best_learned(gans: Sequence[Any]) -> Any:
-    """The learned baseline (`linear`, `convnet`) with the highest validation r recorded in its checkpoint, or None."""
-    learned = [g for g in gans if g.variant in generators.BASELINES and g.val_r == g.val_r]
+    """The learned baseline (a registered generator that is not adversarial: `linear`, `convnet`, ...) with the highest
+    validation r recorded in its checkpoint, or None."""
+    learned = [g for g in gans if g.learned and not g.key.endswith(L1_SUFFIX) and g.val_r == g.val_r]
     return max(learned, key=lambda g: g.val_r, default=None)
 
 

@@ -9,14 +9,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from cnnprior.core import metrics
 from cnnprior.core.errors import UserError
-from cnnprior.core.maps import generate
-from cnnprior.core.report import Estimate, Report, Table
 from cnnprior.evaluate.sanity import ci_row, margin_row
-from cnnprior.evaluate.sections.base import EvalContext, EvalSet, Section, not_run_note
+from cnnprior.evaluate.sections.base import EvalContext, EvalSet, Section
 from cnnprior.evaluate.sections.fidelity import COLUMNS, MEAN_OF_PRIORS, fidelity_per_image
 from cnnprior.gan.checkpoint import load_generator
+from cnnprior.maps import metrics
+from cnnprior.maps.ops import generate
+from cnnprior.present.report import Estimate, Report, Table
 from cnnprior.priors.read import read_priors
 
 __all__ = ["best_single_prior", "GeneralisationSection", "generalise"]
@@ -61,8 +61,7 @@ def extra_generators(ctx: EvalContext) -> list[Scored]:
     out = []
     for label, path in ctx.cfg.generators.items():
         model, meta = load_generator(path, device=ctx.device)
-        pm = meta.get("priors_meta") or {}
-        out.append(Scored(label, model, (int(pm.get("size", -1)), int(pm.get("n", -1)))))
+        out.append(Scored(label, model, (meta.size, meta.n)))
     return out
 
 
@@ -147,9 +146,7 @@ class GeneralisationSection(Section, name="generalisation", title="Generalisatio
         return [generalise(s, ctx, extra) for s in ctx.cfg.generalisation]
 
     def render(self, report: Report, results: Any, folder: Path, ctx: EvalContext) -> None:
-        if not self.selected(ctx.cfg):
-            not_run_note(report)
-        elif not ctx.cfg.generalisation:
+        if not self.not_run(report, ctx) and not ctx.cfg.generalisation:
             report.p("No extra prior files configured (`generalisation`).")
         rows, margins, skipped = [], [], []
         for e in results:

@@ -8,9 +8,6 @@ from typing import Any
 
 import torch
 
-from cnnprior.core import cams
-from cnnprior.core.maps import generate, live_cams, resize_maps
-from cnnprior.core.report import Report, Table
 from cnnprior.evaluate.sanity import (
     GRID_CHANCE,
     SMOOTHING_SIGMAS,
@@ -25,7 +22,12 @@ from cnnprior.evaluate.sanity import (
 )
 from cnnprior.evaluate.sections.base import EvalContext, Section, option
 from cnnprior.evaluate.sections.mprt import target_label
-from cnnprior.priors.extract import extractor_from, spec_from_sidecar
+from cnnprior.maps.ops import generate, resize_maps
+from cnnprior.present.report import Report, Table
+from cnnprior.priors import cams
+from cnnprior.priors.cams import live_cams
+from cnnprior.priors.extract import extractor_from
+from cnnprior.priors.spec import spec_from_sidecar
 
 __all__ = ["GridOptions", "GridPGSection"]
 

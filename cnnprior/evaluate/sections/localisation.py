@@ -8,12 +8,17 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor
 
-from cnnprior.core import metrics
-from cnnprior.core.report import Report, Table
 from cnnprior.evaluate.sanity import ci_row, pointing_chance
-from cnnprior.evaluate.sections.base import EvalContext, Section, not_run_note
-from cnnprior.evaluate.sections.faithfulness import add_margins, input_size_maps, stored_target_label
+from cnnprior.evaluate.sections.base import EvalContext, Section
+from cnnprior.evaluate.sections.faithfulness import (
+    add_margins,
+    input_size_maps,
+    stored_target_label,
+    target_margin_caption,
+)
 from cnnprior.evaluate.sections.fidelity import margin_table
+from cnnprior.maps import metrics
+from cnnprior.present.report import Report, Table
 
 __all__ = ["COLUMNS", "localisation_per_image", "LocalisationSection"]
 
@@ -50,9 +55,9 @@ class LocalisationSection(Section, name="localisation", title="Localisation", or
         return results
 
     def render(self, report: Report, results: Any, folder: Path, ctx: EvalContext) -> None:
-        if not self.selected(ctx.cfg):
-            not_run_note(report)
-        elif results is None:
+        if self.not_run(report, ctx):
+            return
+        if results is None:
             report.p("Skipped: the prior file has no ground-truth masks.")
         else:
             report.p(f"**N = {ctx.count} images**, against the records' ground-truth masks, at {ctx.image_size}px "
@@ -61,7 +66,4 @@ class LocalisationSection(Section, name="localisation", title="Localisation", or
                      f"fraction (a uniform map's energy share is the same); σ rows: the target blurred at the map "
                      f"size. Mean [95 % bootstrap interval over the images]; best mean per column in bold.")
             report.table(Table.of_metrics("method", results, COLUMNS))
-            margin_table(report, results, COLUMNS,
-                         f"Each GAN minus `{stored_target_label(ctx.pf.meta)}`, the map it was trained to reproduce: "
-                         f"mean of the per-image differences [95 % paired bootstrap interval], **N = {ctx.count} "
-                         f"images**; a positive Δ favours the GAN.")
+            margin_table(report, results, COLUMNS, target_margin_caption(ctx, "; a positive Δ favours the GAN."))

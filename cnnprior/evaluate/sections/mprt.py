@@ -12,11 +12,14 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from cnnprior.cnn.randomise import INITS, ORDERS, full_reinit, model_stages, randomised_stages
-from cnnprior.core import cams, metrics
-from cnnprior.core.errors import UserError
-from cnnprior.core.maps import generate, live_cams, resize_maps
-from cnnprior.core.report import Report, Table
+from cnnprior.cnn.randomise import full_reinit, model_stages
+from cnnprior.evaluate.randomisations import (
+    check_networks,
+    parse_randomisations,
+    training_networks,
+    training_randomisations,
+    training_seeds,
+)
 from cnnprior.evaluate.sanity import (
     MPRT_MARGIN,
     constant,
@@ -32,14 +35,17 @@ from cnnprior.evaluate.sanity import (
 from cnnprior.evaluate.sections.base import EvalContext, Section, option
 from cnnprior.evaluate.sections.fidelity import MEAN_OF_PRIORS, baseline_choice, best_learned
 from cnnprior.evaluate.smprt_emprt import emprt_score
-from cnnprior.priors.extract import extractor_from, spec_from_sidecar
-from cnnprior.priors.random_priors import parse_random_prior_path
+from cnnprior.gan.checkpoint import GeneratorMeta
+from cnnprior.maps import metrics
+from cnnprior.maps.ops import generate, resize_maps
+from cnnprior.present.report import Report, Table
+from cnnprior.priors import cams
+from cnnprior.priors.cams import live_cams
+from cnnprior.priors.extract import extractor_from
+from cnnprior.priors.spec import spec_from_sidecar
 
-__all__ = [
-    "maps_function", "mprt_chart", "MPRTOptions", "MPRTSection", "paired_references", "parse_randomisations",
-    "sanity_weight", "seed_cell", "seed_mean", "target_label", "training_networks", "training_randomisations",
-    "training_seeds"
-]
+__all__ = ["maps_function", "mprt_chart", "MPRTOptions", "MPRTSection", "paired_references", "sanity_weight",
+           "seed_cell", "seed_mean", "target_label"]
 
 
 @dataclass
@@ -67,11 +73,6 @@ class MPRTOptions:
 def target_label(meta: dict) -> str:
     """'Grad-CAM (target)': the prior file's target map, named by its CAM method."""
     return f"{cams.title(meta.get('method') or cams.DEFAULT)} (target)"
-
-
-def training_seeds(meta: dict) -> list[int]:
-    """Seeds of the randomised-copy prior files a generator trained on (gan.randomised_share), from its meta."""
-    return sorted({s for t in training_randomisations(meta) for s in t["seeds"]})
 
 
 def seed_mean(per_seed: list[torch.Tensor]) -> torch.Tensor:
@@ -123,61 +124,9 @@ def paired_references(gans: list) -> list[tuple[str, str]]:
     return pairs
 
 
-def parse_randomisations(text: str) -> list[tuple[str, str, str]]:
-    """`mprt.randomisations` -> [(name, order, init)]: order one of ORDERS or "full", init one of INITS."""
-    out = []
-    for item in (t.strip() for t in text.split(",") if t.strip()):
-        order, _, init = item.partition(":")
-        init = init or "default"
-        if order not in (*ORDERS, "full") or init not in INITS:
-            raise UserError(f"mprt.randomisations: unknown {item!r}; use {', '.join((*ORDERS, 'full'))}, each "
-                            f"optionally with :<init> ({', '.join(INITS)})")
-        out.append((item, order, init))
-    if not out:
-        raise UserError("mprt.randomisations: empty; name at least one (e.g. top_down)")
-    return out
-
-
-def sanity_weight(meta: dict) -> float:
+def sanity_weight(meta: GeneratorMeta) -> float:
     """gan.sanity_weight a generator trained with (0 when off or unrecorded), from its meta."""
-    return float((((meta or {}).get("config") or {}).get("gan") or {}).get("sanity_weight") or 0.0)
-
-
-def training_randomisations(meta: dict) -> list[dict]:
-    """What randomised CNNs a generator trained on: [{order, init, seeds}], from the names of its randomised-copy
-    prior files (priors.randomised_order / randomised_init; top_down with PyTorch's default init by default)."""
-    files = (((meta.get("priors_meta") or {}).get("randomised") or {}).get("files")) or []
-    found: dict[tuple[str, str], set[int]] = {}
-    for f in files:
-        p = parse_random_prior_path(str(f))
-        if p is not None:
-            found.setdefault((p["order"], p["init"]), set()).add(p["seed"])
-    return [{"order": o, "init": i, "seeds": sorted(s)} for (o, i), s in sorted(found.items())]
-
-
-def training_networks(meta: dict, stage_names: list[str]) -> set[tuple[frozenset, int, str]]:
-    """The randomised networks a generator trained on, as (re-initialised stage indices, seed, init): stage j's
-    random weights depend on (seed, j, init) only, so two orders that re-initialise the same stages with the same
-    seed and init make the same network (`full` = either cascade's last step; `independent` step 1 = top_down's)."""
-    names = [n.replace("+", "_") for n in stage_names]
-    k = len(names)
-    nets = set()
-    for f in ((meta.get("priors_meta") or {}).get("randomised") or {}).get("files") or []:
-        p = parse_random_prior_path(str(f))
-        if p is None or p["stage"] not in names:
-            continue
-        i = names.index(p["stage"])
-        idx = {"top_down": range(i + 1), "bottom_up": range(i, k), "independent": [i]}[p["order"]]
-        nets.add((frozenset(idx), p["seed"], p["init"]))
-    return nets
-
-
-def _check_networks(num_stages: int, order: str, init: str, seeds: list[int]) -> set[tuple[frozenset, int, str]]:
-    """The networks one randomisation of the check makes, in `training_networks`' terms."""
-    if order == "full":
-        return {(frozenset(range(num_stages)), s, init) for s in seeds}
-    return {(frozenset(randomised_stages(num_stages, order, k)), s, init)
-            for k in range(1, num_stages + 1) for s in seeds}
+    return float(meta.gan.get("sanity_weight") or 0.0)
 
 
 def _run_one(ctx: EvalContext, spec: tuple[str, str, str], seeds: list[int], maps_of: Any, step0: dict,
@@ -216,7 +165,7 @@ def _run_one(ctx: EvalContext, spec: tuple[str, str, str], seeds: list[int], map
     emprt = {m: mean_ci(seed_mean([emprt_score(step0[m], r["steps"][-1]["maps"][m], opts.emprt_bins)
                                    for r in raws])) for m in methods}
     stage_names = [n for n, _ in model_stages(ctx.cnn)]
-    mine = _check_networks(len(stage_names), order, init, seeds)
+    mine = check_networks(len(stage_names), order, init, seeds)
     seen = [g.label for g in ctx.gans if training_networks(g.meta, stage_names) & mine]
     trained_like = [g.label for g in ctx.gans
                     if any(t["order"] == order and t["init"] == init for t in training_randomisations(g.meta))]

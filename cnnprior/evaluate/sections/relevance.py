@@ -9,11 +9,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from cnnprior.core.maps import generate
-from cnnprior.core.report import Estimate, Report, Table
-from cnnprior.core.viz import grouped_bar_chart
 from cnnprior.evaluate.sanity import mean_ci
-from cnnprior.evaluate.sections.base import EvalContext, Section, not_run_note
+from cnnprior.evaluate.sections.base import EvalContext, Section
+from cnnprior.maps.ops import generate
+from cnnprior.present.report import Estimate, Report, Table
+from cnnprior.present.viz import grouped_bar_chart
 
 __all__ = ["prior_labels", "prior_relevance", "prior_relevance_per_image", "relevance_cell", "RelevanceSection"]
 
@@ -123,8 +123,7 @@ class RelevanceSection(Section, name="relevance", title="GAN interpretation: rel
                  f"by zeros, or by the mean map of C_k over the evaluated images; **N = {ctx.count} images**, mean "
                  f"[95 % bootstrap interval over the images]. Which layers each prior averages:")
         report.table(_layers_table(ctx.pf.meta, n))
-        if not self.selected(ctx.cfg):
-            not_run_note(report)
+        if self.not_run(report, ctx):
             return
         if not ctx.gans:
             report.p("No GAN checkpoints configured.")

@@ -14,11 +14,12 @@ from typing import Any
 import torch
 
 from cnnprior.cnn.randomise import model_stages, randomise, step_labels
-from cnnprior.core.report import Report, Table
+from cnnprior.evaluate.randomisations import parse_randomisations
 from cnnprior.evaluate.sanity import MPRT_MARGIN, constant, format_ci, mean_ci, mprt_verdict, spearman_abs
 from cnnprior.evaluate.sections.base import EvalContext, Section, option
-from cnnprior.evaluate.sections.mprt import maps_function, parse_randomisations, seed_mean, target_label
+from cnnprior.evaluate.sections.mprt import maps_function, seed_mean, target_label
 from cnnprior.evaluate.smprt_emprt import SMPRT_MAGNITUDE, smoothed
+from cnnprior.present.report import Report, Table
 
 __all__ = ["SMPRTOptions", "SMPRTSection"]
 

@@ -8,11 +8,12 @@ from typing import Any
 
 import torch
 
-from cnnprior.core import metrics
-from cnnprior.core.maps import generate
-from cnnprior.core.report import Report, Table
 from cnnprior.evaluate.sanity import format_ci, mean_ci, swap_donors
 from cnnprior.evaluate.sections.base import EvalContext, Section, option
+from cnnprior.gan.checkpoint import GeneratorMeta
+from cnnprior.maps import metrics
+from cnnprior.maps.ops import generate
+from cnnprior.present.report import Report, Table
 
 __all__ = ["DONORS", "priors_only", "PriorSwapSection", "SwapOptions"]
 
@@ -38,9 +39,9 @@ def _follows(stat: dict) -> str:
     return "undecided"
 
 
-def priors_only(meta: dict) -> bool:
+def priors_only(meta: GeneratorMeta | None) -> bool:
     """Whether a generator never sees the image (trained with gan.image: none)."""
-    return ((meta.get("config") or {}).get("gan") or {}).get("image") == "none"
+    return meta is not None and meta.inputs[0] == "none"
 
 
 def _specific(stat: dict) -> str:
@@ -67,7 +68,7 @@ def _donor_kind(ctx: EvalContext, n: int, same: bool, seed: int) -> dict:
         entry["gans"][g.label] = {"unswapped_r": mean_ci(metrics.pearson(g.maps[i], target[i])),
                                   "r_own": mean_ci(own), "r_donor": mean_ci(donor),
                                   "donor_minus_own": mean_ci(donor - own),
-                                  "priors_only": priors_only(getattr(g, "meta", None) or {})}
+                                  "priors_only": priors_only(getattr(g, "meta", None))}
     return entry
 
 

@@ -7,12 +7,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from cnnprior.core.config import GANConfig
+from cnnprior.core.errors import UserError
+from cnnprior.gan.models.base import Generator
+
 __all__ = ["ConvRegressor"]
 
 KERNEL = 5
 
 
-class ConvRegressor(nn.Module):
+class ConvRegressor(Generator, name="convnet", adversarial=False, order=40):
     """`depth` 5x5 convolutions of `width` channels with ReLU, then a 5x5 convolution to one channel and a sigmoid,
     on the image (scaled to [-1, 1]) stacked with the priors. The reviewer's question to a conditional GAN: does
     it beat a regressor this small trained on the same data?
@@ -21,12 +25,9 @@ class ConvRegressor(nn.Module):
         n_priors: priors per sample.
         width: channels of the hidden convolutions.
         depth: hidden convolutions (>= 1).
-        cond_channels, cond_hidden: accepted for the registry's common signature; unused.
     """
 
-    variant = "convnet"
-
-    def __init__(self, n_priors: int = 8, width: int = 32, depth: int = 3, **unused: Any) -> None:
+    def __init__(self, n_priors: int = 8, width: int = 32, depth: int = 3) -> None:
         super().__init__()
         if n_priors < 1 or width < 1 or depth < 1:
             raise ValueError(f"need n_priors, width, depth >= 1, got {n_priors}, {width}, {depth}")
@@ -40,13 +41,19 @@ class ConvRegressor(nn.Module):
         self.body = nn.Sequential(*layers)
         self.to(memory_format=torch.channels_last)
 
+    @classmethod
+    def from_config(cls, gan: GANConfig, n_priors: int) -> ConvRegressor:
+        """gan.depth: the hidden 5x5 convolutions (>= 1); gan.width: their channels; gan.cond_*: unused."""
+        if gan.depth < 1:
+            raise UserError(f"gan.depth: the convnet baseline needs >= 1 hidden convolution, got {gan.depth}")
+        return cls(n_priors, gan.width, gan.depth)
+
     def config(self) -> dict[str, Any]:
         """Constructor arguments, enough to rebuild this model."""
         return {"n_priors": self.n_priors, "width": self.width, "depth": self.depth}
 
     def forward(self, image: Tensor, priors: Tensor) -> Tensor:
         """Image (B, 3, S, S) and priors (B, n, S, S) in [0, 1] -> map (B, 1, S, S) in [0, 1]."""
-        if priors.dim() != 4 or priors.shape[1] != self.n_priors:
-            raise ValueError(f"expected priors of shape (B, {self.n_priors}, H, W), got {tuple(priors.shape)}")
+        self.check_priors(priors)
         x = torch.cat([image * 2.0 - 1.0, priors], 1).contiguous(memory_format=torch.channels_last)
         return torch.sigmoid(self.body(x))

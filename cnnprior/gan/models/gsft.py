@@ -10,10 +10,15 @@ from cnnprior.gan.models.sft import SFTGenerator, SFTLayer, SFTResBlock
 __all__ = ["GSFTGenerator"]
 
 
-class GSFTGenerator(SFTGenerator):
-    """Global SFT generator (paper: 8 priors -> one 32-channel condition, 32 SFT blocks of width 64)."""
+class GSFTGenerator(SFTGenerator, name="gsft", order=20):
+    """Global SFT generator (paper: 8 priors -> one 32-channel condition, 32 SFT blocks of width 64).
 
-    variant = "gsft"
+    Args:
+        n_priors: priors per sample, read together by one condition network.
+        width: trunk channels (gan.width).
+        n_blocks: SFT residual blocks, all on the one condition (gan.depth).
+        cond_channels, cond_hidden: the condition network's output and hidden channels (gan.cond_*).
+    """
 
     def __init__(self, n_priors: int = 8, width: int = 64, n_blocks: int = 32, cond_channels: int = 32,
                  cond_hidden: int = 128) -> None:
@@ -24,6 +29,8 @@ class GSFTGenerator(SFTGenerator):
             self.blocks.append(SFTResBlock(width, cond_channels, cond_index=0))
         self.final_sft = SFTLayer(width, cond_channels)
         self.to(memory_format=torch.channels_last)
+
+    depth_arg = "n_blocks"  # gan.depth: the SFT residual blocks
 
     def conditions(self, priors: Tensor) -> Tensor:
         """Priors (B, n, S, S) -> a stack of one condition (1, B, C, S, S)."""

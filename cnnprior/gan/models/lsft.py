@@ -19,10 +19,15 @@ def plain_blocks_per_gap(n_sft: int, n_plain: int) -> list[int]:
     return counts + [0]
 
 
-class LSFTGenerator(SFTGenerator):
-    """Layer-wise SFT generator (paper: 8 priors -> 8 SFT blocks interleaved with 7 plain blocks)."""
+class LSFTGenerator(SFTGenerator, name="lsft", order=10):
+    """Layer-wise SFT generator (paper: 8 priors -> 8 SFT blocks interleaved with 7 plain blocks).
 
-    variant = "lsft"
+    Args:
+        n_priors: priors per sample; one SFT block per prior.
+        width: trunk channels (gan.width).
+        n_plain: plain residual blocks spread between the SFT blocks (gan.depth).
+        cond_channels, cond_hidden: the condition network's output and hidden channels (gan.cond_*).
+    """
 
     def __init__(self, n_priors: int = 8, width: int = 64, n_plain: int = 7, cond_channels: int = 32,
                  cond_hidden: int = 128) -> None:
@@ -33,6 +38,8 @@ class LSFTGenerator(SFTGenerator):
             for _ in range(n_after):
                 self.blocks.append(ResBlock(width))
         self.to(memory_format=torch.channels_last)
+
+    depth_arg = "n_plain"  # gan.depth: the plain residual blocks
 
     def conditions(self, priors: Tensor) -> Tensor:
         """Priors (B, n, S, S) -> stacked conditions (n, B, C, S, S) from ONE CondNet call on n*B maps."""

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+from cnnprior.core.config import GANConfig
+from cnnprior.gan.models.base import Generator
 
 __all__ = [
     "chunk_bounds", "Cond", "CondNet", "conv1x1", "conv3x3", "CPU_CHUNK_BYTES_PER_THREAD", "inference_rows",
@@ -143,16 +146,15 @@ class SFTResBlock(nn.Module):
         return self.conv2(self.sft2(y, c)).add_(x), cond
 
 
-class SFTGenerator(nn.Module):
-    """Base of the LSFT/GSFT generators: image stem, conditions, trunk, global skip, sigmoid head.
+class SFTGenerator(Generator):
+    """Base of the LSFT/GSFT generators (not registered itself): image stem, conditions, trunk, global skip,
+    sigmoid head.
 
     Subclasses fill `blocks` (and optionally `final_sft`), define `conditions`, and keep their weights
     channels_last (the layout oneDNN and cuDNN run fastest; activations follow the weights). `config` holds the
     subclass's other constructor arguments (its block counts `n_*`, `cond_channels`, `cond_hidden`); the
     condition network reads `cond_inputs` maps at a time.
     """
-
-    variant: str = ""
 
     def __init__(self, n_priors: int, width: int, cond_inputs: int, **config: Any) -> None:
         super().__init__()
@@ -170,6 +172,14 @@ class SFTGenerator(nn.Module):
         self.head = conv3x3(width, 1)
         self.cond_net = CondNet(cond_inputs, config["cond_channels"], config["cond_hidden"])
 
+    depth_arg: ClassVar[str] = ""  # the block count that gan.depth sets (a subclass names one of its `n_*`)
+
+    @classmethod
+    def from_config(cls, gan: GANConfig, n_priors: int) -> SFTGenerator:
+        """gan.width, gan.cond_channels, gan.cond_hidden, and gan.depth as the subclass's `depth_arg`."""
+        return cls(n_priors, gan.width, **{cls.depth_arg: gan.depth}, cond_channels=gan.cond_channels,
+                   cond_hidden=gan.cond_hidden)
+
     def config(self) -> dict[str, Any]:
         """Constructor arguments, enough to rebuild this generator."""
         return dict(self._config)
@@ -177,11 +187,6 @@ class SFTGenerator(nn.Module):
     def conditions(self, priors: Tensor) -> Tensor:
         """Priors (B, n, S, S) -> condition stack (k, B, C, S, S) the trunk consumes."""
         raise NotImplementedError
-
-    def check_priors(self, priors: Tensor) -> None:
-        """Refuse priors that are not (B, n_priors, H, W)."""
-        if priors.dim() != 4 or priors.shape[1] != self.n_priors:
-            raise ValueError(f"expected priors of shape (B, {self.n_priors}, H, W), got {tuple(priors.shape)}")
 
     def trunk(self, pair: Pair) -> Tensor:
         """(stem features, conditions) -> blocks, then the final SFT layer (on condition 0) if any."""

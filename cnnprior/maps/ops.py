@@ -1,21 +1,17 @@
 """Batches of explanation maps (B, 1, H, W) in [0, 1]: resizing, blurring, min-max rescaling, and the maps the
-evaluation compares besides the stored ones: a generator's maps, live pytorch-grad-cam maps, seeded random maps."""
+evaluation compares besides the stored ones: a generator's maps and seeded random maps."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-from torch import Tensor, nn
+from torch import Tensor
 from torchvision.transforms.functional import gaussian_blur
 
-from cnnprior.core import cams
-
-__all__ = ["blur", "generate", "live_cams", "random_maps", "rescale", "resize_maps"]
+__all__ = ["blur", "generate", "random_maps", "rescale", "resize_maps"]
 
 
 def resize_maps(x: Tensor, size: int) -> Tensor:
@@ -53,19 +49,3 @@ def generate(generator: Callable[[Tensor, Tensor], Tensor], image: Tensor, prior
     out = [generator(image[i:i + batch_size].to(device), priors[i:i + batch_size].to(device)).float().cpu()
            for i in range(0, len(image), batch_size)]
     return torch.cat(out)
-
-
-def live_cams(model: nn.Module, layer: nn.Module, images: Tensor, classes: Tensor, method: str,
-              batch_size: int) -> Tensor:
-    """CAM maps (B, 1, H, W) in [0, 1] of `layer` for each image's class, by pytorch-grad-cam's `method` class."""
-    cam = cams.cam_class(method)(model=model, target_layers=[layer])
-    out = []
-    try:  # not `with cam:` — its __exit__ swallows IndexError
-        for i in range(0, len(images), batch_size):
-            targets = [ClassifierOutputTarget(int(c)) for c in classes[i:i + batch_size]]
-            out.append(torch.from_numpy(np.asarray(cam(input_tensor=images[i:i + batch_size], targets=targets),
-                                                   dtype=np.float32)))
-    finally:
-        cam.activations_and_grads.release()
-    model.zero_grad(set_to_none=True)
-    return torch.cat(out).unsqueeze(1).clamp(0, 1)

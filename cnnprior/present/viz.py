@@ -13,8 +13,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
-from cnnprior.core.report import HTML_STYLE
 from cnnprior.core.runtime import atomic_write
+from cnnprior.present.report import HTML_STYLE
 
 __all__ = [
     "colorize", "colormap_table", "grouped_bar_chart", "invert_colormap", "line_chart", "make_sheet", "overlay",

@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from cnnprior.core.maps import rescale
-from cnnprior.core.metrics import pearson
+from cnnprior.maps.metrics import pearson
+from cnnprior.maps.ops import rescale
 
 __all__ = [
     "baseline_maps", "BaselineChoice", "BASELINES", "BaselineScores", "choose", "choose_streamed", "grayscale",
