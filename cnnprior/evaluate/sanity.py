@@ -9,7 +9,7 @@ two methods on the same samples: `paired_ci`; table rows: `ci_row`, `margin_row`
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,10 +21,11 @@ from cnnprior.maps import metrics
 from cnnprior.maps.ops import blur, rescale, resize_maps
 
 __all__ = [
-    "average_ranks", "cell_masks", "ci_row", "confident_correct", "constant", "energy_in_cell", "explain_batched",
+    "average_ranks", "cell_masks", "ci_row", "confident_correct", "constant", "emprt_verdict",
+    "one_step_scores", "energy_in_cell", "explain_batched",
     "format_ci", "GRID_CHANCE", "grid_images", "margin_row", "mean_ci", "mprt", "MPRT_MARGIN", "mprt_verdict",
     "paired_ci", "pointing_chance", "quantise", "same_size_spearman", "sample_grids", "Samples", "smooth_maps", "SMOOTHING_SIGMAS",
-    "spearman_abs", "swap_donors", "verdict_sentence"
+    "spearman_abs", "step_means", "swap_donors", "verdict_sentence"
 ]
 
 SMOOTHING_SIGMAS = (2, 4, 8)  # matched smoothing: the target blurred by these sigmas (pixels at map size)
@@ -243,6 +244,7 @@ def mprt(model: nn.Module, maps_of: Callable[[nn.Module], dict[str, Tensor]], se
         rho = {m: spearman_abs(v, ref[m]) for m, v in maps.items()}
         rho = {m: torch.where(flat[m], torch.full_like(r, math.nan), r) for m, r in rho.items()}
         entry = {"step": s, "randomised": labels[s], "spearman": rho,
+                 "constant": {m: constant(v) for m, v in maps.items()},
                  "ssim": {m: metrics.ssim_or_nan(v.double(), ref[m].double()) for m, v in maps.items()}}
         if follow is not None:
             own = constant(maps[follow])
@@ -254,29 +256,134 @@ def mprt(model: nn.Module, maps_of: Callable[[nn.Module], dict[str, Tensor]], se
     return {"stages": stages, "steps": out, "ref": ref}
 
 
+def step_means(result: dict) -> dict[str, dict[str, list[float]]]:
+    """One `mprt` result's per-step means, the inputs of `mprt_verdict`: {"spearman", "follow" (when the run
+    followed a method), "constant_share"}, each {method: [value per step, step 0 first]}; NaNs left out."""
+    steps = result["steps"]
+    methods = list(steps[0]["spearman"])
+
+    def mean(v: Tensor) -> float:
+        v = v.double()
+        return float(torch.nanmean(v)) if bool(torch.isfinite(v).any()) else math.nan
+
+    out = {"spearman": {m: [mean(s["spearman"][m]) for s in steps] for m in methods},
+           "constant_share": {m: [float(s["constant"][m].double().mean()) for s in steps] for m in methods}}
+    if "follow" in steps[0]:
+        out["follow"] = {m: [mean(s["follow"][m]) for s in steps] for m in methods}
+    return out
+
+
 def mprt_verdict(spearman: dict[str, list[float]], stages: list[str], method: str, reference: str,
-                 margin: float = MPRT_MARGIN) -> dict:
-    """Pass/fail of `method` against `reference` (means per step, step 0 first): it passes when at every
-    randomisation step (1..K) its mean Spearman similarity is at most `margin` above the reference's."""
+                 margin: float = MPRT_MARGIN, follow: dict[str, list[float]] | None = None,
+                 floors: Sequence[str] = (), constant_share: dict[str, list[float]] | None = None,
+                 two_sided: bool = True, skip_steps: Sequence[int] = ()) -> dict:
+    """Pass/fail of `method` against `reference` (means per step, step 0 first). Three rules, each able to fail:
+
+    - similarity: at every randomisation step (1..K) the method's mean Spearman similarity to its trained-CNN
+      maps is within `margin` of the reference's (two-sided: falling far *below* the reference, e.g. a map that
+      turns anti-correlated with its old self, fails as well as staying far above it; `two_sided=False` is the
+      one-sided rule of earlier reports);
+    - degenerate: a method with no finite similarity, or whose maps are constant for more than half of the
+      images at a step where the reference's are not (`constant_share`: share of constant maps per step and
+      method), explains nothing and fails;
+    - follow (when `follow` and `floors` are given: each method's mean Spearman similarity to the randomised
+      CNN's own reference map, per step): at every step the method follows the randomised CNN at least as well
+      as the best of `floors` (the trivial baselines of its own inputs), less `margin`. A map that ignores the
+      network (a constant, the image, a fixed map) or inverts it fails here even when its similarity to the
+      trained maps is Grad-CAM-like.
+
+    `skip_steps`: steps not counted (the same randomised network as a step of a randomisation already judged,
+    e.g. `independent`'s first step is `top_down`'s); "steps" counts the others.
+    """
+    skip = set(skip_steps)
     gaps = [spearman[method][s] - spearman[reference][s] for s in range(1, len(spearman[method]))]
-    finite = [(g, s + 1) for s, g in enumerate(gaps) if math.isfinite(g)]
-    worst, at = max(finite) if finite else (math.nan, 0)
-    failed = [s for g, s in finite if g > margin + 1e-12]
-    return {"method": method, "reference": reference, "margin": margin, "passes": bool(finite) and not failed,
-            "failed_steps": failed, "worst_gap": worst, "worst_step": at,
-            "worst_stage": stages[at - 1] if at else "", "steps": len(gaps)}
+    finite = [(g, s + 1) for s, g in enumerate(gaps) if math.isfinite(g) and s + 1 not in skip]
+    worst, at = max(finite, key=lambda x: abs(x[0]) if two_sided else x[0]) if finite else (math.nan, 0)
+    failed = [s for g, s in finite if (abs(g) if two_sided else g) > margin + 1e-12]
+    reasons = ["similarity"] if failed else []
+    degenerate = [s for s in range(1, len(spearman[method])) if constant_share is not None and s not in skip
+                  and constant_share[method][s] > 0.5 >= constant_share[reference][s]]
+    if not finite or degenerate:
+        reasons.append("degenerate")
+    unfollowed: list[int] = []
+    follow_gaps: list[float] = []
+    if follow is not None and floors:
+        for s in range(1, len(follow[method])):
+            best = max((follow[f][s] for f in floors if math.isfinite(follow[f][s])), default=math.nan)
+            gap = follow[method][s] - best
+            follow_gaps.append(gap)
+            if s not in skip and math.isfinite(gap) and gap < -margin - 1e-12:
+                unfollowed.append(s)
+        if unfollowed:
+            reasons.append("follow")
+    return {"method": method, "reference": reference, "margin": margin, "passes": not reasons,
+            "reasons": reasons, "failed_steps": failed, "degenerate_steps": degenerate, "unfollowed_steps": unfollowed,
+            "follow_gaps": follow_gaps, "floors": list(floors), "two_sided": two_sided,
+            "worst_gap": worst, "worst_step": at, "worst_stage": stages[at - 1] if at else "", "steps": len(gaps) - len(skip & set(range(1, len(gaps) + 1))),
+            "skipped_steps": sorted(skip)}
+
+
+def one_step_scores(trained: dict[str, Tensor], randomised: list[dict[str, Tensor]], reference: str) -> dict:
+    """Scores of a one-step randomisation (data randomisation: the maps of networks trained on permuted labels),
+    each image averaged over the networks: per method the Spearman similarity to its trained-network maps, the
+    follow similarity to each network's own `reference` map, and the share of constant maps — as
+    {"spearman", "follow"} (per-image tensors) and the `mprt_verdict` inputs {"means", "follow_means",
+    "constant_share"} (step 0 = the trained network)."""
+    nan = torch.full((len(trained[reference]),), math.nan, dtype=torch.float64)
+
+    def pooled(values: list[Tensor]) -> Tensor:
+        return torch.stack([v.double() for v in values]).nanmean(0)
+
+    rho = {m: pooled([torch.where(constant(v), nan, spearman_abs(r[m], v)) for r in randomised])
+           for m, v in trained.items()}
+    follow = {m: pooled([torch.where(constant(r[reference]), nan, same_size_spearman(r[m], r[reference]))
+                         for r in randomised]) for m in trained}
+
+    def mean(v: Tensor) -> float:
+        return float(v.nanmean()) if bool(torch.isfinite(v).any()) else math.nan
+
+    return {"spearman": rho, "follow": follow,
+            "means": {m: [1.0, mean(v)] for m, v in rho.items()},
+            "follow_means": {m: [1.0, mean(v)] for m, v in follow.items()},
+            "constant_share": {m: [float(constant(v).double().mean()),
+                                   float(torch.stack([constant(r[m]).double() for r in randomised]).mean())]
+                               for m, v in trained.items()}}
+
+
+def emprt_verdict(rise: dict[str, float], method: str, reference: str, margin: float = MPRT_MARGIN) -> dict:
+    """eMPRT pass/fail: the method's mean relative complexity rise from the trained to the fully randomised CNN
+    ((H_random − H_trained) / H_trained, `smprt_emprt.emprt_score`) is finite (a constant trained map has none) and
+    within `margin` of the reference's. A map that does not change with the network (the image, a fixed map)
+    rises by 0 and fails wherever the reference's own rise is more than `margin` away from 0; entropy does not see
+    a sign inversion, which MPRT's follow rule catches."""
+    a, b = rise.get(method, math.nan), rise.get(reference, math.nan)
+    gap = a - b
+    passes = math.isfinite(gap) and abs(gap) <= margin + 1e-12
+    return {"method": method, "reference": reference, "margin": margin, "passes": passes, "gap": gap,
+            "reasons": [] if passes else (["degenerate"] if not math.isfinite(gap) else ["complexity"])}
 
 
 def verdict_sentence(v: dict, spearman: dict[str, list[float]]) -> str:
-    """The report's one-sentence verdict for one method."""
+    """The report's one-sentence verdict for one method: which rules of `mprt_verdict` it passes or fails."""
     if v["steps"] == 0 or not math.isfinite(v["worst_gap"]):
-        return f"**{v['method']}: no verdict** (no randomisation step with a finite similarity)."
+        return (f"**{v['method']} fails MPRT (degenerate)**: no randomisation step with a finite similarity "
+                f"(its maps are constant).")
     at = v["worst_step"]
+    within = "within ±" if v.get("two_sided", False) else "at most "
     detail = (f"largest gap {v['worst_gap']:+.3f} at step {at} (randomised down to `{v['worst_stage']}`: "
               f"{spearman[v['method']][at]:.3f} vs {spearman[v['reference']][at]:.3f})")
+    floors = " / ".join(v.get("floors") or [])
     if v["passes"]:
+        follows = f"; at every step it follows the randomised CNN at least as well as {floors}" if floors else ""
         return (f"**{v['method']} passes MPRT**: at every one of the {v['steps']} randomisation steps its mean "
-                f"Spearman similarity is at most {v['margin']:.2f} above {v['reference']}'s; {detail}.")
-    return (f"**{v['method']} fails MPRT**: at {len(v['failed_steps'])} of {v['steps']} randomisation steps its "
-            f"mean Spearman similarity is more than {v['margin']:.2f} above {v['reference']}'s; {detail}. Its "
-            f"maps survive the randomisation of the CNN they claim to explain.")
+                f"Spearman similarity is {within}{v['margin']:.2f} of {v['reference']}'s; {detail}{follows}.")
+    parts = []
+    if v["failed_steps"]:
+        parts.append(f"at {len(v['failed_steps'])} of {v['steps']} randomisation steps its mean Spearman similarity "
+                     f"is not {within}{v['margin']:.2f} of {v['reference']}'s; {detail}")
+    if v.get("degenerate_steps"):
+        parts.append(f"its maps are constant for most images at step(s) {', '.join(map(str, v['degenerate_steps']))}")
+    if v.get("unfollowed_steps"):
+        parts.append(f"at step(s) {', '.join(map(str, v['unfollowed_steps']))} it follows the randomised CNN's "
+                     f"{v['reference']} less than {floors} do (by more than {v['margin']:.2f})")
+    return f"**{v['method']} fails MPRT ({', '.join(v['reasons'])})**: " + "; ".join(parts) + "."

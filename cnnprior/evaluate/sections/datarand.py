@@ -7,7 +7,6 @@ CNN trained on the true labels. The explained class stays the trained CNN's, per
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,13 +15,19 @@ import torch
 
 from cnnprior.cnn.model import load_cnn
 from cnnprior.core.errors import UserError
-from cnnprior.evaluate.sanity import MPRT_MARGIN, constant, format_ci, mean_ci, same_size_spearman, spearman_abs
+from cnnprior.evaluate.sanity import (
+    MPRT_MARGIN,
+    format_ci,
+    mean_ci,
+    mprt_verdict,
+    one_step_scores,
+)
 from cnnprior.evaluate.sections.base import EvalContext, Section, option
-from cnnprior.evaluate.sections.mprt import maps_function, target_label
+from cnnprior.evaluate.sections.mprt import maps_function, seed_mean, target_label, trivial_floors
 from cnnprior.maps import metrics
 from cnnprior.present.report import Report, Table
 
-__all__ = ["DataRandOptions", "DataRandSection", "fit_of"]
+__all__ = ["cnn_paths", "DataRandOptions", "DataRandSection", "fit_of"]
 
 
 @dataclass
@@ -32,7 +37,19 @@ class DataRandOptions:
     cnn: str = option("", file=True, help="the data-randomisation CNN: the evaluated CNN's architecture and input "
                                           "size, trained with cnn.random_labels: 1.0 (configs/"
                                           "fashion_resnet18_random_labels.yaml)")
+    cnns: str = option("", help="more data-randomisation CNNs (comma-separated checkpoints, e.g. other seeds of the "
+                                "same recipe): the verdict pools every image's similarity over all of them")
     num: int = option(64, lo=1, help="images N: the first N evaluated records")
+
+
+def cnn_paths(opts: DataRandOptions) -> list[str]:
+    """Every data-randomisation CNN named by `cnn` and `cnns`, each an existing file (one line where not)."""
+    paths = [p for p in [opts.cnn, *opts.cnns.split(",")] if p.strip()]
+    for path in paths:
+        if not Path(path.strip()).is_file():
+            raise UserError(f"datarand.cnns: {path.strip()}: checkpoint not found (train it with "
+                            f"configs/fashion_resnet18_random_labels.yaml and --set cnn.seed=<seed>)")
+    return [p.strip() for p in paths]
 
 
 def fit_of(meta: dict) -> dict:
@@ -64,29 +81,36 @@ class DataRandSection(Section, name="datarand", title="Sanity check: data random
 
     def run(self, ctx: EvalContext) -> dict:
         opts = ctx.options(self.name)
-        if not opts.cnn:
+        paths = cnn_paths(opts)
+        if not paths:
             ctx.notes.append("datarand: no data-randomisation CNN configured (datarand.cnn)")
             return {"cnn": ""}
-        model, meta = load_cnn(opts.cnn, ctx.device)
-        _check(ctx, opts.cnn, meta)
+        models = []
+        for path in paths:  # every CNN checked before any work
+            model, meta = load_cnn(path, ctx.device)
+            _check(ctx, path, meta)
+            models.append((model, meta))
         n = min(opts.num, ctx.count)
         maps_of = maps_function(ctx, n, {})
         trained = ctx.shared(f"trained_maps:{n}", lambda: maps_of(ctx.cnn))
-        rand = maps_of(model)
         ref = target_label(ctx.pf.meta)
-        nan = math.nan
-        rho = {m: torch.where(constant(v), torch.full((n,), nan, dtype=torch.float64), spearman_abs(rand[m], v))
-               for m, v in trained.items()}
-        follow = {m: torch.where(constant(rand[ref]), torch.full((n,), nan, dtype=torch.float64),
-                                 same_size_spearman(v, rand[ref])) for m, v in rand.items()}
-        out = {"cnn": opts.cnn, "fit": fit_of(meta), "images": n, "reference": ref, "margin": MPRT_MARGIN,
-               "methods": list(trained),
+        randomised, ssims, fits = [], [], []
+        for model, meta in models:
+            randomised.append(maps_of(model))
+            ssims.append({m: metrics.ssim_or_nan(randomised[-1][m].double(), v.double()) for m, v in trained.items()})
+            fits.append(fit_of(meta))
+        scores = one_step_scores(trained, randomised, ref)
+        rho, follow = scores["spearman"], scores["follow"]
+        out = {"cnn": paths[0], "cnns": paths, "fit": fits[0], "fits": fits, "images": n, "reference": ref,
+               "margin": MPRT_MARGIN, "methods": list(trained),
                "spearman": {m: mean_ci(v) for m, v in rho.items()},
-               "ssim": {m: mean_ci(metrics.ssim_or_nan(rand[m].double(), v.double())) for m, v in trained.items()},
+               "ssim": {m: mean_ci(seed_mean([torch.as_tensor(s[m]) for s in ssims])) for m in trained},
                "follow": {m: mean_ci(v) for m, v in follow.items()},
                "gap": {g.label: mean_ci(rho[g.label] - rho[ref]) for g in ctx.gans}}
-        out["verdicts"] = {g: {"passes": bool(s["mean"] <= MPRT_MARGIN + 1e-12), "gap": s}
-                           for g, s in out["gap"].items() if math.isfinite(s["mean"])}
+        out["verdicts"] = {g.label: {**mprt_verdict(scores["means"], ["random labels"], g.label, ref,
+                                                    follow=scores["follow_means"], floors=trivial_floors(list(trained)),
+                                                    constant_share=scores["constant_share"]),
+                                     "gap": out["gap"][g.label]} for g in ctx.gans}
         return out
 
     def render(self, report: Report, results: Any, folder: Path, ctx: EvalContext) -> None:
@@ -94,21 +118,37 @@ class DataRandSection(Section, name="datarand", title="Sanity check: data random
             report.p("No data-randomisation CNN configured (`datarand: {cnn: …}`; train one with "
                      "configs/fashion_resnet18_random_labels.yaml).")
             return
-        fit = results["fit"]
-        acc = fit.get("train_accuracy")
-        report.p(f"The data-randomisation CNN `{results['cnn']}`: the evaluated CNN's architecture and input size, "
-                 f"trained from scratch (seed {fit.get('seed')}) on train images whose labels were permuted "
-                 f"({fit['random_labels']:.0%} of them), {fit.get('epochs')} epochs; it fits its permuted train "
-                 f"labels to " + (f"**{acc:.1%}**" if acc is not None else "an unrecorded accuracy")
-                 + f" (chance {1 / max(fit.get('classes') or 1, 1):.0%}) and scores {fit.get('val_accuracy') or 0:.1%} on the true val labels. "
-                 f"On **N = {results['images']} images**, priors and target are recomputed from it for the trained "
+        fits, paths = results.get("fits") or [results["fit"]], results.get("cnns") or [results["cnn"]]
+        lines = []
+        for path, fit in zip(paths, fits, strict=True):
+            acc, chance = fit.get("train_accuracy"), 1 / max(fit.get("classes") or 1, 1)
+            val = fit.get("val_accuracy") or 0
+            lines.append(f"`{path}` (seed {fit.get('seed')}, {fit['random_labels']:.0%} of the labels permuted, "
+                         f"{fit.get('epochs')} epochs): fits its permuted train labels to "
+                         + (f"**{acc:.1%}**" if acc is not None else "an unrecorded accuracy")
+                         + f", {val:.1%} on the true val labels (chance {chance:.0%}"
+                         + (", **above chance: its labels are only partly random**" if val > chance + 0.05 else "")
+                         + ")")
+        report.p("The data-randomisation CNNs: the evaluated CNN's architecture and input size, trained from scratch "
+                 "on train images whose labels were permuted — " + "; ".join(lines) + ". "
+                 f"On **N = {results['images']} images**, priors and target are recomputed from each for the trained "
                  f"CNN's explained class; every method's maps are compared with its own maps of the trained CNN "
                  f"(Spearman ρ of |maps|, SSIM) and with the random-label CNN's own {results['reference']} "
-                 f"(follow); mean [95 % bootstrap interval]. Pass: at most {results['margin']:.2f} above "
-                 f"{results['reference']}'s similarity (the MPRT criterion). No generator trained on this CNN.")
+                 f"(follow); each image is averaged over the {len(paths)} CNN(s), then mean [95 % bootstrap "
+                 f"interval] over images. Pass: the MPRT rules (similarity within ±{results['margin']:.2f} of "
+                 f"{results['reference']}'s, not degenerate, following the random-label CNN's {results['reference']}"
+                 f" at least as well as the trivial baselines of its own inputs, less {results['margin']:.2f}). No "
+                 f"generator trained on these CNNs.")
+
+        def verdict(m: str) -> str:
+            v = results["verdicts"].get(m)
+            if v is None:
+                return "–"
+            return "pass" if v["passes"] else "FAIL (" + ", ".join(v.get("reasons") or ["similarity"]) + ")"
+
         rows = [[m, format_ci(results["spearman"][m]), format_ci(results["ssim"][m]), format_ci(results["follow"][m]),
                  format_ci(results["gap"][m]) if m in results["gap"] else "–",
-                 ("pass" if results["verdicts"][m]["passes"] else "FAIL") if m in results["verdicts"] else "–"]
+                 verdict(m)]
                 for m in results["methods"]]
         report.table(Table.plain(["method", "ρ vs trained-CNN maps", "SSIM", "follow (ρ with its own target)",
                                   f"gap over {results['reference']}", "verdict"], rows))

@@ -16,6 +16,7 @@ from cnnprior.cnn.randomise import full_reinit, model_stages
 from cnnprior.evaluate.randomisations import (
     check_networks,
     parse_randomisations,
+    repeated_steps,
     training_networks,
     training_randomisations,
     training_seeds,
@@ -23,6 +24,7 @@ from cnnprior.evaluate.randomisations import (
 from cnnprior.evaluate.sanity import (
     MPRT_MARGIN,
     constant,
+    emprt_verdict,
     explain_batched,
     format_ci,
     mean_ci,
@@ -45,7 +47,7 @@ from cnnprior.priors.extract import extractor_from
 from cnnprior.priors.spec import spec_from_sidecar
 
 __all__ = ["maps_function", "mprt_chart", "MPRTOptions", "MPRTSection", "paired_references", "sanity_weight",
-           "seed_cell", "seed_mean", "target_label"]
+           "seed_cell", "seed_mean", "target_label", "trivial_floors", "verdict_inputs"]
 
 
 @dataclass
@@ -130,7 +132,7 @@ def sanity_weight(meta: GeneratorMeta) -> float:
 
 
 def _run_one(ctx: EvalContext, spec: tuple[str, str, str], seeds: list[int], maps_of: Any, step0: dict,
-             opts: MPRTOptions, ref: str) -> dict:
+             opts: MPRTOptions, ref: str, repeated: dict[int, str] | None = None) -> dict:
     """One randomisation over every seed: per step each method's similarity to its trained-CNN maps and to the
     randomised CNN's own target (`follow`), each image averaged over the seeds; verdicts; eMPRT at the last step."""
     name, order, init = spec
@@ -156,21 +158,51 @@ def _run_one(ctx: EvalContext, spec: tuple[str, str, str], seeds: list[int], map
                       "paired": {f"{a} − {b}": mean_ci(rho[a] - rho[b]) for a, b in pairs}})
     labels = [st["randomised"] for st in steps[1:]]
     means = {m: [s["spearman"][m]["mean"] for s in steps] for m in methods}
-    verdicts = {g.label: mprt_verdict(means, labels, g.label, ref) for g in ctx.gans}
+    floors = trivial_floors(methods)
+    judged = verdict_inputs(raws, methods)
+    repeated = repeated or {}
+    verdicts = {g.label: mprt_verdict(means, labels, g.label, ref, follow=judged["follow"], floors=floors,
+                                      constant_share=judged["constant_share"], skip_steps=list(repeated))
+                for g in ctx.gans}
     per_seed = {}
     for seed, r in zip(seeds, raws, strict=True):
-        seed_means = {m: [float(torch.nanmean(st["spearman"][m].double())) for st in r["steps"]] for m in methods}
-        per_seed[str(seed)] = {g.label: mprt_verdict(seed_means, labels, g.label, ref) for g in ctx.gans}
+        own = verdict_inputs([r], methods)
+        per_seed[str(seed)] = {g.label: mprt_verdict(own["spearman"], labels, g.label, ref, follow=own["follow"],
+                                                     floors=floors, constant_share=own["constant_share"],
+                                                     skip_steps=list(repeated)) for g in ctx.gans}
     # eMPRT (Quantus' EfficientMPRT): the rise of each map's histogram entropy from the trained CNN to the last step
     emprt = {m: mean_ci(seed_mean([emprt_score(step0[m], r["steps"][-1]["maps"][m], opts.emprt_bins)
                                    for r in raws])) for m in methods}
+    emprt_verdicts = {g.label: emprt_verdict({m: v["mean"] for m, v in emprt.items()}, g.label, ref)
+                      for g in ctx.gans}
     stage_names = [n for n, _ in model_stages(ctx.cnn)]
     mine = check_networks(len(stage_names), order, init, seeds)
     seen = [g.label for g in ctx.gans if training_networks(g.meta, stage_names) & mine]
     trained_like = [g.label for g in ctx.gans
                     if any(t["order"] == order and t["init"] == init for t in training_randomisations(g.meta))]
     return {"name": name, "order": order, "init": init, "stages": labels, "steps": steps, "verdicts": verdicts,
-            "per_seed": per_seed, "emprt": emprt, "seen_in_training": seen, "same_scheme_in_training": trained_like}
+            "per_seed": per_seed, "emprt": emprt, "emprt_verdicts": emprt_verdicts, "floors": floors,
+            "repeated_steps": {str(k): v for k, v in repeated.items()}, "seen_in_training": seen, "same_scheme_in_training": trained_like}
+
+
+def trivial_floors(methods: list[str]) -> list[str]:
+    """The trivial baselines among the methods, made of a generator's own inputs (the mean of the recomputed
+    priors, the single prior chosen on validation): the follow rule's floor."""
+    return [m for m in methods if m == MEAN_OF_PRIORS or re.fullmatch(r"C\d+ \(val\)", m)]
+
+
+def verdict_inputs(raws: list[dict], methods: list[str]) -> dict[str, dict[str, list[float]]]:
+    """Per-step means over images (each image first averaged over the seeds of `raws`) of the similarity, the
+    follow similarity and the share of constant maps: what `mprt_verdict` judges."""
+    out: dict[str, dict[str, list[float]]] = {"spearman": {}, "follow": {}, "constant_share": {}}
+    for m in methods:
+        for key, field in (("spearman", "spearman"), ("follow", "follow"), ("constant_share", "constant")):
+            vals = []
+            for k in range(len(raws[0]["steps"])):
+                per_image = seed_mean([r["steps"][k][field][m].double() for r in raws])
+                vals.append(float(per_image.nanmean()) if bool(torch.isfinite(per_image).any()) else math.nan)
+            out[key][m] = vals
+    return out
 
 
 def _full_steps(step0: dict, maps: dict, ref: str) -> dict:
@@ -184,11 +216,13 @@ def _full_steps(step0: dict, maps: dict, ref: str) -> dict:
     first = {"step": 0, "randomised": "none",
              "spearman": {m: nan_where(flat[m], spearman_abs(v, v)) for m, v in step0.items()},
              "ssim": {m: metrics.ssim_or_nan(v.double(), v.double()) for m, v in step0.items()},
-             "follow": {m: nan_where(constant(step0[ref]), same_size_spearman(v, step0[ref])) for m, v in step0.items()}}
+             "follow": {m: nan_where(constant(step0[ref]), same_size_spearman(v, step0[ref])) for m, v in step0.items()},
+             "constant": {m: constant(v) for m, v in step0.items()}}
     last = {"step": 1, "randomised": "every stage", "maps": maps,
             "spearman": {m: nan_where(flat[m], spearman_abs(v, step0[m])) for m, v in maps.items()},
             "ssim": {m: metrics.ssim_or_nan(v.double(), step0[m].double()) for m, v in maps.items()},
-            "follow": {m: nan_where(own, same_size_spearman(v, maps[ref])) for m, v in maps.items()}}
+            "follow": {m: nan_where(own, same_size_spearman(v, maps[ref])) for m, v in maps.items()},
+            "constant": {m: constant(v) for m, v in maps.items()}}
     return {"steps": [first, last]}
 
 
@@ -205,7 +239,8 @@ class MPRTSection(Section, name="mprt", title="Sanity check: model-parameter ran
         seeds = [opts.seed + i for i in range(opts.seeds)]
         maps_of = maps_function(ctx, n, first)
         step0 = ctx.shared(f"trained_maps:{n}", lambda: maps_of(ctx.cnn))  # shared with datarand / smprt
-        blocks = [_run_one(ctx, spec, seeds, maps_of, step0, opts, ref) for spec in specs]
+        repeats = repeated_steps(specs, len(model_stages(ctx.cnn)))
+        blocks = [_run_one(ctx, spec, seeds, maps_of, step0, opts, ref, rep) for spec, rep in zip(specs, repeats, strict=True)]
         head = blocks[0]  # the first randomisation's results also sit at the top level (as before)
         stored = ctx.data["target"][:n]
         return {"images": n, "stages": head["stages"], "methods": list(head["steps"][0]["spearman"]),
@@ -257,8 +292,15 @@ class MPRTSection(Section, name="mprt", title="Sanity check: model-parameter ran
             report.p(f"**Warning**: {', '.join(results['seen_in_training'])} trained on prior files from the very "
                      f"randomised networks of this test (same scheme and seed): the test is not held out for them; "
                      f"rerun with another `mprt.seed`.")
-        report.p(f"Pass criterion: a generator passes a randomisation when, at every step, its mean Spearman "
-                 f"similarity is at most {results['margin']:.2f} above {results['reference']}'s at that step.")
+        floors = " and ".join(blocks[0].get("floors") or []) or "its trivial baselines"
+        report.p(f"Pass criterion (each rule fails planted explainers: a constant map, the image, a fixed map, an "
+                 f"inverted map; tests/test_planted.py): a generator passes a randomisation when, at every step, "
+                 f"(1) its mean Spearman similarity is within ±{results['margin']:.2f} of {results['reference']}'s "
+                 f"(two-sided), (2) its maps are not constant for most images where {results['reference']}'s are "
+                 f"not, and (3) it follows the randomised CNN's own {results['reference']} at least as well as "
+                 f"{floors} (its own inputs), less {results['margin']:.2f}. A step that makes the same networks as a "
+                 f"step of a randomisation above it is shown but judged once. eMPRT passes when the complexity rise "
+                 f"is within ±{results['margin']:.2f} of {results['reference']}'s.")
         self._summary(report, results, blocks)
         for i, b in enumerate(blocks):
             self._block(report, results, b, folder, i)
@@ -274,16 +316,22 @@ class MPRTSection(Section, name="mprt", title="Sanity check: model-parameter ran
             for g in gans:
                 v = b["verdicts"][g]
                 note = " (trained on this scheme)" if g in b.get("same_scheme_in_training", []) else ""
+                why = "" if v["passes"] else f" ({', '.join(v.get('reasons') or [])})"
                 row.append(("–" if not math.isfinite(v["worst_gap"]) else
-                            f"{'pass' if v['passes'] else 'FAIL'}, {v['worst_gap']:+.3f} at `{v['worst_stage']}`")
+                            f"{'pass' if v['passes'] else 'FAIL'}{why}, {v['worst_gap']:+.3f} at `{v['worst_stage']}`")
                            + note)
+            for g in gans:
+                e = (b.get("emprt_verdicts") or {}).get(g)
+                row.append("–" if e is None else f"{'pass' if e['passes'] else 'FAIL'}, {e['gap']:+.3f}")
             rows.append(row)
-        report.p("Verdicts (largest gap over the reference at the step named, seeds pooled):")
-        report.table(Table.plain(["randomisation"] + gans, rows))
+        report.p("Verdicts (MPRT: the failed rules and the largest gap from the reference at the step named; eMPRT: "
+                 "complexity rise minus the reference's; seeds pooled):")
+        report.table(Table.plain(["randomisation"] + [f"{g} MPRT" for g in gans] + [f"{g} eMPRT" for g in gans], rows))
 
     @staticmethod
     def _block(report: Report, results: dict, b: dict, folder: Path, i: int) -> None:
-        report.p(f"**Randomisation `{b['name']}`** (order {b['order']}, init {b['init']}).")
+        report.p(f"**Randomisation `{b['name']}`** (order {b['order']}, init {b['init']})."
+                 + ("".join(f" Step {k} = {same} (judged there)." for k, same in (b.get("repeated_steps") or {}).items())))
         for v in b["verdicts"].values():
             means = {m: [s["spearman"][m]["mean"] for s in b["steps"]] for m in b["steps"][0]["spearman"]}
             report.p(verdict_sentence(v, means))

@@ -15,9 +15,17 @@ import torch
 
 from cnnprior.cnn.randomise import model_stages, randomise, step_labels
 from cnnprior.evaluate.randomisations import parse_randomisations
-from cnnprior.evaluate.sanity import MPRT_MARGIN, constant, format_ci, mean_ci, mprt_verdict, spearman_abs
+from cnnprior.evaluate.sanity import (
+    MPRT_MARGIN,
+    constant,
+    format_ci,
+    mean_ci,
+    mprt_verdict,
+    same_size_spearman,
+    spearman_abs,
+)
 from cnnprior.evaluate.sections.base import EvalContext, Section, option
-from cnnprior.evaluate.sections.mprt import maps_function, seed_mean, target_label
+from cnnprior.evaluate.sections.mprt import maps_function, seed_mean, target_label, trivial_floors
 from cnnprior.evaluate.smprt_emprt import SMPRT_MAGNITUDE, smoothed
 from cnnprior.present.report import Report, Table
 
@@ -28,7 +36,7 @@ __all__ = ["SMPRTOptions", "SMPRTSection"]
 class SMPRTOptions:
     """Options of the `smprt` section."""
 
-    num: int = option(16, lo=1, help="images N: the first N evaluated records")
+    num: int = option(64, lo=1, help="images N: the first N evaluated records")
     samples: int = option(8, lo=1, help="noisy copies per image (Quantus: 50); each is one CAM pass + the generators")
     noise: float = option(SMPRT_MAGNITUDE, lo=0.0, hi=1.0, help="noise std / the image's value range (Quantus: 0.1)")
     randomisations: str = option("bottom_up,top_down", help="cascades to run (Quantus' default: bottom_up); as "
@@ -57,20 +65,33 @@ class SMPRTSection(Section, name="smprt", title="Sanity check: smooth MPRT (sMPR
         blocks = []
         for name, order, init in specs:
             labels = step_labels(ctx.cnn, order)
-            per_step: list[dict[str, list[torch.Tensor]]] = []
+            per_step, follows, flats = [], [], []
             for k in range(1, len(model_stages(ctx.cnn)) + 1):
                 rows: dict[str, list[torch.Tensor]] = {m: [] for m in trained}
+                follow: dict[str, list[torch.Tensor]] = {m: [] for m in trained}
+                flat_k: dict[str, list[torch.Tensor]] = {m: [] for m in trained}
                 for seed in seeds:
                     maps = smooth(randomise(ctx.cnn, order, k, seed, init))
+                    own = constant(maps[ref])
                     for m, v in maps.items():
-                        rows[m].append(torch.where(flat[m], torch.full((n,), float("nan"), dtype=torch.float64),
-                                                   spearman_abs(v, trained[m])))
+                        nan = torch.full((n,), float("nan"), dtype=torch.float64)
+                        rows[m].append(torch.where(flat[m], nan, spearman_abs(v, trained[m])))
+                        follow[m].append(torch.where(own, nan, same_size_spearman(v, maps[ref])))
+                        flat_k[m].append(constant(v).double())
                 per_step.append(rows)
+                follows.append(follow)
+                flats.append(flat_k)
             steps = [{"step": k + 1, "randomised": labels[k + 1],
-                      "spearman": {m: mean_ci(seed_mean(v)) for m, v in rows.items()}}
+                      "spearman": {m: mean_ci(seed_mean(v)) for m, v in rows.items()},
+                      "follow": {m: mean_ci(seed_mean(v)) for m, v in follows[k].items()}}
                      for k, rows in enumerate(per_step)]
             means = {m: [1.0] + [s["spearman"][m]["mean"] for s in steps] for m in trained}
-            verdicts = {g.label: mprt_verdict(means, labels[1:], g.label, ref) for g in ctx.gans}
+            follow_means = {m: [1.0] + [s["follow"][m]["mean"] for s in steps] for m in trained}
+            shares = {m: [float(flat[m].double().mean())] + [float(torch.stack(f[m]).mean()) for f in flats]
+                      for m in trained}
+            verdicts = {g.label: mprt_verdict(means, labels[1:], g.label, ref, follow=follow_means,
+                                              floors=trivial_floors(list(trained)), constant_share=shares)
+                        for g in ctx.gans}
             blocks.append({"name": name, "order": order, "init": init, "steps": steps, "verdicts": verdicts})
         return {"images": n, "samples": opts.samples, "noise": opts.noise, "seeds": seeds, "reference": ref,
                 "margin": MPRT_MARGIN, "methods": list(trained), "randomisations": blocks}
@@ -81,12 +102,15 @@ class SMPRTSection(Section, name="smprt", title="Sanity check: smooth MPRT (sMPR
                  f"noisy copies of the image (Gaussian, std {results['noise']} × the image's value range; the last "
                  f"copy clean; the same copies for every network), for the trained CNN and for each step; Spearman ρ "
                  f"of |smoothed maps| to the trained CNN's smoothed maps, each image averaged over seeds "
-                 f"{seeds[0]}–{seeds[-1]}, mean [95 % bootstrap interval]. Pass: at every step at most "
-                 f"{results['margin']:.2f} above {results['reference']}'s.")
+                 f"{seeds[0]}–{seeds[-1]}, mean [95 % bootstrap interval]. Pass: the MPRT rules at every step "
+                 f"(similarity within ±{results['margin']:.2f} of {results['reference']}'s, not degenerate, "
+                 f"following the randomised CNN's smoothed {results['reference']} at least as well as the trivial "
+                 f"baselines of its own inputs, less {results['margin']:.2f}).")
         methods = results["methods"]
         for b in results["randomisations"]:
-            verdicts = "; ".join(f"{g}: {'pass' if v['passes'] else 'FAIL'}, largest gap {v['worst_gap']:+.3f} "
-                                 f"at `{v['worst_stage']}`" for g, v in b["verdicts"].items())
+            verdicts = "; ".join(f"{g}: {'pass' if v['passes'] else 'FAIL (' + ', '.join(v.get('reasons', [])) + ')'}"
+                                 f", largest gap {v['worst_gap']:+.3f} at `{v['worst_stage']}`"
+                                 for g, v in b["verdicts"].items())
             report.p(f"**`{b['name']}`** — {verdicts or 'no generator'}.")
             report.table(Table.plain(["step", "randomised"] + methods,
                                      [[s["step"], s["randomised"]] + [format_ci(s["spearman"][m]) for m in methods]
