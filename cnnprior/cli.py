@@ -24,10 +24,15 @@ from cnnprior.priors import cams
 from cnnprior.priors.cli import main as priors_main
 from cnnprior.priors.random_priors import run_random_priors_stage
 from cnnprior.priors.stage import run_priors_stage
+from cnnprior.study.run import main as study_main
+from cnnprior.zoo.stage import build_zoo
 
-__all__ = ["build_train_parser", "check_names", "COMMANDS", "main", "STAGES", "TRAIN_EPILOG", "train_main"]
+__all__ = [
+    "build_train_parser", "check_names", "COMMANDS", "EXTRA_STAGES", "main", "STAGES", "TRAIN_EPILOG", "train_main"
+]
 
 STAGES = ("classifier", "priors", "gan")
+EXTRA_STAGES = ("zoo",)  # run only by name, never by `all`
 
 TRAIN_EPILOG = """stages (run in this order; each reads what the previous one wrote):
   classifier  train the target CNN            -> cnn.checkpoint (best val accuracy; default models/<name>-cnn.pt)
@@ -37,6 +42,9 @@ TRAIN_EPILOG = """stages (run in this order; each reads what the previous one wr
   gan         train the LSFT/GSFT generator   -> gan.out-{best,last}.pt (full state, --resume) and gan.out.pt
                                                  (generator only, for inference); default models/<name>-<variant>
   all         the three above (default)
+  zoo         a population of small CNNs      -> zoo.out/<member>/ (checkpoint, priors of each split and of
+              (configs/zoo_fashion.yaml,         randomised copies) and zoo.report/zoo.json; finished members
+              docs/zoo.md; not in `all`)         are kept; --jobs K workers; torchrun: member i on rank i % world
 
 examples:
   python train.py --config configs/shapes_resnet18.yaml --stage classifier
@@ -57,13 +65,16 @@ def build_train_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=TRAIN_EPILOG + describe_keys(Config))
     p.add_argument("--config", required=True, help="YAML config (see configs/)")
-    p.add_argument("--stage", default="all", choices=STAGES + ("all",), help="which stage to run (default: all)")
+    p.add_argument("--stage", default="all", choices=STAGES + ("all",) + EXTRA_STAGES,
+                   help="which stage to run (default: all)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value (repeatable)")
     p.add_argument("--resume", action="store_true", help="classifier, gan: continue from the full-state `last` "
                                                          "checkpoint; priors: continue a partially written prior file")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs of the stage (no stage "
                                                             "replaces any without it)")
+    p.add_argument("--jobs", type=int, default=None, metavar="K", help="zoo: local worker processes, one thread "
+                                                                          "each (default zoo.jobs)")
     return p
 
 
@@ -100,6 +111,8 @@ def train_main(argv: list[str] | None = None) -> int:
                 run_random_priors_stage(cfg, resume=args.resume, overwrite=args.overwrite)
         elif stage == "gan":
             run_gan_stage(cfg, resume=args.resume, overwrite=args.overwrite)
+        elif stage == "zoo":
+            build_zoo(cfg, resume=args.resume, overwrite=args.overwrite, jobs=args.jobs)
     return 0
 
 
@@ -110,6 +123,8 @@ COMMANDS = {
     "evaluate": "write an evaluation report (= python -m cnnprior.evaluate)",
     "priors": "inspect, verify or convert prior files (= python -m cnnprior.priors)",
     "import-cnn": "make a project CNN checkpoint from your torchvision state_dict (= python -m cnnprior.cnn import)",
+    "study": "train arms x seeds to budget milestones and compare them at equal samples and FLOPs "
+             "(= python -m cnnprior.study)",
 }
 
 
@@ -143,5 +158,5 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         raise UserError(f"unknown command {command!r}; choose one of {', '.join(COMMANDS)} (cnnprior --help)")
     run = {"train": train_main, "explain": _explain, "evaluate": evaluate_main, "priors": priors_main,
-           "import-cnn": lambda args: import_cnn_main(["import", *args])}[command]
+           "import-cnn": lambda args: import_cnn_main(["import", *args]), "study": study_main}[command]
     return int(run(rest) or 0)

@@ -175,15 +175,18 @@ def test_train_py_food_config_without_dataset_exits_2(tmp_path: Path, run_py, on
     assert "food-11" in line and "imagefolder" in line
 
 
-@pytest.mark.parametrize("path", sorted(p for p in (REPO / "configs").glob("*.yaml") if not p.stem.startswith("eval_")),
+@pytest.mark.parametrize("path", sorted(p for p in (REPO / "configs").glob("*.yaml")
+                                         if not p.stem.startswith(("eval_", "study_"))),
                          ids=lambda p: p.stem)
 def test_every_shipped_run_config_loads(path: Path) -> None:
-    """No shipped run config may rot (the eval_* ones are checked in test_evaluate.py); its file-name prefix
-    names its data source."""
+    """No shipped run config may rot (the eval_* ones are checked in test_evaluate.py, study_* in
+    test_study.py); its file-name prefix names its data source (zoo_*: the word after it)."""
     cfg = load_config(path)
     sources = {"fashion": "fashion_mnist", "shapes": "shapes", "cifar10": "cifar10", "food": "imagefolder",
                "animals": "imagefolder"}
-    assert cfg.data.source == sources[path.stem.split("_")[0]], (path.stem, cfg.data.source)
+    words = path.stem.split("_")
+    source = words[1] if words[0] == "zoo" else words[0]  # zoo_<source>: a population of CNNs on <source>
+    assert cfg.data.source == sources[source], (path.stem, cfg.data.source)
     assert cfg.name.split("_")[0] == path.stem.split("_")[0], (path.stem, cfg.name)
 
 

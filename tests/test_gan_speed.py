@@ -160,7 +160,7 @@ def test_the_bench_and_the_training_loop_step_through_train_step(data, monkeypat
     calls.clear()
     root, train, val = data
     run_gan_stage(load_config(gan_config(root / "loop", train, val)), log=lambda _m: None)
-    assert len(calls) == 4  # 32 samples / batch 8
+    assert len(calls) == 1 + 4  # one step on copies that counts the FLOPs (core/budget.py), then 32 samples / batch 8
 
 
 def test_training_backends_set_and_put_back_the_cpu_settings() -> None:

@@ -101,7 +101,7 @@ def test_module_shape(path):
 
 
 def test_stages_import_no_later_stage():
-    order = ["core", "maps", "present", "data", "cnn", "priors", "gan", "explain", "evaluate"]
+    order = ["core", "maps", "present", "data", "cnn", "priors", "zoo", "gan", "explain", "evaluate", "study"]
     graph = import_graph()
     for mod, deps in graph.items():
         parts = mod.split(".")

@@ -20,12 +20,13 @@ from cnnprior.core.errors import UserError
 from cnnprior.core.schema import suggest
 
 __all__ = [
-    "ACTIVATIONS", "Call", "cam_layers", "conv_layers", "final_layer", "FINAL_LAYERS", "LAYER_OUTPUTS",
-    "last_block", "named_module", "TRUNK_SHARE", "trace_calls", "within"
+    "ACTIVATIONS", "Call", "cam_layers", "conv_layers", "dense_block", "final_layer", "FINAL_LAYERS", "LAYER_OUTPUTS",
+    "last_block", "named_module", "NORMS", "TRUNK_SHARE", "trace_calls", "within"
 ]
 
 LAYER_OUTPUTS = ("activated", "raw")
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.GELU, nn.LeakyReLU, nn.ELU, nn.Mish)
+NORMS = (nn.BatchNorm2d, nn.GroupNorm)  # a conv directly followed by one of these is read after it (`activated`)
 _POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d)
 
 
@@ -93,8 +94,8 @@ def cam_layers(model: nn.Module, image_size: int | None = None, outputs: str = "
                ) -> list[tuple[str, nn.Module]]:
     """The modules whose outputs the per-layer CAMs read, one per conv layer in forward-execution order.
 
-    `activated`: a conv directly followed by batch norm is read after it, and after the activation module that
-    directly follows that (conv -> BN -> ReLU: the ReLU's output; conv -> BN -> residual add: the BN's output);
+    `activated`: a conv directly followed by batch (or group) norm is read after it, and after the activation module
+    that directly follows that (conv -> BN -> ReLU: the ReLU's output; conv -> BN -> residual add: the BN's output);
     a conv directly followed by an activation (plain VGG) is read after the activation. `raw`: the conv's own
     output, except the plain-VGG conv -> ReLU case (Grad-CAM of VGG's raw last conv is zero on every image).
     An activation module called more than once per forward (ResNet's shared block ReLU) qualifies only at its
@@ -109,7 +110,7 @@ def cam_layers(model: nn.Module, image_size: int | None = None, outputs: str = "
             continue
         end = i
         if outputs == "activated":
-            bn = _follower(calls, i, (nn.BatchNorm2d,))
+            bn = _follower(calls, i, NORMS)
             if bn is not None:
                 end = bn
         act = _follower(calls, end, ACTIVATIONS if outputs == "activated" else (nn.ReLU,))
@@ -148,9 +149,10 @@ FINAL_LAYERS: dict[str, Callable[[nn.Module], nn.Module]] = {
 
 
 def _traced_final(model: nn.Module, image_size: int | None) -> tuple[str, nn.Module]:
-    """Any other CNN: the outermost module whose output is the spatial map that global pooling reads."""
+    """Any other CNN: the outermost module whose output is the spatial map that global pooling (the last pooling
+    module called; average pooling inside the trunk, e.g. a DenseNet transition, comes before it) reads."""
     calls, names = trace_calls(model, image_size, leaves_only=False), _names(model)
-    for i, call in enumerate(calls):
+    for i, call in reversed(list(enumerate(calls))):
         if isinstance(call.module, _POOLS) and call.input is not None:
             feeders = [c.module for c in calls[:i] if c.output is call.input and c.module is not model]
             if feeders:
@@ -176,12 +178,37 @@ def final_layer(model: nn.Module, image_size: int | None = None) -> tuple[str, n
 TRUNK_SHARE = 0.25  # a module holding more than this share of the conv layers is a trunk, not a block
 
 
+def dense_block(calls: list[Call], module: nn.Module) -> bool:
+    """Whether `module` is a densely connected block in the traced forward `calls`: called once, returning its input
+    and the outputs of all its children (each called once) concatenated, or the outputs of two or more children
+    alone (torchvision's `_DenseBlock`, whose layers each read every earlier layer's output)."""
+    own = [c for c in calls if c.module is module]
+    kids = list(module.children())
+    if len(own) != 1 or not kids or own[0].output.dim() != 4:
+        return False
+    outs = []
+    for kid in kids:
+        kid_calls = [c for c in calls if c.module is kid]
+        if len(kid_calls) != 1 or kid_calls[0].output.dim() != 4:
+            return False
+        outs.append(kid_calls[0].output)
+    out, first = own[0].output, own[0].input
+    candidates = ([[first, *outs]] if first is not None and first.dim() == 4 else []) + ([outs] if len(outs) > 1 else [])
+    for parts in candidates:
+        if sum(p.shape[1] for p in parts) == out.shape[1] and all(p.shape[2:] == out.shape[2:] for p in parts) \
+                and torch.equal(torch.cat(parts, 1), out):
+            return True
+    return False
+
+
 def last_block(model: nn.Module, target: str, image_size: int | None = None) -> list[str]:
     """The modules left out of the priors with the target: the *target's last block*, found from the module tree.
 
     Start at the last conv layer that runs before the target's output and walk up to the smallest module holding
-    at least two conv layers. If that module holds at most `TRUNK_SHARE` of the CNN's conv layers it is the block
-    (ResNet: `layer4[-1]`; DenseNet: the last dense layer; Inception: `Mixed_7c`). Otherwise it is a trunk (VGG's
+    at least two conv layers. If it lies in a densely connected block (`dense_block`: its output holds every dense
+    layer's output, so the earlier layers feed the target directly), the block is that whole dense block
+    (DenseNet-121: `features.denseblock4`, 32 conv layers). Else if that module holds at most `TRUNK_SHARE` of the
+    CNN's conv layers it is the block (ResNet: `layer4[-1]`; Inception: `Mixed_7c`). Otherwise it is a trunk (VGG's
     or MobileNet's `features`), and the block is its trailing children, back from the one holding that conv,
     until they hold two conv layers (VGG: the last two convs; MobileNet/EfficientNet: the last inverted-residual
     stage and the final 1x1 conv). Returns the qualified module names, the target's own module first when it
@@ -192,7 +219,8 @@ def last_block(model: nn.Module, target: str, image_size: int | None = None) -> 
         raise UserError(f"priors.target_layer: the CNN has no module {target!r}")
     convs: list[str] = []  # every conv in forward order; the first `before` run before the target's output
     before = None
-    for call in trace_calls(model, image_size, leaves_only=False):
+    calls = trace_calls(model, image_size, leaves_only=False)
+    for call in calls:
         if isinstance(call.module, nn.Conv2d) and names[call.module] not in convs:
             convs.append(names[call.module])
         if call.module is modules[target] and before is None:
@@ -210,7 +238,10 @@ def last_block(model: nn.Module, target: str, image_size: int | None = None) -> 
         parent = ".".join(parts[:k])
         if held(parent) < 2:
             continue
-        if held(parent) <= TRUNK_SHARE * total:
+        dense = dense_block(calls, modules[parent])
+        while "." in parent and dense_block(calls, modules[parent.rsplit(".", 1)[0]]):
+            parent, dense = parent.rsplit(".", 1)[0], True
+        if dense or held(parent) <= TRUNK_SHARE * total:
             return [b for b in blocks if not within(b, parent)] + [parent]
         children = [f"{parent}.{n}" for n, _ in modules[parent].named_children()]
         holder = next(i for i, c in enumerate(children) if within(convs[-1], c))

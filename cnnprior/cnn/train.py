@@ -12,6 +12,7 @@ Rank 0 alone writes checkpoints, the resolved YAML and the log.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +28,7 @@ from tqdm import tqdm
 
 from cnnprior.cnn.model import TargetCNN, build_cnn, save_cnn, set_bn_momentum
 from cnnprior.core import runtime
+from cnnprior.core.budget import Budget, count_flops
 from cnnprior.core.config import Config, to_dict
 from cnnprior.core.distributed import (
     Dist,
@@ -163,9 +165,11 @@ class _ClassifierRun:
     train_count: int
     stage: Stage  # the outputs, the process's place in the job, the caller's callbacks
     # completed epochs, batches done in the current epoch, global step, best val accuracy, history, the running
-    # (EMA) train loss and accuracy of the current epoch (this rank's), seconds spent in earlier processes
+    # (EMA) train loss and accuracy of the current epoch (this rank's), seconds spent in earlier processes, samples
+    # seen (all ranks), one step's FLOPs (core/budget.py; None until counted), whether samples are estimated
     progress: dict = field(default_factory=lambda: {"epoch": 0, "batch": 0, "step": 0, "best": -1.0,
-                                                    "history": [], "loss": 0.0, "acc": 0.0, "seconds": 0.0})
+                                                    "history": [], "loss": 0.0, "acc": 0.0, "seconds": 0.0,
+                                                    "samples": 0, "step_flops": None, "estimated": False})
     ddp: nn.Module | None = None  # what training calls in a torchrun job: the model's DDP wrapper
 
     @property
@@ -190,7 +194,8 @@ class _ClassifierRun:
             "rng": ranks[0]["rng"],
             "augment_rng": ranks[0]["augment_rng"], "progress": dict(self.progress, seconds=seconds),
             "class_names": list(self.model.class_names), "train_count": self.train_count,
-            "config": to_dict(self.cfg), "world_size": self.ctx.world, "ranks": ranks[1:]})
+            "config": to_dict(self.cfg), "world_size": self.ctx.world, "ranks": ranks[1:],
+            "budget": self.budget(seconds)})
 
     def restore(self, state: dict, path: Path) -> None:
         """Continue from a `save_state` file (already checked against the config by prepare_cnn_outputs)."""
@@ -202,6 +207,9 @@ class _ClassifierRun:
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         self.progress = dict(state["progress"])
+        if "samples" not in self.progress:  # a state of an earlier version: samples estimated from its steps
+            self.progress.update(samples=self.progress["step"] * self.cfg.cnn.batch_size * int(state.get(
+                "world_size", 1)), step_flops=None, estimated=True)
         rank, others = self.ctx.rank, state.get("ranks") or []
         # a rank the saved run did not have (more processes, from an epoch's end) keeps its fresh seeds
         own = state if rank == 0 else others[rank - 1] if rank <= len(others) else None
@@ -210,6 +218,20 @@ class _ClassifierRun:
             runtime.set_rng_state(own["rng"], self.device)
             if rank:
                 self.progress["loss"], self.progress["acc"] = own["loss"], own["acc"]
+
+    def budget(self, seconds: float) -> dict:
+        """The run's budget so far (core/budget.py), as checkpoints record it."""
+        p = self.progress
+        return Budget(samples=int(p["samples"]), steps=int(p["step"]), wall_s=seconds, threads=torch.get_num_threads(),
+                      processes=self.ctx.world, precision="fp32", device=self.device.type,
+                      step_flops=p["step_flops"], estimated=bool(p["estimated"])).as_dict()
+
+    def count_step_flops(self, x: torch.Tensor, y: torch.Tensor) -> int:
+        """FLOPs of one step (core/budget.py): forward, loss and backward of a copy of the model on this batch (the
+        run's weights, batch-norm statistics and RNG streams stay untouched), times the processes."""
+        net = copy.deepcopy(self.model)
+        return count_flops(lambda: F.cross_entropy(net(x), y, label_smoothing=0.05).backward(),
+                           self.device) * self.ctx.world
 
     def reposition_schedule(self, step: int) -> None:
         """Put the learning-rate schedule at `step` of its own steps (after a change of process count, which
@@ -231,6 +253,8 @@ class _ClassifierRun:
             y = batch["label"].to(self.device, non_blocking=True)
             if self.cfg.cnn.augment:
                 x = _augment(x, self.aug)
+            if p["step_flops"] is None and self.ctx.main:
+                p["step_flops"] = self.count_step_flops(x, y)
             logits = net(x)
             loss = F.cross_entropy(logits, y, label_smoothing=0.05)
             self.opt.zero_grad(set_to_none=True)
@@ -242,6 +266,7 @@ class _ClassifierRun:
             p["loss"] = loss.item() if first else 0.9 * p["loss"] + 0.1 * loss.item()
             p["acc"] = acc if first else 0.9 * p["acc"] + 0.1 * acc
             p["batch"], p["step"] = p["batch"] + 1, p["step"] + 1
+            p["samples"] += len(y) * self.ctx.world
             bar.update(1)
             bar.set_postfix(loss=f"{p['loss']:.3f}", acc=f"{p['acc']:.3f}")
             if self.stage.step_done(p["step"], mid_epoch=p["batch"] < sampler.batches):
@@ -385,7 +410,8 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stage: Stage) -> dict:
             p["best"] = acc
             if ctx.main:
                 save_cnn(run.model, paths["best"], val_accuracy=acc, epoch=p["epoch"], config=to_dict(cfg),
-                         dataset=cfg.data.source, history=p["history"], half=cfg.cnn.save_half)
+                         dataset=cfg.data.source, history=p["history"], half=cfg.cnn.save_half,
+                         extra={"budget": run.budget(elapsed())})
         run.save_state(elapsed())
     if cfg.cnn.epochs == 0:
         p["best"] = _validate(run.model, val_loader, device, ctx)
@@ -395,7 +421,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stage: Stage) -> dict:
     stage.finish(lambda: _weights_summary(run))
     log(f"classifier: best val accuracy {p['best']:.4f}, checkpoint {paths['best']} ({elapsed():.0f}s)")
     return {"checkpoint": str(paths["best"]), "val_accuracy": p["best"], "seconds": elapsed(),
-            "history": p["history"]}
+            "history": p["history"], "budget": run.budget(elapsed())}
 
 
 def _weights_summary(run: _ClassifierRun) -> dict:

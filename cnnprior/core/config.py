@@ -15,8 +15,8 @@ from cnnprior.core.runtime import atomic_write_text
 from cnnprior.core.schema import apply_overrides, fill, opt, read_yaml_mapping
 
 __all__ = [
-    "ARCHS", "CNNConfig", "Config", "DataConfig", "from_dict", "GANConfig", "load_config", "PriorsConfig",
-    "save_config", "sets_nothing", "to_dict"
+    "ARCHS", "CNNConfig", "Config", "DataConfig", "from_dict", "GANConfig", "load_config", "parse_milestones",
+    "PriorsConfig", "save_config", "sets_nothing", "to_dict"
 ]
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "vgg11", "vgg11_bn", "vgg16", "vgg16_bn", "densenet121",
@@ -117,6 +117,16 @@ class PriorsConfig:
     device: str = opt("auto", choices=("auto", "cpu", "cuda"))
 
 
+def parse_milestones(value: object, loc: str, where: str = "") -> list[int]:
+    """gan.milestones: a list of distinct sample counts > 0 (sorted); blank = none."""
+    if value is None or value == "":
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                              for v in value) or len(set(value)) != len(value):
+        raise UserError(f"{loc}: expected a list of distinct sample counts > 0, got {value!r}")
+    return sorted(value)
+
+
 @dataclass
 class GANConfig:
     """The conditional GAN: generator variant, sizes and training."""
@@ -171,6 +181,9 @@ class GANConfig:
     compile: bool = opt(False, help="train through torch.compile'd networks (about a minute of compiling first; "
                                      "eager mode with a warning where no compiler works)")
     checkpoint_every: int = opt(0, lo=0, help="also save `last` every N steps (0 = end of epoch only)")
+    milestones: list = field(default_factory=list, metadata={"parse": parse_milestones, "help": "samples seen at "
+                             "which the generator is also saved as <gan.out>-s<samples>.pt, with its budget (at the "
+                             "step that reaches each; the study runner scores them; docs/study.md)"})
     priors: str = opt("cnn", choices=("cnn", "none"), help="none: the priors are zeroed in training, validation "
                                                             "and inference (the image-only control generator)")
     image: str = opt("use", choices=("use", "none"), help="none: the image is zeroed in training, validation and "
@@ -183,15 +196,86 @@ class GANConfig:
                              "such as a shipped model has no discriminator: D then starts fresh)")
 
 
+ZOO_FAMILIES = ("plain", "residual", "dense", "mobile")
+ZOO_NORMS = ("batch", "group", "none")
+ZOO_ACTIVATIONS = ("relu", "gelu", "silu", "elu", "leaky_relu", "hardswish", "mish")
+ZOO_INITS = ("default", "kaiming_normal", "xavier_uniform", "normal")
+ZOO_OPTIMIZERS = ("adamw", "adam", "sgd")
+
+
+def _numbers(integer: bool, lo: float, hi: float, pair: bool = False):
+    """A `parse` for a list of numbers in [lo, hi] (`pair`: exactly two, the first <= the second)."""
+
+    def parse(value, loc: str, where: str) -> list:
+        items = value if isinstance(value, list) else [value]
+        out = []
+        for v in items:
+            if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+                raise UserError(f"{loc}: expected a list of numbers, got {value!r}")
+            try:
+                num = float(v)
+            except ValueError:
+                raise UserError(f"{loc}: expected a list of numbers, got {value!r}") from None
+            if integer and num != int(num) or not lo <= num <= hi:
+                raise UserError(f"{loc}: {v!r} is not {'an integer' if integer else 'a number'} in [{lo}, {hi}]")
+            out.append(int(num) if integer else num)
+        if not out or pair and (len(out) != 2 or out[0] > out[1]):
+            raise UserError(f"{loc}: expected {'[low, high] with low <= high' if pair else 'a non-empty list'}, "
+                            f"got {value!r}")
+        return out
+
+    return parse
+
+
+def _numbers_opt(default: list, parse, help: str):
+    return field(default_factory=lambda: list(default), metadata={"help": help, "parse": parse})
+
+
+@dataclass
+class ZooConfig:
+    """A population of small CNNs (`--stage zoo`, docs/zoo.md): how its members are drawn, trained and kept."""
+
+    members: int = opt(120, lo=1, hi=100_000, help="number of members (m000, m001, ...)")
+    seed: int = opt(0, lo=0, help="seed of the draws: member i draws from numpy's generator seeded with [seed, i]")
+    families: list = opt(list(ZOO_FAMILIES), help="architecture families (of plain, residual, dense, mobile), taking "
+                                                  "turns: member i is of families[i % len(families)]")
+    depth: list = _numbers_opt([1, 4], _numbers(True, 1, 32, pair=True), "[low, high] blocks per stage (3 stages; "
+                               "redrawn until the prior rule leaves priors.n + 1 layers)")
+    width: list = _numbers_opt([16, 24, 32], _numbers(True, 4, 512), "first-stage channels (stages: w, 2w, 4w)")
+    growth: list = _numbers_opt([8, 12, 16], _numbers(True, 2, 256), "dense family: growth rates")
+    expand: list = _numbers_opt([2, 4], _numbers(True, 1, 16), "mobile family: expansion ratios")
+    kernel: list = _numbers_opt([3, 5], _numbers(True, 1, 11), "kernel sizes (odd)")
+    norms: list = opt(list(ZOO_NORMS), help="normalisations, of batch, group, none")
+    activations: list = opt(["relu", "gelu", "silu", "elu"], help="activations, of " + ", ".join(ZOO_ACTIVATIONS))
+    inits: list = opt(["default", "kaiming_normal", "xavier_uniform"], help="initialisations (cnn.randomise "
+                                                                           "schemes), of " + ", ".join(ZOO_INITS))
+    optimizers: list = opt(list(ZOO_OPTIMIZERS), help="optimisers, of adamw, adam, sgd (Nesterov, momentum 0.9)")
+    lr_adam: list = _numbers_opt([5e-4, 5e-3], _numbers(False, 1e-7, 10.0, pair=True),
+                                 "adamw / adam learning rate range (log-uniform)")
+    lr_sgd: list = _numbers_opt([0.02, 0.2], _numbers(False, 1e-7, 10.0, pair=True),
+                                "sgd learning rate range (log-uniform)")
+    weight_decay: list = _numbers_opt([1e-5, 1e-3], _numbers(False, 1e-9, 1.0, pair=True),
+                                      "weight decay range (log-uniform)")
+    epochs: int = opt(3, lo=1, hi=10_000, help="epochs per member (the best-validation epoch is kept)")
+    batch_size: int = opt(64, lo=2, hi=65_536)
+    floor: float = opt(0.8, lo=0.0, hi=1.0, help="val accuracy a member needs to be kept; members below it are "
+                                                   "recorded (kept: false) and get no priors")
+    threads: int = opt(1, lo=1, hi=256, help="torch threads per member (its numbers depend on it)")
+    jobs: int = opt(1, lo=1, hi=1024, help="local worker processes (--jobs overrides); under torchrun, per rank")
+    out: str = opt("", help="members' folder; empty = outputs/<name>")
+    report: str = opt("", help="folder of zoo.json; empty = zoo.out")
+
+
 @dataclass
 class Config:
-    """A whole run: data -> cnn -> priors -> gan."""
+    """A whole run: data -> cnn -> priors -> gan (and the zoo stage's `zoo`)."""
 
     name: str = opt("run", help="run name, used in default file names")
     data: DataConfig = field(default_factory=DataConfig)
     cnn: CNNConfig = field(default_factory=CNNConfig)
     priors: PriorsConfig = field(default_factory=PriorsConfig)
     gan: GANConfig = field(default_factory=GANConfig)
+    zoo: ZooConfig = field(default_factory=ZooConfig)
     source_file: str = field(default="", metadata={"internal": True})
 
     # Derived default paths
@@ -217,7 +301,7 @@ class Config:
         return [self.gan_val_file(), *self.gan.val_more]
 
 
-_SECTIONS = {"data": DataConfig, "cnn": CNNConfig, "priors": PriorsConfig, "gan": GANConfig}
+_SECTIONS = {"data": DataConfig, "cnn": CNNConfig, "priors": PriorsConfig, "gan": GANConfig, "zoo": ZooConfig}
 
 def _validate(cfg: Config, where: str) -> None:
     """Cross-field checks that a single key's range cannot express."""
@@ -231,6 +315,16 @@ def _validate(cfg: Config, where: str) -> None:
     if cfg.gan.sanity_weight > 0 and cfg.gan.randomised_share == 0:
         raise UserError(f"{where}: key 'gan.sanity_weight' acts on randomised-copy samples only; set "
                         f"gan.randomised_share > 0 (or gan.sanity_weight: 0)")
+    z = cfg.zoo
+    for key, allowed in (("families", ZOO_FAMILIES), ("norms", ZOO_NORMS), ("activations", ZOO_ACTIVATIONS),
+                         ("inits", ZOO_INITS), ("optimizers", ZOO_OPTIMIZERS)):
+        values = getattr(z, key)
+        bad = [v for v in values if v not in allowed]
+        if bad or not values or len(set(values)) != len(values):
+            raise UserError(f"{where}: key 'zoo.{key}': {bad[0] if bad else values!r} is not a list of distinct "
+                            f"names of {', '.join(allowed)}")
+    if any(k % 2 == 0 for k in z.kernel):
+        raise UserError(f"{where}: key 'zoo.kernel': kernel sizes must be odd, got {z.kernel}")
     if cfg.gan.variant == "convnet" and cfg.gan.depth < 1:
         raise UserError(f"{where}: key 'gan.depth': the convnet baseline needs >= 1 hidden convolution, got "
                         f"{cfg.gan.depth}")

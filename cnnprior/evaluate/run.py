@@ -143,7 +143,8 @@ class EvalGenerator:
 
 
 # the gan keys an L1-only twin may differ in from its GAN (they change no training number)
-TWIN_FREE_KEYS = frozenset({"adv_weight", "out", "device", "checkpoint_every", "val", "train", "randomised"})
+TWIN_FREE_KEYS = frozenset({"adv_weight", "out", "device", "checkpoint_every", "val", "train", "randomised",
+                            "milestones"})
 
 
 # ----------------------------------------------------------------------------------------- loading
@@ -308,7 +309,7 @@ def _metrics(ctx: sections.EvalContext, results: dict[str, Any]) -> dict:
                 "last_conv": ctx.cnn_meta["target_name"], "classes": len(ctx.cnn_meta["class_names"]),
                 "val_accuracy": ctx.cnn_meta.get("val_accuracy")},
         "gans": {g.label: {"path": g.path, "epoch": g.meta.epoch, "config": g.meta.generator_config,
-                           "history": g.meta.history} for g in ctx.gans},
+                           "history": g.meta.history, "budget": g.meta.entries.get("budget")} for g in ctx.gans},
         **always, "road_images": ctx.road_images,
         "deletion_insertion": {"steps": cfg.steps, "baseline": "black (zeros in [0,1] RGB input space)"},
         **others,
@@ -324,7 +325,9 @@ def _report_head(ctx: sections.EvalContext, res: dict) -> Report:
           f"({cnn['arch']}, {cnn['image_size']}px, last conv `{cnn['last_conv']}`); device {res['device']}; "
           f"created {res['created']}.")
     rep.ul([f"{g.label}: `{g.path}` (epoch {g.meta.epoch}, "
-            f"{sum(p.numel() for p in g.model.parameters()):,} parameters)" for g in ctx.gans])
+            f"{sum(p.numel() for p in g.model.parameters()):,} parameters; trained "
+            + (g.meta.budget.describe() if g.meta.budget is not None else "budget not recorded") + ")"
+            for g in ctx.gans])
     return rep
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from cnnprior.core.budget import Budget
 from cnnprior.core.errors import UserError
 from cnnprior.core.runtime import atomic_torch_save, load_checkpoint, resolve_device
 from cnnprior.gan.models.base import get as get_generator
@@ -74,6 +75,9 @@ class GeneratorMeta(Mapping):
         epoch, step: the kept epoch and step.
         history: the per-epoch curve.
         entries: every non-state entry, as stored.
+        budget: what training had spent when it was saved (samples, steps, wall seconds, threads, precision,
+            training FLOPs; core/budget.py); None for a checkpoint of an earlier version.
+        size, n: the map size S and the priors per sample it was trained on.
     """
 
     path: str
@@ -86,6 +90,9 @@ class GeneratorMeta(Mapping):
     step: int
     history: list
     entries: dict = field(repr=False)
+    budget: Budget | None = None
+    size: int = 0  # the map size S it was trained on (priors_meta["size"])
+    n: int = 0  # the priors per sample it was trained on (priors_meta["n"])
 
     @classmethod
     def parse(cls, ckpt: Mapping, path: Path | str = "") -> GeneratorMeta:
@@ -112,17 +119,9 @@ class GeneratorMeta(Mapping):
                    generator_config=ckpt["generator_config"], gan=gan if isinstance(gan, dict) else {},
                    priors_meta=pm, metrics=ckpt.get("metrics") or {},
                    epoch=None if epoch is None else int(epoch), step=int(ckpt.get("step") or 0),
-                   history=ckpt.get("history") or [], entries=entries)
+                   history=ckpt.get("history") or [], entries=entries, budget=Budget.from_dict(ckpt.get("budget")),
+                   size=int(pm["size"]), n=int(pm["n"]))
 
-    @property
-    def size(self) -> int:
-        """The map size S it was trained on."""
-        return int(self.priors_meta["size"])
-
-    @property
-    def n(self) -> int:
-        """The priors per sample it was trained on."""
-        return int(self.priors_meta["n"])
 
     @property
     def val_r(self) -> float:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -13,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from cnnprior.core import runtime
+from cnnprior.core.budget import Budget, count_flops
 from cnnprior.core.config import Config, to_dict
 from cnnprior.core.distributed import Dist, all_sum, everywhere, joined, shard
 from cnnprior.core.errors import UserError
@@ -58,12 +61,14 @@ def gan_paths(cfg: Config) -> dict[str, Path]:
     """The stage's outputs: `last` and `best` checkpoints and the resolved YAML."""
     prefix = cfg.gan_prefix
     return {"last": Path(f"{prefix}-last.pt"), "best": Path(f"{prefix}-best.pt"), "yaml": Path(f"{prefix}.yaml"),
-            "export": Path(f"{prefix}.pt")}
+            "export": Path(f"{prefix}.pt"), **{f"s{m}": Path(f"{prefix}-s{m}.pt") for m in cfg.gan.milestones}}
 
 
 def gan_outputs(cfg: Config) -> Outputs:
-    """The stage's outputs (gan_paths) for the stage skeleton; a fresh run removes an old `last` and `best`."""
-    return Outputs(gan_paths(cfg), kind="GAN", state="GAN checkpoint", key="gan.out", stale=("last", "best"))
+    """The stage's outputs (gan_paths) for the stage skeleton; a fresh run removes an old `last`, `best` and
+    milestone generators."""
+    return Outputs(gan_paths(cfg), kind="GAN", state="GAN checkpoint", key="gan.out",
+                   stale=("last", "best", *(f"s{m}" for m in cfg.gan.milestones)))
 
 
 def _resumable_checkpoint(cfg: Config, last: Path, world: int) -> dict:
@@ -175,6 +180,8 @@ class _Run:
     metrics: dict = field(default_factory=dict)  # the last validation scores
     sums: Tensor | None = None  # this epoch's EPOCH_STATS sums so far
     best_r: float = -math.inf  # the best validation r so far
+    budget: Budget = field(default_factory=Budget)  # samples, steps, FLOPs so far (core/budget.py)
+    started: float = field(default_factory=time.time)  # when this process started the run
 
     @property
     def ctx(self) -> Dist:
@@ -201,7 +208,37 @@ class _Run:
             "rng": runtime.rng_state(self.device),
             "data_order": data_order.cpu(), "epoch_sums": epoch_sums.cpu(), "world_size": self.ctx.world,
             "config": to_dict(self.cfg), "priors_meta": self.pmeta, "metrics": self.metrics, "history": self.history,
+            "budget": self.budget_entry(),
         })
+
+    def budget_entry(self) -> dict:
+        """The budget so far, its wall seconds including this process's."""
+        return self.budget.as_dict(wall_s=self.budget.wall_s + time.time() - self.started)
+
+    def save_milestones(self, before: int) -> None:
+        """gan.milestones: the generator as `<prefix>-s<samples>.pt` for each milestone the last step reached (the
+        samples seen went from `before` to past it): what inference loads, with the budget spent so far."""
+        gc, tr = self.cfg.gan, self.tr
+        for m in (m for m in gc.milestones if before < m <= self.budget.samples):
+            self.stage.save(f"s{m}", lambda m=m: {
+                "format": GAN_FORMAT, "variant": gc.variant, "precision": tr.precision,
+                "generator_config": tr.g.config(), "generator": _cpu_state(tr.g), "epoch": self.epoch,
+                "step": self.step, "config": to_dict(self.cfg), "priors_meta": self.pmeta, "metrics": {},
+                "history": self.history, "milestone": m, "budget": self.budget_entry()})
+
+    def count_step_flops(self, data: MapData) -> None:
+        """The FLOPs of one step (core/budget.py): `train_step` on copies of the networks and optimisers with a
+        batch of gan.batch_size samples, so the run's weights and RNG streams stay untouched; times the processes."""
+        gc, tr = self.cfg.gan, self.tr
+        idx = torch.arange(min(gc.batch_size, len(data)))
+        image, priors, target = data.batch(idx, self.device)
+        reference, paired = data.reference(idx, self.device) if gc.sanity_weight > 0 else (None, None)
+        g, d = copy.deepcopy(tr.g), copy.deepcopy(tr.d)
+        twin = dataclasses.replace(tr, g=g, d=d, g_run=g, d_run=d, d_frozen=None,
+                                   opt_g=adam(g.parameters(), gc, self.device),
+                                   opt_d=adam(d.parameters(), gc, self.device))
+        flops = count_flops(lambda: train_step(twin, image, priors, target, reference, paired), self.device)
+        self.budget.step_flops = flops * self.ctx.world
 
     def train_epoch(self, data: MapData) -> int:
         """Train the rest of the current epoch (saving `last` every gan.checkpoint_every steps); its batch count."""
@@ -222,6 +259,8 @@ class _Run:
             stats = train_step(self.tr, image, priors, target, reference, paired)
             self.sums += stats  # on the device: no host read per step
             self.step += 1
+            before = self.budget.samples
+            self.budget.add_step(len(idx) * ctx.world)
             bar.update(1)
             if ctx.main and b % BAR_EVERY == 0:
                 d_real, l1 = stats[[0, 3]].tolist()  # one host read
@@ -230,6 +269,7 @@ class _Run:
                 # every rank resumes with the ranks' mean partial sums, so the epoch's all-reduced total is right
                 partial = all_sum(ctx, self.sums.clone()) / ctx.world
                 self.save("last", b + 1, self.epoch, self.order, partial)
+            self.save_milestones(before)
         bar.close()
         return batches
 
@@ -264,12 +304,23 @@ def _check_resumed_data(ckpt: dict, pmeta: dict, count: int, last: Path) -> None
                         f"files now hold {count}; resume with the same gan.train files")
 
 
-def _start(cfg: Config, ckpt: dict | None, pmeta: dict, stage: Stage) -> _Run:
-    """The networks (seeded), restored from `ckpt` when resuming, and the run's progress; compiled (gan.compile)
-    after the DDP wrap."""
+def _resumed_budget(ckpt: dict, world: int) -> Budget:
+    """The budget a checkpoint recorded; for one of an earlier version (none), estimated from its step count, batch
+    size and history."""
+    saved = Budget.from_dict(ckpt.get("budget"))
+    if saved is not None:
+        return saved
+    batch = int(((ckpt.get("config") or {}).get("gan") or {}).get("batch_size", 0))
+    return Budget(samples=int(ckpt["step"]) * batch * int(ckpt.get("world_size", world)), steps=int(ckpt["step"]),
+                  wall_s=float(sum(h.get("seconds", 0.0) for h in ckpt["history"])), estimated=True)
+
+
+def _start(cfg: Config, ckpt: dict | None, pmeta: dict, stage: Stage, data: MapData, started: float) -> _Run:
+    """The networks (seeded), restored from `ckpt` when resuming, and the run's progress and budget (one step's
+    FLOPs counted on copies, rank 0); compiled (gan.compile) after the DDP wrap."""
     ctx, device = stage.ctx, stage.device
     run = _Run(cfg, _build(cfg, pmeta["n"], device), stage, pmeta,
-               sums=torch.zeros(len(EPOCH_STATS), dtype=torch.float64, device=device))
+               sums=torch.zeros(len(EPOCH_STATS), dtype=torch.float64, device=device), started=started)
     if ckpt is None and cfg.gan.init:
         load_init(run.tr, cfg)
     if ckpt is not None:
@@ -279,6 +330,11 @@ def _start(cfg: Config, ckpt: dict | None, pmeta: dict, stage: Stage) -> _Run:
         if run.start_batch:
             run.sums = ckpt["epoch_sums"].to(device=device, dtype=torch.float64)
         run.metrics = dict(ckpt["metrics"])
+        run.budget = _resumed_budget(ckpt, ctx.world)
+    run.budget.threads, run.budget.processes = torch.get_num_threads(), ctx.world
+    run.budget.precision, run.budget.device = run.tr.precision, device.type
+    if run.budget.step_flops is None and ctx.main:
+        run.count_step_flops(data)
     run.best_r = max((h["val_r"] for h in run.history), default=-math.inf)
     if ctx.enabled:
         _wrap_ddp(run.tr, device)
@@ -288,6 +344,7 @@ def _start(cfg: Config, ckpt: dict | None, pmeta: dict, stage: Stage) -> _Run:
 
 
 def _train(cfg: Config, resume: bool, overwrite: bool, stage: Stage) -> dict:
+    started = time.time()
     gc, ctx, device, log, paths = cfg.gan, stage.ctx, stage.device, stage.log, stage.paths
     train_data, val_data, pmeta = everywhere(ctx, lambda: load_gan_data(cfg))
     ckpt = stage.begin(resume, overwrite, lambda last: _resumable_checkpoint(cfg, last, ctx.world))
@@ -295,7 +352,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stage: Stage) -> dict:
         everywhere(ctx, lambda: _check_resumed_data(ckpt, pmeta, len(train_data), paths["last"]))
     if gc.amp == "bf16":
         log("gan: gan.amp is deprecated; gan.amp: bf16 trains as gan.precision: bf16 (set that and drop gan.amp)")
-    run = _start(cfg, ckpt, pmeta, stage)
+    run = _start(cfg, ckpt, pmeta, stage, train_data, started)
     stage.write_config(cfg)
     n_params = sum(p.numel() for p in run.tr.g.parameters())
     log(f"gan: {gc.variant} generator ({n_params:,} params) on {len(train_data)} train / {len(val_data)} val samples "
@@ -330,4 +387,4 @@ def _finish(run: _Run, log: Log) -> dict:
             f"{paths['export']}")
     return {"best_epoch": best["epoch"] if best else None, "best_metrics": best, "metrics": run.metrics,
             "history": history, "epochs": run.epoch, "step": run.step, "best": str(paths["best"]),
-            "last": str(paths["last"])}
+            "last": str(paths["last"]), "budget": run.budget_entry()}

@@ -6,6 +6,7 @@ import functools
 import html
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -17,7 +18,7 @@ from cnnprior.core.runtime import atomic_write
 from cnnprior.present.report import HTML_STYLE
 
 __all__ = [
-    "colorize", "colormap_table", "grouped_bar_chart", "invert_colormap", "line_chart", "make_sheet", "overlay",
+    "band_chart", "colorize", "colormap_table", "grouped_bar_chart", "invert_colormap", "line_chart", "make_sheet", "overlay",
     "PathLike", "save_png", "SHEET_CAPTION_H", "SHEET_HEADER_H", "SHEET_PAD", "sheet_size", "upscale",
     "write_index_html"
 ]
@@ -294,6 +295,17 @@ def _save_figure(fig: Figure, path: PathLike) -> None:
     atomic_write(path, lambda f: canvas.print_png(f))
 
 
+def _finish(fig: Figure, ax: Any, path: PathLike, title: str, xlabel: str, ylabel: str, legend: bool) -> None:
+    """Title, axis labels, grid and legend of a one-panel chart, then the PNG (atomically)."""
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize=8)
+    _save_figure(fig, path)
+
+
 def grouped_bar_chart(
     labels: Sequence[str],
     values: Mapping[str, Sequence[float]],
@@ -339,10 +351,26 @@ def line_chart(
     ax = fig.add_subplot()
     for name, ys in series.items():
         ax.plot(xs, ys, label=str(name), marker="o" if len(xs) <= 20 else None, markersize=3)
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    if series:
-        ax.legend(fontsize=8)
-    _save_figure(fig, path)
+    _finish(fig, ax, path, title, xlabel, ylabel, legend=bool(series))
+
+
+def band_chart(
+    series: Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float], Sequence[float]]],
+    path: PathLike,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    logx: bool = False,
+) -> None:
+    """Write one line per named series, each (xs, mean, lo, hi) with its own xs, and a shaded band from lo to hi,
+    as a PNG, atomically (learning curves: the mean over seeds and their spread)."""
+    fig = Figure(figsize=(6.5, 4.0), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    for name, (xs, mean, lo, hi) in series.items():
+        if not len(xs) == len(mean) == len(lo) == len(hi):
+            raise ValueError(f"series {name!r}: xs, mean, lo and hi differ in length")
+        (line,) = ax.plot(xs, mean, label=str(name), marker="o", markersize=3)
+        ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+    if logx:
+        ax.set_xscale("log")
+    _finish(fig, ax, path, title, xlabel, ylabel, legend=bool(series))
