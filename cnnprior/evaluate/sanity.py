@@ -256,20 +256,23 @@ def mprt(model: nn.Module, maps_of: Callable[[nn.Module], dict[str, Tensor]], se
     return {"stages": stages, "steps": out, "ref": ref}
 
 
-def step_means(result: dict) -> dict[str, dict[str, list[float]]]:
-    """One `mprt` result's per-step means, the inputs of `mprt_verdict`: {"spearman", "follow" (when the run
-    followed a method), "constant_share"}, each {method: [value per step, step 0 first]}; NaNs left out."""
-    steps = result["steps"]
-    methods = list(steps[0]["spearman"])
-
-    def mean(v: Tensor) -> float:
-        v = v.double()
-        return float(torch.nanmean(v)) if bool(torch.isfinite(v).any()) else math.nan
-
-    out = {"spearman": {m: [mean(s["spearman"][m]) for s in steps] for m in methods},
-           "constant_share": {m: [float(s["constant"][m].double().mean()) for s in steps] for m in methods}}
-    if "follow" in steps[0]:
-        out["follow"] = {m: [mean(s["follow"][m]) for s in steps] for m in methods}
+def step_means(*results: dict) -> dict[str, dict[str, list[float]]]:
+    """The `mprt_verdict` inputs of one or more `mprt` results of the same steps (e.g. one per seed): per step and
+    method, each image first averaged over the results, then the mean over images (NaNs left out) of the
+    similarity ("spearman"), the follow similarity ("follow", when the runs followed a method) and the share of
+    constant maps ("constant_share"), each {method: [value per step, step 0 first]}."""
+    steps = results[0]["steps"]
+    fields = [("spearman", "spearman"), ("constant_share", "constant")] + (
+        [("follow", "follow")] if "follow" in steps[0] else [])
+    out: dict[str, dict[str, list[float]]] = {}
+    for key, field in fields:
+        out[key] = {}
+        for m in steps[0]["spearman"]:
+            values = []
+            for k in range(len(steps)):
+                per_image = torch.stack([r["steps"][k][field][m].double() for r in results]).nanmean(0)
+                values.append(float(per_image.nanmean()) if bool(torch.isfinite(per_image).any()) else math.nan)
+            out[key][m] = values
     return out
 
 

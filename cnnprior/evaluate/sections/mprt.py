@@ -32,6 +32,7 @@ from cnnprior.evaluate.sanity import (
     mprt_verdict,
     same_size_spearman,
     spearman_abs,
+    step_means,
     verdict_sentence,
 )
 from cnnprior.evaluate.sections.base import EvalContext, Section, option
@@ -47,7 +48,7 @@ from cnnprior.priors.extract import extractor_from
 from cnnprior.priors.spec import spec_from_sidecar
 
 __all__ = ["maps_function", "mprt_chart", "MPRTOptions", "MPRTSection", "paired_references", "sanity_weight",
-           "seed_cell", "seed_mean", "target_label", "trivial_floors", "verdict_inputs"]
+           "seed_cell", "seed_mean", "target_label", "trivial_floors"]
 
 
 @dataclass
@@ -159,14 +160,14 @@ def _run_one(ctx: EvalContext, spec: tuple[str, str, str], seeds: list[int], map
     labels = [st["randomised"] for st in steps[1:]]
     means = {m: [s["spearman"][m]["mean"] for s in steps] for m in methods}
     floors = trivial_floors(methods)
-    judged = verdict_inputs(raws, methods)
+    judged = step_means(*raws)
     repeated = repeated or {}
     verdicts = {g.label: mprt_verdict(means, labels, g.label, ref, follow=judged["follow"], floors=floors,
                                       constant_share=judged["constant_share"], skip_steps=list(repeated))
                 for g in ctx.gans}
     per_seed = {}
     for seed, r in zip(seeds, raws, strict=True):
-        own = verdict_inputs([r], methods)
+        own = step_means(r)
         per_seed[str(seed)] = {g.label: mprt_verdict(own["spearman"], labels, g.label, ref, follow=own["follow"],
                                                      floors=floors, constant_share=own["constant_share"],
                                                      skip_steps=list(repeated)) for g in ctx.gans}
@@ -189,20 +190,6 @@ def trivial_floors(methods: list[str]) -> list[str]:
     """The trivial baselines among the methods, made of a generator's own inputs (the mean of the recomputed
     priors, the single prior chosen on validation): the follow rule's floor."""
     return [m for m in methods if m == MEAN_OF_PRIORS or re.fullmatch(r"C\d+ \(val\)", m)]
-
-
-def verdict_inputs(raws: list[dict], methods: list[str]) -> dict[str, dict[str, list[float]]]:
-    """Per-step means over images (each image first averaged over the seeds of `raws`) of the similarity, the
-    follow similarity and the share of constant maps: what `mprt_verdict` judges."""
-    out: dict[str, dict[str, list[float]]] = {"spearman": {}, "follow": {}, "constant_share": {}}
-    for m in methods:
-        for key, field in (("spearman", "spearman"), ("follow", "follow"), ("constant_share", "constant")):
-            vals = []
-            for k in range(len(raws[0]["steps"])):
-                per_image = seed_mean([r["steps"][k][field][m].double() for r in raws])
-                vals.append(float(per_image.nanmean()) if bool(torch.isfinite(per_image).any()) else math.nan)
-            out[key][m] = vals
-    return out
 
 
 def _full_steps(step0: dict, maps: dict, ref: str) -> dict:
