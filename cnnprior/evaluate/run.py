@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from cnnprior.cnn.model import load_cnn
 from cnnprior.core.errors import UserError, cli_main
+from cnnprior.core.provenance import provenance
 from cnnprior.core.runtime import Log, file_sha256, publish_folder, resolve_device, temp_folder
 from cnnprior.core.schema import describe_keys
 from cnnprior.evaluate import sections
@@ -298,6 +299,7 @@ def _metrics(ctx: sections.EvalContext, results: dict[str, Any]) -> dict:
     always, others = sections.metrics_entries(results)
     return {
         "format": EVAL_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "provenance": provenance(cfg.source_file or None),
         "config": dataclasses.asdict(cfg), "device": str(ctx.device), "images": ctx.count,
         "sections_run": [s for s in sections.section_names() if s in results and sections.SECTIONS[s].in_metrics
                          and sections.SECTIONS[s].selected(cfg)],

@@ -17,6 +17,7 @@ import torch
 
 from cnnprior.core.budget import Budget
 from cnnprior.core.errors import UserError
+from cnnprior.core.provenance import provenance
 from cnnprior.core.runtime import Log, resolve_device
 from cnnprior.explain.scores import fidelity_scores
 from cnnprior.gan.checkpoint import load_generator
@@ -172,6 +173,7 @@ def study_json(cfg: StudyConfig, arms: list[ArmScores]) -> dict[str, Any]:
     each run's val-chosen milestone; the margins of the compared pairs."""
     by_name = {a.name: a for a in arms}
     out: dict[str, Any] = {"format": "cnnprior-study/1", "name": cfg.name, "config": cfg.source_file,
+                           "provenance": provenance(cfg.source_file or None),
                            "val": cfg.val, "test": cfg.test, "val_images": int(arms[0].runs[0].val.shape[1]),
                            "test_images": int(arms[0].runs[0].test.shape[0]), "arms": {}, "margins": []}
     for arm in arms:

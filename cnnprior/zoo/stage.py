@@ -22,6 +22,7 @@ import torch
 
 from cnnprior.core.config import Config, from_dict, to_dict
 from cnnprior.core.errors import UserError
+from cnnprior.core.provenance import provenance
 from cnnprior.core.runtime import Log, atomic_write_text
 from cnnprior.zoo.member import MEMBER_FORMAT, member_dir, member_settings, record_path, run_member
 from cnnprior.zoo.sample import sample_members
@@ -111,7 +112,7 @@ def zoo_json(cfg: Config, descriptors: list[dict]) -> dict:
     seconds = sorted(m["seconds"]["total"] for m in done)
     cpu = sorted(m["seconds"].get("cpu", 0.0) for m in done)
     return {"format": ZOO_FORMAT, "name": cfg.name, "config_file": cfg.source_file, "out": str(zoo_out(cfg)),
-            "floor": cfg.zoo.floor, "config": to_dict(cfg),
+            "floor": cfg.zoo.floor, "config": to_dict(cfg), "provenance": provenance(cfg.source_file or None),
             "summary": {"members": len(members), "done": len(done), "kept": sum(m["kept"] for m in members),
                         "seconds_per_member": {"median": seconds[len(seconds) // 2], "max": seconds[-1],
                                                "total": round(sum(seconds), 1), "cpu_median": cpu[len(cpu) // 2],
