@@ -464,6 +464,8 @@ def test_shipped_configs_are_valid(path, tiny):
     swaps = [f"{key}={data['gsft'] if 'gsft' in key else data['lsft']}" for key in generator_keys() if raw.get(key)]
     if raw.get("generators"):  # labels kept, files swapped (these generators are made by commands, not shipped)
         swaps.append("generators=" + json.dumps({label: data["lsft"] for label in raw["generators"]}))
+    cnn = tiny["root"] / "models" / "tiny-cnn.pt"  # data-randomisation CNNs are made by commands, not shipped
+    swaps += [f"datarand.{key}={cnn}" for key in ("cnn", "cnns") if (raw.get("datarand") or {}).get(key)]
     cfg = load_eval_config(path, [f"priors={tiny['priors']}", f"lsft={data['lsft']}", f"gsft={data['gsft']}", *swaps])
     assert list(cfg.generators) == list(raw.get("generators") or {})
     assert cfg.num == 256 and cfg.cnn == "" and cfg.steps >= 8 and cfg.road_num >= 8

@@ -29,7 +29,7 @@ from cnnprior.evaluate.randomisations import parse_randomisations, training_rand
 from cnnprior.evaluate.run import main
 from cnnprior.evaluate.sanity import mprt, same_size_spearman, spearman_abs
 from cnnprior.evaluate.sections.control import recipe_differences
-from cnnprior.evaluate.sections.datarand import DataRandOptions, DataRandSection
+from cnnprior.evaluate.sections.datarand import CHANCE_TOLERANCE, DataRandOptions, DataRandSection
 from cnnprior.evaluate.sections.mprt import sanity_weight
 from cnnprior.evaluate.sections.swap import priors_only
 from cnnprior.gan.checkpoint import GAN_FORMAT, GeneratorMeta
@@ -197,6 +197,20 @@ def test_datarand_fit_of_reports_the_effective_seed(random_label_runs) -> None:
 
     _, meta = load_cnn(random_label_runs["unset"]["cfg"].cnn_checkpoint)
     assert fit_of(meta)["seed"] == cnn_seed(random_label_runs["unset"]["cfg"]) == 0
+
+
+def test_datarand_fit_of_flags_a_cnn_whose_true_label_accuracy_is_not_at_chance() -> None:
+    """The planted failure: the old 900-image CNN reached 25 % on the true val labels of 10 classes; a CNN at 10.4 %
+    passes the check."""
+    from cnnprior.evaluate.sections.datarand import fit_of
+
+    def meta(val: float) -> dict:
+        return {"config": {"cnn": {"random_labels": 1.0, "seed": 7}, "data": {"seed": 0}}, "val_accuracy": val,
+                "epoch": 3, "history": [{"train_accuracy": 0.11}], "class_names": [str(i) for i in range(10)]}
+
+    assert fit_of(meta(0.25))["at_chance"] is False
+    assert fit_of(meta(0.104))["at_chance"] is True and fit_of(meta(0.104))["chance"] == pytest.approx(0.1)
+    assert fit_of({"config": {}, "class_names": []})["at_chance"] is None
 
 
 # ========================================================================================= 3. random prior files
@@ -583,8 +597,11 @@ def test_datarand_reports_similarity_follow_gap_and_verdict(held, world) -> None
     d = held["metrics"]["datarand"]
     methods = held["metrics"]["mprt"]["methods"]
     assert d["cnn"] == str(world["cnns"]["random"]) and d["images"] == 4 and d["reference"] == REF
+    classes = len(world["model"].class_names)
     assert d["fit"] == {"random_labels": 1.0, "train_accuracy": 0.875, "val_accuracy": 0.2, "epochs": 1, "seed": 7,
-                        "classes": len(world["model"].class_names)}
+                        "classes": classes, "chance": 1 / classes,
+                        "at_chance": abs(0.2 - 1 / classes) <= CHANCE_TOLERANCE}
+    assert d["labels_random"] == d["fit"]["at_chance"]
     assert d["methods"] == methods
     for key in ("spearman", "ssim", "follow"):
         assert set(d[key]) == set(methods), key

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-__all__ = ["command_line", "git_state", "provenance"]
+__all__ = ["command_line", "git_state", "provenance", "record_start"]
 
 _ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,8 +40,21 @@ def git_state(root: Path | None = None) -> dict[str, object]:
     return {"commit": commit, "dirty": None if status is None else bool(status)}
 
 
+_START: dict[str, object] | None = None
+
+
+def record_start() -> None:
+    """Note the repository's state now, when a run starts: a report written hours later records the code the run
+    loaded, not edits made to the tree meanwhile."""
+    global _START
+    if _START is None:
+        _START = git_state()
+
+
 def provenance(config_file: str | None = None, argv: list[str] | None = None) -> dict[str, object]:
-    """The command, the config file it read, the commit and the dirty flag: the `provenance` entry of a report."""
+    """The command, the config file it read, the commit and the dirty flag (as at `record_start`, else now): the
+    `provenance` entry of a report."""
     from cnnprior.core.version import __version__
 
-    return {"command": command_line(argv), "config": config_file, **git_state(), "version": __version__}
+    return {"command": command_line(argv), "config": config_file, **(_START or git_state()),
+            "version": __version__}

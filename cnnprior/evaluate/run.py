@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from cnnprior.cnn.model import load_cnn
 from cnnprior.core.errors import UserError, cli_main
-from cnnprior.core.provenance import provenance
+from cnnprior.core.provenance import provenance, record_start
 from cnnprior.core.runtime import Log, file_sha256, publish_folder, resolve_device, temp_folder
 from cnnprior.core.schema import describe_keys
 from cnnprior.evaluate import sections
@@ -266,6 +266,7 @@ def out_folder(cfg: EvalConfig, out: str | None) -> Path:
 def run_evaluation(cfg: EvalConfig, out: str | None = None, log: Log = print) -> Path:
     """Run fidelity and the configured sections, write the report folder and return its path."""
     t_start = time.time()
+    record_start()
     runtime: dict[str, float] = {}
     final = out_folder(cfg, out)
     device = resolve_device(cfg.device)

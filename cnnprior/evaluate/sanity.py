@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 SMOOTHING_SIGMAS = (2, 4, 8)  # matched smoothing: the target blurred by these sigmas (pixels at map size)
-MPRT_MARGIN = 0.10  # pass: at every step the mean Spearman similarity is at most this far above Grad-CAM's
+MPRT_MARGIN = 0.10  # pass: at every step the mean Spearman similarity lies within this of Grad-CAM's (two-sided)
 GRID_CHANCE = 0.25  # GridPG: the energy share of a uniform map in one of four cells
 
 Samples = Tensor | np.ndarray | list[float]  # per-sample values

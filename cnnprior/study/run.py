@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cnnprior.core.errors import UserError, cli_main
+from cnnprior.core.provenance import record_start
 from cnnprior.core.runtime import Log
 from cnnprior.core.schema import describe_keys
 from cnnprior.core.stage import StepCallback
@@ -38,6 +39,7 @@ def run_study(config: str | Path | StudyConfig, jobs: int = 1, overwrite: bool =
         on_step: run -> its step callback (jobs 1 only; tests stop a run with it).
         train_only: train and stop (no scoring, no report): None is returned.
     """
+    record_start()
     cfg = config if isinstance(config, StudyConfig) else load_study_config(config)
     if jobs < 1:
         raise UserError(f"--jobs {jobs}: must be >= 1")

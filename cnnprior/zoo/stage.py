@@ -22,7 +22,7 @@ import torch
 
 from cnnprior.core.config import Config, from_dict, to_dict
 from cnnprior.core.errors import UserError
-from cnnprior.core.provenance import provenance
+from cnnprior.core.provenance import provenance, record_start
 from cnnprior.core.runtime import Log, atomic_write_text
 from cnnprior.zoo.member import MEMBER_FORMAT, member_dir, member_settings, record_path, run_member
 from cnnprior.zoo.sample import sample_members
@@ -150,6 +150,7 @@ def build_zoo(cfg: Config, resume: bool = False, overwrite: bool = False, jobs: 
     """The zoo stage: train and extract every unfinished member of this process's share; returns zoo.json's
     content (also written to `zoo_report(cfg)`). `jobs` (default zoo.jobs) worker processes; under torchrun
     (WORLD_SIZE > 1) this rank's members are those with index % WORLD_SIZE == RANK."""
+    record_start()
     jobs = cfg.zoo.jobs if jobs is None else jobs
     if jobs < 1:
         raise UserError(f"--jobs {jobs}: need at least 1 worker process")

@@ -27,7 +27,11 @@ from cnnprior.evaluate.sections.mprt import maps_function, seed_mean, target_lab
 from cnnprior.maps import metrics
 from cnnprior.present.report import Report, Table
 
-__all__ = ["cnn_paths", "DataRandOptions", "DataRandSection", "fit_of"]
+__all__ = ["CHANCE_TOLERANCE", "cnn_paths", "DataRandOptions", "DataRandSection", "fit_of"]
+
+# A random-label CNN's accuracy on the true val labels must lie within this of chance (1 / classes): further off,
+# its labels were not random (or it learned the images' classes some other way) and the test does not apply.
+CHANCE_TOLERANCE = 0.05
 
 
 @dataclass
@@ -58,10 +62,13 @@ def fit_of(meta: dict) -> dict:
     data_seed = ((meta.get("config") or {}).get("data") or {}).get("seed")
     seed = cfg.get("seed", -1)
     hist = meta.get("history") or [{}]
+    classes = len(meta.get("class_names") or [])
+    val = meta.get("val_accuracy")
+    chance = 1 / classes if classes else None
     return {"random_labels": cfg.get("random_labels", 0.0), "train_accuracy": hist[-1].get("train_accuracy"),
-            "val_accuracy": meta.get("val_accuracy"), "epochs": meta.get("epoch"),
-            "seed": seed if seed is not None and seed >= 0 else data_seed,
-            "classes": len(meta.get("class_names") or [])}
+            "val_accuracy": val, "epochs": meta.get("epoch"),
+            "seed": seed if seed is not None and seed >= 0 else data_seed, "classes": classes, "chance": chance,
+            "at_chance": None if val is None or chance is None else bool(abs(val - chance) <= CHANCE_TOLERANCE)}
 
 
 def _check(ctx: EvalContext, path: str, meta: dict) -> None:
@@ -106,7 +113,8 @@ class DataRandSection(Section, name="datarand", title="Sanity check: data random
                "spearman": {m: mean_ci(v) for m, v in rho.items()},
                "ssim": {m: mean_ci(seed_mean([torch.as_tensor(s[m]) for s in ssims])) for m in trained},
                "follow": {m: mean_ci(v) for m, v in follow.items()},
-               "gap": {g.label: mean_ci(rho[g.label] - rho[ref]) for g in ctx.gans}}
+               "gap": {g.label: mean_ci(rho[g.label] - rho[ref]) for g in ctx.gans},
+               "labels_random": all(f["at_chance"] is not False for f in fits)}
         out["verdicts"] = {g.label: {**mprt_verdict(scores["means"], ["random labels"], g.label, ref,
                                                     follow=scores["follow_means"], floors=trivial_floors(list(trained)),
                                                     constant_share=scores["constant_share"]),
@@ -127,7 +135,8 @@ class DataRandSection(Section, name="datarand", title="Sanity check: data random
                          f"{fit.get('epochs')} epochs): fits its permuted train labels to "
                          + (f"**{acc:.1%}**" if acc is not None else "an unrecorded accuracy")
                          + f", {val:.1%} on the true val labels (chance {chance:.0%}"
-                         + (", **above chance: its labels are only partly random**" if val > chance + 0.05 else "")
+                         + (", **not at chance: its labels are not random**" if fit.get("at_chance") is False
+                            else f", within {CHANCE_TOLERANCE:.2f} of it")
                          + ")")
         report.p("The data-randomisation CNNs: the evaluated CNN's architecture and input size, trained from scratch "
                  "on train images whose labels were permuted — " + "; ".join(lines) + ". "

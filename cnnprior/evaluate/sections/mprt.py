@@ -60,10 +60,17 @@ class MPRTOptions:
     seed: int = option(1000, lo=0, help="seed of the re-initialised weights; keep it apart from the seeds of "
                                         "the randomised copies the generators trained on (priors.randomised_seeds "
                                         "writes seeds 0, 1, ...), or the test reuses networks they have seen")
-    seeds: int = option(1, lo=1, help="randomise with seeds seed, seed+1, ..., seed+seeds-1: each step's "
-                                      "similarities are pooled over them (N x seeds values per mean) and the "
-                                      "report gives each seed's verdict as well; one seed is one draw of random "
-                                      "networks, and a verdict near the margin can flip with the next")
+    seeds: int = option(1, lo=1, help="randomise with seeds seed, seed+1, ..., seed+seeds-1: at each step every "
+                                      "image's similarity, follow similarity and constant-map flag are first "
+                                      "averaged over the seeds, then over the N images (N values per mean; the "
+                                      "interval resamples images). The verdict applies the three rules to these "
+                                      "means at every step: similarity within the margin of the reference's, "
+                                      "two-sided; degenerate (no finite similarity, or a constant-map share above "
+                                      "one half where the reference's is at most one half); follow (it follows the "
+                                      "randomised CNN's own reference map at least as well as the best trivial "
+                                      "baseline does, less the margin). The report gives each seed's verdict as "
+                                      "well; one seed is one draw of random networks, and a verdict near the "
+                                      "margin can flip with the next")
     randomisations: str = option("top_down", help="comma-separated randomisations, each run over every seed: "
                                                   "top_down (cascade from the classifier down), bottom_up (cascade "
                                                   "from the stem up), independent (one stage at a time), full (every "
@@ -135,7 +142,9 @@ def sanity_weight(meta: GeneratorMeta) -> float:
 def _run_one(ctx: EvalContext, spec: tuple[str, str, str], seeds: list[int], maps_of: Any, step0: dict,
              opts: MPRTOptions, ref: str, repeated: dict[int, str] | None = None) -> dict:
     """One randomisation over every seed: per step each method's similarity to its trained-CNN maps and to the
-    randomised CNN's own target (`follow`), each image averaged over the seeds; verdicts; eMPRT at the last step."""
+    randomised CNN's own target (`follow`), each image averaged over the seeds, then mean and interval over the
+    images; verdicts (`mprt_verdict` on `step_means` of every seed together, and of each seed alone); eMPRT at the
+    last step."""
     name, order, init = spec
     raws = []
     for seed in seeds:
@@ -312,7 +321,7 @@ class MPRTSection(Section, name="mprt", title="Sanity check: model-parameter ran
                 row.append("–" if e is None else f"{'pass' if e['passes'] else 'FAIL'}, {e['gap']:+.3f}")
             rows.append(row)
         report.p("Verdicts (MPRT: the failed rules and the largest gap from the reference at the step named; eMPRT: "
-                 "complexity rise minus the reference's; seeds pooled):")
+                 "complexity rise minus the reference's; each image averaged over the seeds, then over the images):")
         report.table(Table.plain(["randomisation"] + [f"{g} MPRT" for g in gans] + [f"{g} eMPRT" for g in gans], rows))
 
     @staticmethod

@@ -18,13 +18,14 @@ KERNEL = 5
 
 class ConvRegressor(Generator, name="convnet", adversarial=False, order=40):
     """`depth` 5x5 convolutions of `width` channels with ReLU, then a 5x5 convolution to one channel and a sigmoid,
-    on the image (scaled to [-1, 1]) stacked with the priors. The reviewer's question to a conditional GAN: does
-    it beat a regressor this small trained on the same data?
+    on the image (scaled to [-1, 1]) stacked with the priors: depth + 1 convolutions in all (4 at the default and
+    shipped depth 3). The reviewer's question to a conditional GAN: does it beat a regressor this small trained on
+    the same data?
 
     Args:
         n_priors: priors per sample.
         width: channels of the hidden convolutions.
-        depth: hidden convolutions (>= 1).
+        depth: hidden convolutions (>= 1), not counting the output convolution.
     """
 
     def __init__(self, n_priors: int = 8, width: int = 32, depth: int = 3) -> None:
@@ -43,7 +44,8 @@ class ConvRegressor(Generator, name="convnet", adversarial=False, order=40):
 
     @classmethod
     def from_config(cls, gan: GANConfig, n_priors: int) -> ConvRegressor:
-        """gan.depth: the hidden 5x5 convolutions (>= 1); gan.width: their channels; gan.cond_*: unused."""
+        """gan.depth: the hidden 5x5 convolutions (>= 1; the output convolution comes on top); gan.width: their
+        channels; gan.cond_*: unused."""
         if gan.depth < 1:
             raise UserError(f"gan.depth: the convnet baseline needs >= 1 hidden convolution, got {gan.depth}")
         return cls(n_priors, gan.width, gan.depth)
