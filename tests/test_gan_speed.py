@@ -178,11 +178,13 @@ def test_bench_profiles_the_trainers_step(capsys) -> None:
     bench = _bench_generator()
     threads = torch.get_num_threads()
     try:
-        assert bench.main(["--quick", "--train-profile", "bf16", "--threads", "1"]) == 0
+        # the cpu preset only: the paper preset alone takes minutes in bf16 on a CPU without native bf16
+        assert bench.main(["--quick", "--train-profile", "bf16", "--train-preset", "cpu", "--threads", "1"]) == 0
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
-    for preset in ("cpu", "cpu64", "paper"):  # --train-preset all (the default): every preset
+    assert "profile lsft cpu64" not in out and "profile gsft paper" not in out
+    for preset in ("cpu",):
         for variant in ("lsft", "gsft"):
             assert f"profile {variant} {preset} bf16 batch 2 size 16: " in out
     # the convolutions show among the top ops; which kernel runs them (mkldnn, the slow path for bf16 on a CPU
