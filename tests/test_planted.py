@@ -2,7 +2,8 @@
 a constant map, the image's intensity, the trained CNN's map regardless of the network, and an anti-correlated
 map (the trained map inverted), and must pass the randomised CNN's own Grad-CAM. MPRT, sMPRT and data
 randomisation also fail the network's own map inverted (their follow rule); eMPRT cannot (an entropy does not see
-a sign). A check is trusted once it separates these."""
+a sign). The donor test of prior swap is planted the same way (last test). The image-only control has no verdict
+to plant against: it reports a margin. A check is trusted once it separates these."""
 
 from __future__ import annotations
 
@@ -181,3 +182,28 @@ def test_a_network_made_twice_is_judged_once():
     ref = [1.0, 0.16, 0.10]
     v = mprt_verdict({"m": [1.0, 0.9, 0.1], "ref": ref}, ["fc", "layer4"], "m", "ref", skip_steps=[1])
     assert v["passes"] and v["steps"] == 1 and v["skipped_steps"] == [1]  # step 1's gap is not counted again
+
+
+def test_the_donor_test_fails_every_planted_failure_and_passes_the_donors_own_map():
+    """The specificity test of a priors-only generator (prior swap): given image i with the priors of donor j, the
+    map must be closer to j's target than to i's. Planted: a constant map, image i's intensity, one fixed map for
+    every image and the donor's target inverted fail; the donor's own target (what the priors describe) passes."""
+    from cnnprior.evaluate.sanity import mean_ci
+    from cnnprior.evaluate.sections.swap import specificity_verdict
+    from cnnprior.maps import metrics
+
+    g = torch.Generator().manual_seed(0)
+    n, s = 24, 32
+    yy, xx = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
+    centres = torch.randint(6, s - 6, (n, 2), generator=g)
+    targets = torch.stack([torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 40.0) for cy, cx in centres]).float()
+    images = (targets + 0.5 * torch.rand(n, s, s, generator=g)).clamp(0, 1)  # the object is visible in the image
+    donor = torch.roll(torch.arange(n), 1)
+    planted = {"constant": torch.full_like(targets, 0.5), "intensity": images,
+               "fixed map": targets.mean(0, keepdim=True).expand(n, s, s),
+               "anti-correlated": 1 - targets[donor], "donor's own target": targets[donor]}
+    verdicts = {name: specificity_verdict(mean_ci(metrics.pearson(m, targets[donor]) - metrics.pearson(m, targets)))
+                for name, m in planted.items()}
+    for name in ("constant", "intensity", "fixed map", "anti-correlated"):
+        assert verdicts[name].startswith("FAIL"), verdicts
+    assert verdicts["donor's own target"].startswith("pass"), verdicts

@@ -15,7 +15,7 @@ from cnnprior.maps import metrics
 from cnnprior.maps.ops import generate
 from cnnprior.present.report import Report, Table
 
-__all__ = ["DONORS", "priors_only", "PriorSwapSection", "SwapOptions"]
+__all__ = ["DONORS", "priors_only", "PriorSwapSection", "specificity_verdict", "SwapOptions"]
 
 DONORS = (("same class", True), ("any class", False))
 
@@ -44,7 +44,7 @@ def priors_only(meta: GeneratorMeta | None) -> bool:
     return meta is not None and meta.inputs[0] == "none"
 
 
-def _specific(stat: dict) -> str:
+def specificity_verdict(stat: dict) -> str:
     """Verdict of the specificity test of a priors-only generator: the map must be closer to the donor's target."""
     if stat["n"] == 0:
         return "–"
@@ -101,6 +101,6 @@ class PriorSwapSection(Section, name="prior_swap", title="Control: prior swap", 
             for label, s in e["gans"].items():
                 rows.append([kind, label, e["pairs"], format_ci(s["unswapped_r"]), format_ci(s["r_own"]),
                              format_ci(s["r_donor"]), format_ci(s["donor_minus_own"]), format_ci(e["targets_r"]),
-                             _specific(s["donor_minus_own"]) if s.get("priors_only")
+                             specificity_verdict(s["donor_minus_own"]) if s.get("priors_only")
                              else _follows(s["donor_minus_own"])])
         report.table(Table.plain(header, rows))
