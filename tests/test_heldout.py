@@ -166,7 +166,7 @@ def test_random_label_run_keeps_the_last_epoch_and_records_train_accuracy(random
     assert meta["config"]["cnn"]["random_labels"] == 1.0
     hist = meta["history"]
     assert [h["epoch"] for h in hist] == [1, 2] and [h["val_accuracy"] for h in hist] == list(VAL_SEQUENCE)
-    assert all("train_accuracy" in h and 0.0 <= h["train_accuracy"] <= 1.0 for h in hist)
+    assert "train_accuracy" not in hist[0] and 0.0 <= hist[-1]["train_accuracy"] <= 1.0  # measured at the end only
     assert any("train accuracy on the permuted labels" in line for line in run["lines"])
     # the recorded train accuracy is the kept model's fit of the *permuted* train labels, in eval mode
     train = load_split(cfg.data, "train")
@@ -188,7 +188,7 @@ def test_cnn_seed_changes_the_weights_and_minus_one_is_data_seed(random_label_ru
     states = {k: r["ckpt"]["state_dict"] for k, r in random_label_runs.items()}
     assert _states_equal(states["unset"], states["zero"])  # cnn.seed -1 = data.seed (0)
     assert not _states_equal(states["zero"], states["one"])
-    hist = {k: [h["train_accuracy"] for h in r["ckpt"]["history"]] for k, r in random_label_runs.items()}
+    hist = {k: [h.get("train_accuracy") for h in r["ckpt"]["history"]] for k, r in random_label_runs.items()}
     assert hist["unset"] == hist["zero"]
 
 

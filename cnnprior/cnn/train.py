@@ -400,12 +400,12 @@ def _train(cfg: Config, resume: bool, overwrite: bool, stage: Stage) -> dict:
         train_loss = _ranks_mean(ctx, p["loss"], device)
         p["epoch"], p["batch"] = p["epoch"] + 1, 0
         entry = {"epoch": p["epoch"], "val_accuracy": acc, "train_loss": train_loss, "seconds": elapsed()}
-        if relabelled:  # the data-randomisation CNN: how well it fits its permuted train labels (eval mode)
-            entry["train_accuracy"] = _validate(run.model, fit_loader, device, ctx)
-        p["history"].append(entry)
+        if relabelled and p["epoch"] == cfg.cnn.epochs:  # the data-randomisation CNN: how well it fits its permuted
+            entry["train_accuracy"] = _validate(run.model, fit_loader, device, ctx)  # train labels, at the end only
         log(f"epoch {p['epoch']}: val accuracy {acc:.4f}"
-            + (f", train accuracy on the permuted labels {entry['train_accuracy']:.4f}" if relabelled else "")
-            + f" ({elapsed():.0f}s)")
+            + (f", train accuracy on the permuted labels {entry['train_accuracy']:.4f}" if "train_accuracy" in entry
+               else "") + f" ({elapsed():.0f}s)")
+        p["history"].append(entry)
         if acc > p["best"] or relabelled:  # permuted labels: validation cannot choose, the last epoch is kept
             p["best"] = acc
             if ctx.main:
