@@ -187,6 +187,20 @@ def verdicts(R: Reports, page: Page) -> str:
                   else "no gain: GSFT " + _direction(lm["GSFT"]["margin_learned"]["r_ci95"], "the regressor")
                   + ", LSFT " + _direction(lm["LSFT"]["margin_learned"]["r_ci95"], "the regressor")),
                  page.link("eval-fashion-learned")])
+    d = R.json("eval-fashion-datarand")["datarand"]
+    cells = []
+    for g in ("LSFT", "GSFT"):
+        v = d["verdicts"][g]
+        cells.append(f"{g} {'passes' if v['passes'] else 'fails'}: gap {est(d['gap'][g], sign=True)}"
+                     + (f" ({', '.join(v['reasons'])})" if v["reasons"] else ""))
+    accs = ", ".join(num(f["val_accuracy"]) for f in d["fits"])
+    ok = all(d["verdicts"][g]["passes"] for g in ("LSFT", "GSFT"))
+    rows.append(["Sanity: data randomisation",
+                 f"{len(d['cnns'])} random-label CNNs by the shipped CNN's recipe (true-label val accuracy {accs}; "
+                 f"chance {num(d['fits'][0]['chance'], 2)}), {d['images']} test images, each averaged over the CNNs; "
+                 "the MPRT rules", "; ".join(cells),
+                 ("pass" if ok else "**fail**") + ("" if d["at_chance"] else " (not applicable as run: a random-label CNN is off chance on the true labels)"),
+                 page.link("eval-fashion-datarand")])
     for folder, seeds in (("eval-fashion-mprt-rules", "test seed set"), ("eval-fashion-mprt-rules-val",
                                                                          "val seed set")):
         m = R.json(folder)["mprt"]
