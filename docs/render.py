@@ -39,7 +39,6 @@ class Reports:
 
     def __init__(self, docs: Path = DOCS) -> None:
         self.docs, self._cache = docs, {}
-        self.cited: set[str] = set()
 
     def json(self, folder: str, file: str = "metrics.json") -> dict:
         """The parsed JSON file `docs/<folder>/<file>` (KeyError-free: a missing file is a clear error)."""
@@ -49,7 +48,6 @@ class Reports:
             if not path.is_file():
                 raise FileNotFoundError(f"docs/render.py: {_rel(path)} is cited but does not exist")
             self._cache[key] = json.loads(path.read_text())
-        self.cited.add(folder)
         return self._cache[key]
 
 
@@ -112,13 +110,18 @@ def block(name: str) -> Callable:
 
 # --------------------------------------------------------------------------------------------- the blocks
 
+def _worst_gap(randomisation: dict, method: str) -> dict:
+    """The similarity gap {mean, lo, hi} at the step a randomisation's verdict names for `method`."""
+    return randomisation["steps"][randomisation["verdicts"][method]["worst_step"]]["gap"][method]
+
+
 def _mprt_summary(m: dict, method: str) -> tuple[bool, str]:
     """(passes every randomisation, 'fails k of n orders; largest gap ... (order, stage)') of an mprt section."""
     worst, failed = None, 0
     for r in m["randomisations"]:
         v = r["verdicts"][method]
         failed += not v["passes"]
-        gap = r["steps"][v["worst_step"]]["gap"][method]
+        gap = _worst_gap(r, method)
         if worst is None or abs(gap["mean"]) > abs(worst[0]["mean"]):
             worst = (gap, r["name"].replace("_", "-"), v["worst_stage"])
     n = len(m["randomisations"])
@@ -251,7 +254,7 @@ def mprt_seed_sets(R: Reports, page: Page) -> str:
             for _, rep in reps:
                 r = rep["mprt"]["randomisations"][i]
                 v = r["verdicts"][g]
-                gap = r["steps"][v["worst_step"]]["gap"][g]
+                gap = _worst_gap(r, g)
                 cell = f"{'pass' if v['passes'] else '**fail**'}: gap {est(gap, sign=True)} at `{v['worst_stage']}`"
                 if v["unfollowed_steps"]:
                     k = min(v["unfollowed_steps"], key=lambda i: v["follow_gaps"][i - 1])
